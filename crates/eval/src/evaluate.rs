@@ -1,0 +1,83 @@
+//! Scoring a finished run's model.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use allcores_trainer::weights::{self, weights_sha256};
+use allcores_trainer::{BuiltinModel, Layers, RunDir, Settings, Splits, ThreadPlan, score};
+use serde::{Deserialize, Serialize};
+
+use crate::EvalError;
+
+/// A run's model scored on a test set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub run_dir: String,
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    pub samples: usize,
+    /// Accuracy of each class; `null` for a class absent from the test set.
+    pub per_class_accuracy: Vec<Option<f64>>,
+    /// `confusion[label][prediction]`.
+    pub confusion: Vec<Vec<u64>>,
+    pub weights_sha256: String,
+}
+
+/// Scores the final model of the run in `run_dir` on the test split of its config, after
+/// `layers` (environment, `--set` overrides) are applied over that config.
+pub fn evaluate_run(run_dir: &Path, layers: &Layers) -> Result<Evaluation, EvalError> {
+    let run = RunDir::open(run_dir)?;
+    let settings = Settings::load(&run.config_path(), layers)?;
+    let test = Splits::load_test(&settings.data)?;
+    let plan = ThreadPlan::new(settings.training.threads);
+    let pool = plan.install()?;
+    pool.install(|| {
+        let device = allcores_trainer::device(settings.training.backend).inner();
+        let classes = settings.data.classes;
+        let model = BuiltinModel::new(&settings.model, test.shape(), classes, &device)?;
+        let model = weights::load(model, &run.weights_path())?;
+        let scored = score(&model, &test, classes, &device);
+        Ok(Evaluation {
+            run_dir: run.path().display().to_string(),
+            test_accuracy: scored.accuracy,
+            test_loss: scored.loss,
+            samples: scored.samples,
+            per_class_accuracy: scored.per_class_accuracy(),
+            confusion: scored.confusion,
+            weights_sha256: weights_sha256(&model),
+        })
+    })
+}
+
+impl Evaluation {
+    /// The evaluation as text: the totals, then one row per class with its accuracy and its
+    /// row of the confusion matrix.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{}: test accuracy {:.2}% · test loss {:.4} · {} samples",
+            self.run_dir,
+            self.test_accuracy * 100.0,
+            self.test_loss,
+            self.samples
+        );
+        let classes = self.confusion.len();
+        let _ = write!(out, "\nclass  accuracy   predicted:");
+        for c in 0..classes {
+            let _ = write!(out, "{c:>6}");
+        }
+        out.push('\n');
+        for (class, row) in self.confusion.iter().enumerate() {
+            let accuracy = self.per_class_accuracy[class]
+                .map_or("     -".to_string(), |a| format!("{:>7.2}%", a * 100.0));
+            let _ = write!(out, "{class:>5}  {accuracy:>8}             ");
+            for count in row {
+                let _ = write!(out, "{count:>6}");
+            }
+            out.push('\n');
+        }
+        let _ = write!(out, "\nweights_sha256 {}", self.weights_sha256);
+        out
+    }
+}

@@ -1,0 +1,225 @@
+//! Datasets in memory, their loaders, and the seeded order in which training visits them.
+//!
+//! A [`Dataset`] holds every sample as scaled `f32` features plus a class label. Loaders read
+//! IDX (the MNIST format) and CSV, gzip or plain. The shuffle of each epoch depends on the seed
+//! and the epoch number only, never on the thread count.
+
+mod csv;
+mod idx;
+mod order;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::settings::{DataFormat, DataSettings};
+
+pub use order::{epoch_order, split_rows};
+
+/// The shape of one sample as an image: channels, height, width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SampleShape {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl SampleShape {
+    /// Features in one sample.
+    pub fn len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// True when a sample holds no feature at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Labelled samples, features already scaled.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    features: Vec<f32>,
+    labels: Vec<u8>,
+    shape: SampleShape,
+}
+
+impl Dataset {
+    /// Builds a dataset; `features` holds `labels.len()` samples of `shape.len()` values.
+    pub fn new(features: Vec<f32>, labels: Vec<u8>, shape: SampleShape) -> Self {
+        assert_eq!(features.len(), labels.len() * shape.len());
+        Self {
+            features,
+            labels,
+            shape,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn shape(&self) -> SampleShape {
+        self.shape
+    }
+
+    pub fn labels(&self) -> &[u8] {
+        &self.labels
+    }
+
+    /// The samples at `indices`, in that order, as a `[n, channels, height, width]` tensor and
+    /// their labels.
+    pub fn batch(&self, indices: &[usize], device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+        let width = self.shape.len();
+        let mut features = Vec::with_capacity(indices.len() * width);
+        for &i in indices {
+            features.extend_from_slice(&self.features[i * width..(i + 1) * width]);
+        }
+        let labels: Vec<i64> = indices.iter().map(|&i| self.labels[i] as i64).collect();
+        let SampleShape {
+            channels,
+            height,
+            width,
+        } = self.shape;
+        let x = Tensor::from_data(
+            TensorData::new(features, [indices.len(), channels, height, width]),
+            device,
+        );
+        let y = Tensor::from_data(TensorData::new(labels, [indices.len()]), device);
+        (x, y)
+    }
+
+    /// Keeps the rows at `indices`, in that order.
+    fn select(&self, indices: &[usize]) -> Dataset {
+        let width = self.shape.len();
+        let mut features = Vec::with_capacity(indices.len() * width);
+        for &i in indices {
+            features.extend_from_slice(&self.features[i * width..(i + 1) * width]);
+        }
+        let labels = indices.iter().map(|&i| self.labels[i]).collect();
+        Dataset::new(features, labels, self.shape)
+    }
+
+    fn check_labels(&self, classes: usize, source: &Path) -> Result<()> {
+        match self.labels.iter().position(|&l| l as usize >= classes) {
+            Some(i) => Err(Error::data(
+                source,
+                format!(
+                    "label {} of sample {i} lies outside the class range 0..{classes} \
+                     (set data.classes)",
+                    self.labels[i]
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The training and test sets of a run.
+#[derive(Debug, Clone)]
+pub struct Splits {
+    pub train: Dataset,
+    pub test: Dataset,
+    pub classes: usize,
+}
+
+impl Splits {
+    /// Loads both splits as the settings describe; every error names the file at fault.
+    pub fn load(settings: &DataSettings) -> Result<Self> {
+        let (train, test) = match settings.format {
+            DataFormat::Idx => (
+                load_idx(settings, &settings.train_images, &settings.train_labels)?,
+                load_idx(settings, &settings.test_images, &settings.test_labels)?,
+            ),
+            DataFormat::Csv => load_csv(settings)?,
+        };
+        Ok(Splits {
+            train,
+            test,
+            classes: settings.classes,
+        })
+    }
+
+    /// Loads the test split alone (a single CSV file is still read whole, to split it).
+    pub fn load_test(settings: &DataSettings) -> Result<Dataset> {
+        match settings.format {
+            DataFormat::Idx => load_idx(settings, &settings.test_images, &settings.test_labels),
+            DataFormat::Csv => Ok(load_csv(settings)?.1),
+        }
+    }
+}
+
+fn required(path: &Option<PathBuf>) -> &Path {
+    path.as_deref()
+        .expect("validated settings name every file of their format")
+}
+
+fn load_idx(
+    settings: &DataSettings,
+    images: &Option<PathBuf>,
+    labels: &Option<PathBuf>,
+) -> Result<Dataset> {
+    let data = idx::load(required(images), required(labels))?;
+    data.check_labels(settings.classes, required(labels))?;
+    Ok(data)
+}
+
+/// (train, test) from `train_csv` and `test_csv`, or from `train_csv` split by `test_fraction`.
+fn load_csv(settings: &DataSettings) -> Result<(Dataset, Dataset)> {
+    let path = required(&settings.train_csv);
+    let all = csv::load(path, settings.scale, settings.classes)?;
+    if let Some(test_path) = &settings.test_csv {
+        let test = csv::load(test_path, settings.scale, settings.classes)?;
+        if test.shape() != all.shape() {
+            return Err(Error::data(
+                test_path,
+                format!(
+                    "rows have {} features, the training file's have {}",
+                    test.shape().len(),
+                    all.shape().len()
+                ),
+            ));
+        }
+        return Ok((all, test));
+    }
+    let fraction = settings
+        .test_fraction
+        .expect("validated: test_csv or test_fraction");
+    let (train_rows, test_rows) = split_rows(all.len(), fraction, settings.split_seed);
+    if train_rows.is_empty() || test_rows.is_empty() {
+        return Err(Error::data(
+            path,
+            format!(
+                "{} rows are too few to split with data.test_fraction = {fraction}",
+                all.len()
+            ),
+        ));
+    }
+    Ok((all.select(&train_rows), all.select(&test_rows)))
+}
+
+/// Reads a whole file, gunzipping it when it starts with the gzip magic bytes.
+fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(|e| {
+        let message = match e.kind() {
+            std::io::ErrorKind::NotFound => "dataset file not found".to_string(),
+            _ => format!("cannot read dataset file: {e}"),
+        };
+        Error::data(path, message)
+    })?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut bytes = Vec::new();
+        flate2::read::GzDecoder::new(raw.as_slice())
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::data(path, format!("corrupt gzip stream: {e}")))?;
+        Ok(bytes)
+    } else {
+        Ok(raw)
+    }
+}

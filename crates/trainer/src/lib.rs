@@ -1,0 +1,42 @@
+//! allcores-trainer: train small models on every core of a CPU, with results that do not
+//! depend on the thread count.
+//!
+//! ```no_run
+//! use allcores_trainer::{Layers, Options, Settings, train};
+//!
+//! let settings = Settings::load("examples/mnist-mlp.toml".as_ref(), &Layers::default())?;
+//! let summary = train(&settings, Options::default())?;
+//! println!("test accuracy {:.2}%", summary.test_accuracy * 100.0);
+//! # Ok::<(), allcores_trainer::Error>(())
+//! ```
+//!
+//! To train a model of your own, implement [`Classifier`] for your burn `Module` and call
+//! [`Trainer::fit`] (see `examples/custom_model.rs`).
+
+pub mod data;
+mod error;
+mod files;
+pub mod model;
+mod optim;
+mod progress;
+pub mod run_dir;
+pub mod score;
+pub mod settings;
+pub mod summary;
+pub mod threads;
+mod train;
+pub mod usage;
+pub mod weights;
+
+pub use data::{Dataset, SampleShape, Splits};
+pub use error::{Error, Result};
+pub use model::{BuiltinModel, Classifier};
+pub use run_dir::RunDir;
+pub use score::{Score, score};
+pub use settings::{Layers, Settings};
+pub use summary::{EpochMetrics, Summary};
+pub use threads::ThreadPlan;
+pub use train::{Options, Trainer, default_run_dir, device, train};
+
+/// Re-exported so that a user's model and this crate use the same burn.
+pub use burn;

@@ -1,0 +1,148 @@
+//! What the trainer trains: any burn [`Module`] that implements [`Classifier`], and the two
+//! built-in networks the config file can name.
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{Linear, LinearConfig, Relu};
+use burn::prelude::*;
+
+use crate::data::SampleShape;
+use crate::error::{Error, Result};
+use crate::settings::{ModelKind, ModelSettings};
+
+/// A burn module that maps a batch of samples to class logits.
+///
+/// Implement it for your own module and hand it to [`crate::Trainer::fit`]: the trainer
+/// supplies data, optimizer, threads and run folder.
+pub trait Classifier: Module {
+    /// `inputs` is `[batch, channels, height, width]`; the result is `[batch, classes]` logits.
+    fn forward(&self, inputs: Tensor<4>) -> Tensor<2>;
+}
+
+/// Multi-layer perceptron: ReLU hidden layers, then a linear classifier.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    hidden: Vec<Linear>,
+    output: Linear,
+    activation: Relu,
+}
+
+impl Mlp {
+    pub fn new(inputs: usize, hidden: &[usize], classes: usize, device: &Device) -> Self {
+        let mut width = inputs;
+        let hidden = hidden
+            .iter()
+            .map(|&size| {
+                let layer = LinearConfig::new(width, size).init(device);
+                width = size;
+                layer
+            })
+            .collect();
+        Self {
+            hidden,
+            output: LinearConfig::new(width, classes).init(device),
+            activation: Relu::new(),
+        }
+    }
+}
+
+impl Classifier for Mlp {
+    fn forward(&self, inputs: Tensor<4>) -> Tensor<2> {
+        let mut x: Tensor<2> = inputs.flatten(1, 3);
+        for layer in &self.hidden {
+            x = self.activation.forward(layer.forward(x));
+        }
+        self.output.forward(x)
+    }
+}
+
+/// Two convolution + ReLU + 2x2 max-pool blocks, then a dense ReLU layer and a classifier.
+#[derive(Module, Debug)]
+pub struct Cnn {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    pool: MaxPool2d,
+    dense: Linear,
+    output: Linear,
+    activation: Relu,
+}
+
+impl Cnn {
+    /// Fails when the images are too small for two convolution and pooling blocks.
+    pub fn new(
+        settings: &ModelSettings,
+        shape: SampleShape,
+        classes: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let k = settings.kernel_size;
+        let block = |side: usize| side.checked_sub(k - 1).map(|s| s / 2).filter(|&s| s > 0);
+        let out = |side| block(side).and_then(block);
+        let (Some(h), Some(w)) = (out(shape.height), out(shape.width)) else {
+            return Err(Error::Model(format!(
+                "model.kind = \"cnn\" with kernel_size {k} does not fit {}x{} inputs: two \
+                 convolution and pooling blocks need images of at least {min}x{min}",
+                shape.height,
+                shape.width,
+                min = 3 * k + 1
+            )));
+        };
+        let [c1, c2] = settings.channels;
+        Ok(Self {
+            conv1: Conv2dConfig::new([shape.channels, c1], [k, k]).init(device),
+            conv2: Conv2dConfig::new([c1, c2], [k, k]).init(device),
+            pool: MaxPool2dConfig::new([2, 2]).init(),
+            dense: LinearConfig::new(c2 * h * w, settings.dense).init(device),
+            output: LinearConfig::new(settings.dense, classes).init(device),
+            activation: Relu::new(),
+        })
+    }
+}
+
+impl Classifier for Cnn {
+    fn forward(&self, inputs: Tensor<4>) -> Tensor<2> {
+        let x = self
+            .pool
+            .forward(self.activation.forward(self.conv1.forward(inputs)));
+        let x = self
+            .pool
+            .forward(self.activation.forward(self.conv2.forward(x)));
+        let x: Tensor<2> = x.flatten(1, 3);
+        self.output
+            .forward(self.activation.forward(self.dense.forward(x)))
+    }
+}
+
+/// The networks a config file can name with `model.kind`.
+#[derive(Module, Debug)]
+pub enum BuiltinModel {
+    Mlp(Mlp),
+    Cnn(Cnn),
+}
+
+impl BuiltinModel {
+    /// Builds the configured network for samples of `shape`, initialised from the device's
+    /// random generator (seed it first).
+    pub fn new(
+        settings: &ModelSettings,
+        shape: SampleShape,
+        classes: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(match settings.kind {
+            ModelKind::Mlp => {
+                BuiltinModel::Mlp(Mlp::new(shape.len(), &settings.hidden, classes, device))
+            }
+            ModelKind::Cnn => BuiltinModel::Cnn(Cnn::new(settings, shape, classes, device)?),
+        })
+    }
+}
+
+impl Classifier for BuiltinModel {
+    fn forward(&self, inputs: Tensor<4>) -> Tensor<2> {
+        match self {
+            BuiltinModel::Mlp(m) => m.forward(inputs),
+            BuiltinModel::Cnn(m) => m.forward(inputs),
+        }
+    }
+}

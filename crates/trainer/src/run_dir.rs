@@ -1,0 +1,129 @@
+//! The run folder: the settings a run used, its metrics, its summary and its final weights.
+//!
+//! ```text
+//! RUN_DIR/config.toml      the settings, every layer applied, data paths absolute
+//! RUN_DIR/metrics.jsonl    one JSON object per epoch
+//! RUN_DIR/summary.json     the summary
+//! RUN_DIR/model.safetensors  the final f32 weights
+//! ```
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::files::write_atomically;
+use crate::settings::Settings;
+use crate::summary::{EpochMetrics, Summary};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const SUMMARY_FILE: &str = "summary.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// A run's folder.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates the folder for a new run. An existing folder is used only while it is empty, so
+    /// no earlier run is ever overwritten.
+    pub fn create(path: &Path) -> Result<Self> {
+        let run_dir_error = |message: String| Error::RunDir {
+            path: path.to_path_buf(),
+            message,
+        };
+        if path.exists() {
+            let mut entries = fs::read_dir(path)
+                .map_err(|e| run_dir_error(format!("cannot use as a run folder: {e}")))?;
+            if entries.next().is_some() {
+                return Err(run_dir_error(
+                    "already exists and is not empty: choose another --out".into(),
+                ));
+            }
+        }
+        fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens the folder of a finished run, which must hold its config and weights.
+    pub fn open(path: &Path) -> Result<Self> {
+        let run_dir_error = |message: &str| Error::RunDir {
+            path: path.to_path_buf(),
+            message: message.into(),
+        };
+        if !path.is_dir() {
+            return Err(run_dir_error("no such run folder"));
+        }
+        for file in [CONFIG_FILE, WEIGHTS_FILE] {
+            if !path.join(file).is_file() {
+                return Err(run_dir_error(&format!("holds no run: {file} is missing")));
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path.join(CONFIG_FILE)
+    }
+
+    pub fn weights_path(&self) -> PathBuf {
+        self.path.join(WEIGHTS_FILE)
+    }
+
+    pub fn write_settings(&self, settings: &Settings) -> Result<()> {
+        write_atomically(&self.config_path(), settings.to_toml().as_bytes())
+    }
+
+    pub fn append_metrics(&self, metrics: &EpochMetrics) -> Result<()> {
+        let path = self.path.join(METRICS_FILE);
+        let line = serde_json::to_string(metrics).expect("metrics serialize");
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| writeln!(file, "{line}"))
+            .map_err(|e| Error::io(&path, e))
+    }
+
+    pub fn write_summary(&self, summary: &Summary) -> Result<()> {
+        let text = serde_json::to_string_pretty(summary).expect("summary serializes");
+        write_atomically(&self.path.join(SUMMARY_FILE), text.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_to_reuse_a_folder_that_holds_files() {
+        let dir = tempfile::tempdir().unwrap();
+        RunDir::create(dir.path()).unwrap();
+        fs::write(dir.path().join("x"), "").unwrap();
+        let err = RunDir::create(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not empty"), "{err}");
+        assert!(dir.path().join("x").exists());
+    }
+
+    #[test]
+    fn open_needs_config_and_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = RunDir::open(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no such run folder"), "{err}");
+        let err = RunDir::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("holds no run"), "{err}");
+    }
+}

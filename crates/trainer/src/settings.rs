@@ -1,0 +1,822 @@
+//! The run's configuration: typed settings, loaded in layers.
+//!
+//! Layers, lowest first: the TOML file, environment variables (`ALLCORES__TRAINING__THREADS=4`),
+//! then `key=value` overrides from the command line. Every section rejects unknown keys, and
+//! [`Settings::validate`] checks ranges, so a typo or a bad value stops the run before it starts.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::error::{Error, Result};
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "ALLCORES";
+
+/// Everything a run needs to know.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub data: DataSettings,
+    #[serde(default)]
+    pub model: ModelSettings,
+    #[serde(default)]
+    pub optimizer: OptimizerSettings,
+    #[serde(default)]
+    pub training: TrainingSettings,
+}
+
+/// Where the data is and how to read it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSettings {
+    pub format: DataFormat,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_images: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_labels: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_images: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_labels: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_csv: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_csv: Option<PathBuf>,
+    /// With a single CSV file: the fraction of its rows held out for testing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_fraction: Option<f64>,
+    /// CSV features are divided by this (IDX pixels are always scaled to [0, 1]).
+    #[serde(default = "defaults::scale")]
+    pub scale: f32,
+    /// Number of classes: labels must lie in `0..classes`.
+    #[serde(default = "defaults::classes", deserialize_with = "whole::number")]
+    pub classes: usize,
+    /// Seed of the fixed shuffle that splits a single CSV file (independent of `training.seed`,
+    /// so that runs with different seeds are scored on the same test rows).
+    #[serde(default, deserialize_with = "whole::number")]
+    pub split_seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    Idx,
+    Csv,
+}
+
+/// The network to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    #[serde(default = "defaults::model_kind")]
+    pub kind: ModelKind,
+    /// MLP: sizes of the hidden layers.
+    #[serde(default = "defaults::hidden")]
+    pub hidden: Vec<usize>,
+    /// CNN: output channels of the two convolution blocks.
+    #[serde(default = "defaults::channels")]
+    pub channels: [usize; 2],
+    /// CNN: square kernel size of both convolutions (stride 1, no padding).
+    #[serde(default = "defaults::kernel_size", deserialize_with = "whole::number")]
+    pub kernel_size: usize,
+    /// CNN: width of the dense layer before the classifier.
+    #[serde(default = "defaults::dense", deserialize_with = "whole::number")]
+    pub dense: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Mlp,
+    Cnn,
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModelKind::Mlp => "mlp",
+            ModelKind::Cnn => "cnn",
+        })
+    }
+}
+
+/// The optimizer and its learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSettings {
+    #[serde(default = "defaults::optimizer_kind")]
+    pub kind: OptimizerKind,
+    #[serde(default = "defaults::lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// SGD only.
+    #[serde(default = "defaults::momentum")]
+    pub momentum: f64,
+    #[serde(default = "defaults::schedule")]
+    pub schedule: Schedule,
+    /// Cosine only: steps of linear warm-up before the cosine decay.
+    #[serde(default, deserialize_with = "whole::number")]
+    pub warmup_steps: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Sgd,
+    Adam,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    Cosine,
+}
+
+/// How long and how wide to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSettings {
+    #[serde(default = "defaults::epochs", deserialize_with = "whole::number")]
+    pub epochs: u64,
+    /// Stop after this many optimizer steps, even mid-epoch.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole::optional"
+    )]
+    pub max_steps: Option<u64>,
+    #[serde(default = "defaults::batch_size", deserialize_with = "whole::number")]
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed into one optimizer step.
+    #[serde(
+        default = "defaults::accumulation_steps",
+        deserialize_with = "whole::number"
+    )]
+    pub accumulation_steps: usize,
+    #[serde(default, deserialize_with = "whole::number")]
+    pub seed: u64,
+    #[serde(default)]
+    pub threads: Threads,
+    #[serde(default)]
+    pub backend: Backend,
+}
+
+/// The compute backend: one config key apart, both CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// burn-ndarray: f32 tensors, matmul by matrixmultiply.
+    #[default]
+    Ndarray,
+    /// burn-flex: pure Rust, matmul by gemm on rayon, f16/bf16 tensors.
+    Flex,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Ndarray => "ndarray",
+            Backend::Flex => "flex",
+        })
+    }
+}
+
+/// `training.threads`: a positive count, or `"auto"` for what the process may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Threads {
+    #[default]
+    Auto,
+    Count(NonZeroUsize),
+}
+
+impl Serialize for Threads {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Threads::Auto => serializer.serialize_str("auto"),
+            Threads::Count(n) => serializer.serialize_u64(n.get() as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Threads {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct ThreadsVisitor;
+        const EXPECTED: &str = "a positive integer or \"auto\"";
+
+        impl Visitor<'_> for ThreadsVisitor {
+            type Value = Threads;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Threads, E> {
+                usize::try_from(v)
+                    .ok()
+                    .and_then(NonZeroUsize::new)
+                    .map(Threads::Count)
+                    .ok_or_else(|| E::custom(format!("expected {EXPECTED}, got {v}")))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Threads, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("expected {EXPECTED}, got {v}"))),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Threads, E> {
+                if v.eq_ignore_ascii_case("auto") {
+                    return Ok(Threads::Auto);
+                }
+                match v.trim().parse::<i64>() {
+                    Ok(n) => self.visit_i64(n),
+                    Err(_) => Err(E::custom(format!("expected {EXPECTED}, got \"{v}\""))),
+                }
+            }
+        }
+        deserializer.deserialize_any(ThreadsVisitor)
+    }
+}
+
+impl fmt::Display for Threads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Threads::Auto => f.write_str("auto"),
+            Threads::Count(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Whole numbers that refuse fractions: config-rs would otherwise truncate `2.5` to `2`.
+mod whole {
+    use serde::de::{self, Deserializer, Visitor};
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    struct WholeVisitor<T>(PhantomData<T>);
+
+    impl<T: TryFrom<u64>> Visitor<'_> for WholeVisitor<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a whole number")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+            T::try_from(v).map_err(|_| E::custom(format!("{v} is too large")))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+            u64::try_from(v)
+                .map_err(|_| E::custom(format!("expected a whole number of 0 or more, got {v}")))
+                .and_then(|v| self.visit_u64(v))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+            Err(E::custom(format!("expected a whole number, got {v}")))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            match v.trim().parse::<i64>() {
+                Ok(n) => self.visit_i64(n),
+                Err(_) => Err(E::custom(format!("expected a whole number, got \"{v}\""))),
+            }
+        }
+    }
+
+    pub fn number<'de, D: Deserializer<'de>, T: TryFrom<u64>>(d: D) -> Result<T, D::Error> {
+        d.deserialize_any(WholeVisitor(PhantomData))
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>, T: TryFrom<u64>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        number(d).map(Some)
+    }
+}
+
+mod defaults {
+    use super::*;
+    pub fn scale() -> f32 {
+        1.0
+    }
+    pub fn classes() -> usize {
+        10
+    }
+    pub fn model_kind() -> ModelKind {
+        ModelKind::Mlp
+    }
+    pub fn hidden() -> Vec<usize> {
+        vec![512, 512]
+    }
+    pub fn channels() -> [usize; 2] {
+        [32, 64]
+    }
+    pub fn kernel_size() -> usize {
+        3
+    }
+    pub fn dense() -> usize {
+        128
+    }
+    pub fn optimizer_kind() -> OptimizerKind {
+        OptimizerKind::Adam
+    }
+    pub fn lr() -> f64 {
+        1e-3
+    }
+    pub fn momentum() -> f64 {
+        0.9
+    }
+    pub fn schedule() -> Schedule {
+        Schedule::Constant
+    }
+    pub fn epochs() -> u64 {
+        1
+    }
+    pub fn batch_size() -> usize {
+        64
+    }
+    pub fn accumulation_steps() -> usize {
+        1
+    }
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            kind: defaults::model_kind(),
+            hidden: defaults::hidden(),
+            channels: defaults::channels(),
+            kernel_size: defaults::kernel_size(),
+            dense: defaults::dense(),
+        }
+    }
+}
+
+impl Default for OptimizerSettings {
+    fn default() -> Self {
+        Self {
+            kind: defaults::optimizer_kind(),
+            lr: defaults::lr(),
+            weight_decay: 0.0,
+            momentum: defaults::momentum(),
+            schedule: defaults::schedule(),
+            warmup_steps: 0,
+        }
+    }
+}
+
+impl Default for TrainingSettings {
+    fn default() -> Self {
+        Self {
+            epochs: defaults::epochs(),
+            max_steps: None,
+            batch_size: defaults::batch_size(),
+            accumulation_steps: defaults::accumulation_steps(),
+            seed: 0,
+            threads: Threads::Auto,
+            backend: Backend::Ndarray,
+        }
+    }
+}
+
+/// Where the settings come from, besides the file.
+#[derive(Debug, Clone, Default)]
+pub struct Layers {
+    /// `key=value` overrides, applied last, in order. Values are read as TOML (`4`, `[256, 128]`,
+    /// `"flex"`); a value that is not TOML is taken as a string (`flex`).
+    pub overrides: Vec<String>,
+    /// Environment variables to read; `None` reads the process environment.
+    pub environment: Option<HashMap<String, String>>,
+}
+
+impl Settings {
+    /// Loads `path` (TOML), then the environment, then `layers.overrides`, and validates the
+    /// result. Relative data paths are resolved against the config file's folder.
+    pub fn load(path: &Path, layers: &Layers) -> Result<Self> {
+        let config_error = |message: String| Error::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        if !path.is_file() {
+            return Err(config_error("config file not found".into()));
+        }
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(layers.environment.clone());
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(environment);
+        for item in &layers.overrides {
+            let (key, value) = parse_override(item)?;
+            builder = builder
+                .set_override(key.clone(), value)
+                .map_err(|e| Error::setting(key, e.to_string()))?;
+        }
+        let merged = builder
+            .build()
+            .map_err(|e| config_error(one_line(&e.to_string())))?;
+        let mut settings: Settings = merged
+            .try_deserialize()
+            .map_err(|e| config_error(one_line(&e.to_string())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        settings.data.resolve_paths(base);
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value against its range; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        self.data.validate()?;
+        self.model.validate()?;
+        self.optimizer.validate()?;
+        self.training.validate()
+    }
+
+    /// The settings as TOML, as saved in a run folder.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("settings always serialize to TOML")
+    }
+}
+
+impl DataSettings {
+    fn resolve_paths(&mut self, base: &Path) {
+        for path in [
+            &mut self.train_images,
+            &mut self.train_labels,
+            &mut self.test_images,
+            &mut self.test_labels,
+            &mut self.train_csv,
+            &mut self.test_csv,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let require = |value: &Option<PathBuf>, key: &str| match value {
+            Some(_) => Ok(()),
+            None => Err(Error::setting(
+                format!("data.{key}"),
+                format!("required when data.format = \"{}\"", self.format_name()),
+            )),
+        };
+        match self.format {
+            DataFormat::Idx => {
+                require(&self.train_images, "train_images")?;
+                require(&self.train_labels, "train_labels")?;
+                require(&self.test_images, "test_images")?;
+                require(&self.test_labels, "test_labels")?;
+            }
+            DataFormat::Csv => {
+                require(&self.train_csv, "train_csv")?;
+                match (&self.test_csv, self.test_fraction) {
+                    (Some(_), Some(_)) => {
+                        return Err(Error::setting(
+                            "data.test_fraction",
+                            "give either data.test_csv or data.test_fraction, not both",
+                        ));
+                    }
+                    (None, None) => {
+                        return Err(Error::setting(
+                            "data.test_csv",
+                            "required (or data.test_fraction to split data.train_csv)",
+                        ));
+                    }
+                    (None, Some(f)) if !(f > 0.0 && f < 1.0) => {
+                        return Err(Error::setting(
+                            "data.test_fraction",
+                            format!("must lie strictly between 0 and 1, got {f}"),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(Error::setting(
+                "data.scale",
+                format!("must be a positive number, got {}", self.scale),
+            ));
+        }
+        if self.classes < 2 {
+            return Err(Error::setting(
+                "data.classes",
+                format!("must be at least 2, got {}", self.classes),
+            ));
+        }
+        Ok(())
+    }
+
+    fn format_name(&self) -> &'static str {
+        match self.format {
+            DataFormat::Idx => "idx",
+            DataFormat::Csv => "csv",
+        }
+    }
+}
+
+impl ModelSettings {
+    fn validate(&self) -> Result<()> {
+        if let Some(i) = self.hidden.iter().position(|&h| h == 0) {
+            return Err(Error::setting(
+                format!("model.hidden[{i}]"),
+                "layer sizes must be positive",
+            ));
+        }
+        if self.channels.contains(&0) {
+            return Err(Error::setting(
+                "model.channels",
+                "channel counts must be positive",
+            ));
+        }
+        if self.kernel_size == 0 {
+            return Err(Error::setting("model.kernel_size", "must be positive"));
+        }
+        if self.dense == 0 {
+            return Err(Error::setting("model.dense", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+impl OptimizerSettings {
+    fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::setting(
+                "optimizer.lr",
+                format!("must be a positive number, got {}", self.lr),
+            ));
+        }
+        if self.schedule == Schedule::Cosine && self.lr > 1.0 {
+            return Err(Error::setting(
+                "optimizer.lr",
+                format!(
+                    "must be at most 1 with the cosine schedule, got {}",
+                    self.lr
+                ),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::setting(
+                "optimizer.weight_decay",
+                format!("must be zero or positive, got {}", self.weight_decay),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(Error::setting(
+                "optimizer.momentum",
+                format!("must lie in [0, 1), got {}", self.momentum),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TrainingSettings {
+    fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(Error::setting("training.epochs", "must be at least 1"));
+        }
+        if self.max_steps == Some(0) {
+            return Err(Error::setting("training.max_steps", "must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::setting("training.batch_size", "must be at least 1"));
+        }
+        if self.accumulation_steps == 0 {
+            return Err(Error::setting(
+                "training.accumulation_steps",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Samples in one optimizer step: `batch_size x accumulation_steps`.
+    pub fn effective_batch_size(&self) -> usize {
+        self.batch_size * self.accumulation_steps
+    }
+}
+
+/// Splits `key=value` and reads the value as TOML, falling back to a plain string.
+fn parse_override(item: &str) -> Result<(String, config::Value)> {
+    let Some((key, raw)) = item.split_once('=') else {
+        return Err(Error::setting(
+            item,
+            "an override must have the form key=value",
+        ));
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(Error::setting(item, "an override needs a key before '='"));
+    }
+    let raw = raw.trim();
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut table) => table
+            .remove("v")
+            .map(toml_to_config)
+            .unwrap_or_else(|| raw.into()),
+        Err(_) => raw.into(),
+    };
+    Ok((key.to_string(), value))
+}
+
+fn toml_to_config(value: toml::Value) -> config::Value {
+    use config::ValueKind;
+    let kind = match value {
+        toml::Value::String(s) => ValueKind::String(s),
+        toml::Value::Integer(i) => ValueKind::I64(i),
+        toml::Value::Float(f) => ValueKind::Float(f),
+        toml::Value::Boolean(b) => ValueKind::Boolean(b),
+        toml::Value::Datetime(d) => ValueKind::String(d.to_string()),
+        toml::Value::Array(items) => {
+            ValueKind::Array(items.into_iter().map(toml_to_config).collect())
+        }
+        toml::Value::Table(table) => ValueKind::Table(
+            table
+                .into_iter()
+                .map(|(k, v)| (k, toml_to_config(v)))
+                .collect(),
+        ),
+    };
+    config::Value::new(None, kind)
+}
+
+/// Errors from the TOML parser span several lines (a snippet with a caret): keep one.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.chars().all(|c| "|^ -".contains(c)))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write_config(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        file
+    }
+
+    const MINIMAL: &str = r#"
+        [data]
+        format = "csv"
+        train_csv = "digits.csv"
+        test_fraction = 0.2
+    "#;
+
+    fn load(text: &str, overrides: &[&str], env: &[(&str, &str)]) -> Result<Settings> {
+        let file = write_config(text);
+        let layers = Layers {
+            overrides: overrides.iter().map(|s| s.to_string()).collect(),
+            environment: Some(
+                env.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+        };
+        Settings::load(file.path(), &layers)
+    }
+
+    #[test]
+    fn defaults_fill_every_section() {
+        let s = load(MINIMAL, &[], &[]).unwrap();
+        assert_eq!(s.model.kind, ModelKind::Mlp);
+        assert_eq!(s.model.hidden, vec![512, 512]);
+        assert_eq!(s.optimizer.kind, OptimizerKind::Adam);
+        assert_eq!(s.training.threads, Threads::Auto);
+        assert_eq!(s.training.backend, Backend::Ndarray);
+        assert_eq!(s.training.batch_size, 64);
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let file = write_config(MINIMAL);
+        let s = Settings::load(file.path(), &Layers::default()).unwrap();
+        let expected = file.path().parent().unwrap().join("digits.csv");
+        assert_eq!(s.data.train_csv, Some(expected));
+    }
+
+    #[test]
+    fn layers_apply_file_then_environment_then_overrides() {
+        let text = format!("{MINIMAL}\n[training]\nthreads = 1\nbatch_size = 8\n");
+        let env = [
+            ("ALLCORES__TRAINING__THREADS", "3"),
+            ("ALLCORES__TRAINING__BATCH_SIZE", "16"),
+        ];
+        let s = load(&text, &["training.threads=2"], &env).unwrap();
+        assert_eq!(
+            s.training.threads,
+            Threads::Count(NonZeroUsize::new(2).unwrap())
+        );
+        assert_eq!(s.training.batch_size, 16);
+    }
+
+    #[test]
+    fn overrides_take_toml_values_and_bare_strings() {
+        let s = load(
+            MINIMAL,
+            &[
+                "model.hidden=[32, 16]",
+                "training.backend=flex",
+                "optimizer.lr=0.5",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.model.hidden, vec![32, 16]);
+        assert_eq!(s.training.backend, Backend::Flex);
+        assert_eq!(s.optimizer.lr, 0.5);
+    }
+
+    #[test]
+    fn threads_accept_auto_and_positive_counts_only() {
+        let s = load(MINIMAL, &["training.threads=auto"], &[]).unwrap();
+        assert_eq!(s.training.threads, Threads::Auto);
+        for bad in ["0", "-2", "many", "1.5"] {
+            let err = load(MINIMAL, &[&format!("training.threads={bad}")], &[]).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains("training.threads"), "{bad}: {text}");
+            assert!(err.is_bad_input());
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = load(&format!("{MINIMAL}\n[training]\nthreds = 2\n"), &[], &[]).unwrap_err();
+        assert!(err.to_string().contains("threds"), "{err}");
+        let err = load(MINIMAL, &[], &[("ALLCORES__TRAINING__SPEED", "9")]).unwrap_err();
+        assert!(err.to_string().contains("speed"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_key() {
+        for (item, key) in [
+            ("training.batch_size=0", "training.batch_size"),
+            ("optimizer.lr=0", "optimizer.lr"),
+            ("optimizer.lr=-1e-3", "optimizer.lr"),
+            (
+                "training.accumulation_steps=0",
+                "training.accumulation_steps",
+            ),
+            ("data.test_fraction=1.5", "data.test_fraction"),
+            ("model.hidden=[64, 0]", "model.hidden[1]"),
+        ] {
+            let err = load(MINIMAL, &[item], &[]).unwrap_err();
+            assert!(err.to_string().starts_with(key), "{item}: {err}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_and_unknown_names_are_refused() {
+        for item in [
+            "model.kind=transformer",
+            "training.backend=cuda",
+            "training.batch_size=\"big\"",
+            "training.accumulation_steps=-1",
+            "training.accumulation_steps=1.5",
+        ] {
+            let err = load(MINIMAL, &[item], &[]).unwrap_err();
+            assert!(err.is_bad_input(), "{item}");
+            let key = item.split('=').next().unwrap().rsplit('.').next().unwrap();
+            let text = err.to_string();
+            assert!(
+                text.contains(key) || text.contains("variant"),
+                "{item}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_toml_is_reported_on_one_line_with_its_position() {
+        let err = load("[data\nformat = 1", &[], &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains('\n'), "{text}");
+        assert!(text.contains("line"), "{text}");
+    }
+
+    #[test]
+    fn settings_round_trip_through_toml() {
+        let s = load(
+            MINIMAL,
+            &["training.threads=3", "training.max_steps=7"],
+            &[],
+        )
+        .unwrap();
+        let again: Settings = toml::from_str(&s.to_toml()).unwrap();
+        assert_eq!(s, again);
+    }
+}

@@ -1,0 +1,56 @@
+//! What a run reports: one line of metrics per epoch, and the summary at the end.
+
+use serde::{Deserialize, Serialize};
+
+/// Metrics after one epoch (one JSON line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: u64,
+    /// Optimizer steps so far.
+    pub steps: u64,
+    /// Training samples seen so far.
+    pub samples: u64,
+    /// Mean training loss over this epoch's samples.
+    pub train_loss: f64,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+    /// Learning rate of the epoch's last step.
+    pub lr: f64,
+    /// Training throughput over this epoch (scoring excluded).
+    pub samples_per_second: f64,
+    pub cpu_utilization: f64,
+}
+
+/// The outcome of a run (`summary.json`, and the last stdout line with `--json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    /// Mean training loss over the last epoch.
+    pub train_loss: f64,
+    pub epochs: u64,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Training samples processed.
+    pub samples: u64,
+    /// The whole run, scoring and saving included.
+    pub wall_seconds: f64,
+    /// Training only: forward, backward, optimizer, data batching.
+    pub train_seconds: f64,
+    /// `samples / train_seconds`.
+    pub samples_per_second: f64,
+    pub threads: usize,
+    pub threads_available: usize,
+    /// Process CPU time / (wall time x threads) over the run.
+    pub cpu_utilization: f64,
+    pub backend: String,
+    pub model: String,
+    pub batch_size: usize,
+    pub accumulation_steps: usize,
+    pub effective_batch_size: usize,
+    pub seed: u64,
+    pub peak_rss_bytes: u64,
+    /// SHA-256 of the final f32 weights in a fixed parameter order.
+    pub weights_sha256: String,
+    pub run_dir: Option<String>,
+}

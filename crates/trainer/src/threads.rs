@@ -1,0 +1,114 @@
+//! How many threads a run uses, and making the backends use exactly that many.
+//!
+//! Two pools do the work on the CPU: rayon's (burn's element-wise and convolution loops, and
+//! flex's matmul), which a run replaces with a pool of its own size, and matrixmultiply's
+//! (ndarray's matmul), which reads `MATMUL_NUM_THREADS` once per process, at the first matrix
+//! product, and never uses more than 4 threads.
+
+use std::sync::OnceLock;
+
+use crate::error::{Error, Result};
+use crate::settings::{Backend, Threads};
+
+/// matrixmultiply's own cap on its thread count.
+pub const MATMUL_MAX_THREADS: usize = 4;
+
+/// The thread counts a run will use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadPlan {
+    /// Threads of the run's rayon pool.
+    pub threads: usize,
+    /// What this process may use (CPU affinity and cgroup quotas honoured).
+    pub available: usize,
+    /// Threads of matrixmultiply's pool (ndarray's matmul).
+    pub matmul_threads: usize,
+}
+
+impl ThreadPlan {
+    /// Resolves `training.threads`: `auto` takes every thread the process may use.
+    pub fn new(setting: Threads) -> Self {
+        let available = available_threads();
+        let threads = match setting {
+            Threads::Auto => available,
+            Threads::Count(n) => n.get(),
+        };
+        Self {
+            threads,
+            available,
+            matmul_threads: threads.min(MATMUL_MAX_THREADS),
+        }
+    }
+
+    /// The line a run prints when it starts.
+    pub fn describe(&self, backend: Backend) -> String {
+        let mut line = format!(
+            "{} thread{} of {} available",
+            self.threads,
+            if self.threads == 1 { "" } else { "s" },
+            self.available
+        );
+        if backend == Backend::Ndarray && self.threads > MATMUL_MAX_THREADS {
+            line.push_str(&format!(
+                " (matrix products on {} threads: matrixmultiply's limit)",
+                self.matmul_threads
+            ));
+        }
+        if self.threads > self.available {
+            line.push_str(" (more threads than cores: expect no gain)");
+        }
+        line
+    }
+
+    /// Builds the rayon pool the run executes in, and fixes matrixmultiply's thread count.
+    ///
+    /// matrixmultiply reads its count once per process: a second plan with another count in the
+    /// same process keeps the first (results are equal at any count; only speed differs).
+    pub fn install(&self) -> Result<rayon::ThreadPool> {
+        set_matmul_threads(self.matmul_threads);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(self.threads)
+            .thread_name(|i| format!("allcores-{i}"))
+            .build()
+            .map_err(|e| Error::setting("training.threads", format!("cannot start the pool: {e}")))
+    }
+}
+
+/// Threads this process may run at once.
+pub fn available_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Sets `MATMUL_NUM_THREADS` once per process, before any matrix product reads it.
+fn set_matmul_threads(threads: usize) {
+    static SET: OnceLock<usize> = OnceLock::new();
+    SET.get_or_init(|| {
+        // SAFETY: called once, before the run's pool starts and before any tensor operation of
+        // this library; a program that reads the environment from other threads at this moment
+        // would race, which is why the command line does this first thing.
+        unsafe { std::env::set_var("MATMUL_NUM_THREADS", threads.to_string()) };
+        threads
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroUsize;
+
+    #[test]
+    fn auto_takes_what_is_available() {
+        let plan = ThreadPlan::new(Threads::Auto);
+        assert_eq!(plan.threads, available_threads());
+    }
+
+    #[test]
+    fn matmul_threads_are_capped_and_said_so() {
+        let plan = ThreadPlan::new(Threads::Count(NonZeroUsize::new(16).unwrap()));
+        assert_eq!(plan.matmul_threads, MATMUL_MAX_THREADS);
+        assert!(
+            plan.describe(Backend::Ndarray)
+                .contains("matrixmultiply's limit")
+        );
+        assert!(!plan.describe(Backend::Flex).contains("matrixmultiply"));
+    }
+}

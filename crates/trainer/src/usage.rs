@@ -1,0 +1,71 @@
+//! What the process used: CPU time and peak resident memory, from `getrusage`.
+
+use std::time::{Duration, Instant};
+
+/// CPU time (user + system) this process has used so far, all threads together.
+pub fn process_cpu_time() -> Duration {
+    let usage = rusage();
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// The largest resident set this process has had, in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    // Linux reports kilobytes.
+    rusage().ru_maxrss as u64 * 1024
+}
+
+fn rusage() -> libc::rusage {
+    // SAFETY: getrusage only writes the struct it is given; RUSAGE_SELF is always valid.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    }
+}
+
+/// Measures how busy the threads were between `start` and `stop`.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMeter {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl CpuMeter {
+    pub fn start() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: process_cpu_time(),
+        }
+    }
+
+    /// CPU time / (wall time x threads): 1.0 means every thread busy all the time.
+    pub fn utilization(&self, threads: usize) -> f64 {
+        let wall = self.wall.elapsed().as_secs_f64();
+        let cpu = (process_cpu_time() - self.cpu).as_secs_f64();
+        if wall <= 0.0 {
+            return 0.0;
+        }
+        cpu / (wall * threads as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_thread_shows_as_busy() {
+        let meter = CpuMeter::start();
+        let until = Instant::now() + Duration::from_millis(200);
+        let mut x = 0u64;
+        while Instant::now() < until {
+            x = x.wrapping_mul(31).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let busy = meter.utilization(1);
+        // Loose bounds: a loaded machine can steal the core, but never make it zero or double.
+        assert!(busy > 0.05 && busy < 1.5, "{busy}");
+        assert!(peak_rss_bytes() > 1 << 20);
+    }
+}

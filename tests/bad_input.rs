@@ -1,0 +1,221 @@
+//! End to end: every bad input ends with one line naming the problem, exit status 2, no panic,
+//! and no run folder left behind.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// Runs `train` on `config` with `sets` and checks the failure; returns the error line.
+fn refused(dir: &Path, config: &Path, sets: &[&str], expected: &str) -> String {
+    let run = dir.join("run");
+    let mut args = vec![
+        "train",
+        config.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    for set in sets {
+        args.push("--set");
+        args.push(set);
+    }
+    let output = allcores(&args);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{sets:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{sets:?}: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(
+        err.contains(expected),
+        "{sets:?}: expected '{expected}' in: {err}"
+    );
+    assert!(!run.exists(), "a failed run left {}", run.display());
+    err
+}
+
+fn digits_config(dir: &Path) -> std::path::PathBuf {
+    write(
+        dir,
+        "digits.toml",
+        format!("{}\n[model]\nhidden = [16]\n", digits_data()),
+    )
+}
+
+#[test]
+fn config_files_that_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    refused(
+        dir.path(),
+        &dir.path().join("missing.toml"),
+        &[],
+        "config file not found",
+    );
+    let invalid = write(dir.path(), "invalid.toml", "[data\nformat = \"idx\"\n");
+    let err = refused(dir.path(), &invalid, &[], "invalid.toml");
+    assert!(err.contains("line 1"), "{err}");
+}
+
+#[test]
+fn unknown_keys_and_wrong_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let unknown = write(
+        dir.path(),
+        "unknown.toml",
+        format!("{}\n[training]\nthreds = 2\n", digits_data()),
+    );
+    refused(dir.path(), &unknown, &[], "unknown field `threds`");
+    let config = digits_config(dir.path());
+    refused(
+        dir.path(),
+        &config,
+        &["training.batch_size=\"many\""],
+        "batch_size",
+    );
+    refused(dir.path(), &config, &["model.hidden=12"], "hidden");
+}
+
+#[test]
+fn out_of_range_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = digits_config(dir.path());
+    for (set, expected) in [
+        ("training.threads=0", "training.threads"),
+        ("training.threads=-3", "training.threads"),
+        ("training.threads=lots", "training.threads"),
+        (
+            "training.batch_size=0",
+            "training.batch_size: must be at least 1",
+        ),
+        ("optimizer.lr=0", "optimizer.lr: must be a positive number"),
+        (
+            "optimizer.lr=-0.1",
+            "optimizer.lr: must be a positive number",
+        ),
+        (
+            "training.accumulation_steps=0",
+            "training.accumulation_steps",
+        ),
+        ("training.accumulation_steps=-1", "accumulation_steps"),
+        ("training.accumulation_steps=2.5", "accumulation_steps"),
+        ("model.kind=transformer", "transformer"),
+        ("training.backend=cuda", "cuda"),
+        ("optimizer.kind=lbfgs", "lbfgs"),
+    ] {
+        refused(dir.path(), &config, &[set], expected);
+    }
+}
+
+#[test]
+fn missing_and_malformed_idx_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), "mnist.toml", mnist_data());
+    let missing = dir.path().join("nope.idx");
+    refused(
+        dir.path(),
+        &config,
+        &[&format!("data.train_images=\"{}\"", missing.display())],
+        "nope.idx: dataset file not found",
+    );
+
+    let images = |count: u32, pixels: usize| {
+        let mut bytes = 0x0803u32.to_be_bytes().to_vec();
+        for d in [count, 28, 28] {
+            bytes.extend_from_slice(&d.to_be_bytes());
+        }
+        bytes.extend(std::iter::repeat_n(7u8, pixels));
+        bytes
+    };
+    let labels = |values: &[u8]| {
+        let mut bytes = 0x0801u32.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&(values.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(values);
+        bytes
+    };
+    let good_images = write(dir.path(), "good-images", images(3, 3 * 784));
+    let good_labels = write(dir.path(), "good-labels", labels(&[1, 2, 3]));
+    let with = |images: &Path, labels: &Path| {
+        [
+            format!("data.train_images=\"{}\"", images.display()),
+            format!("data.train_labels=\"{}\"", labels.display()),
+        ]
+    };
+    let check = |images: &Path, labels: &Path, expected: &str| {
+        let sets = with(images, labels);
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        refused(dir.path(), &config, &sets, expected);
+    };
+    check(&good_labels, &good_labels, "wrong IDX magic number");
+    let short = write(dir.path(), "short-images", images(3, 3 * 784 - 10));
+    check(&short, &good_labels, "truncated");
+    let four = write(dir.path(), "four-labels", labels(&[1, 2, 3, 4]));
+    check(&good_images, &four, "holds 4 labels but");
+    let eleven = write(dir.path(), "bad-labels", labels(&[1, 11, 3]));
+    check(
+        &good_images,
+        &eleven,
+        "label 11 of sample 1 lies outside the class range 0..10",
+    );
+}
+
+#[test]
+fn malformed_csv_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let ragged = write(dir.path(), "ragged.csv", "1,2,3,4,0\n1,2,3,1\n");
+    let config = write(
+        dir.path(),
+        "csv.toml",
+        format!(
+            "[data]\nformat = \"csv\"\ntrain_csv = \"{}\"\ntest_fraction = 0.5\n",
+            ragged.display()
+        ),
+    );
+    refused(dir.path(), &config, &[], "line 2: 4 columns, expected 5");
+    let bad_label = write(dir.path(), "label.csv", "1,2,3,4,0\n1,2,3,4,12\n");
+    refused(
+        dir.path(),
+        &config,
+        &[&format!("data.train_csv=\"{}\"", bad_label.display())],
+        "line 2: label '12' lies outside the class range",
+    );
+}
+
+#[test]
+fn a_model_that_does_not_fit_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = digits_config(dir.path());
+    refused(
+        dir.path(),
+        &config,
+        &["model.kind=cnn"],
+        "does not fit 8x8 inputs",
+    );
+}
+
+#[test]
+fn run_folders_are_never_overwritten_and_eval_needs_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = digits_config(dir.path());
+    let occupied = dir.path().join("occupied");
+    std::fs::create_dir(&occupied).unwrap();
+    write(&occupied, "notes.txt", "mine");
+    let output = allcores(&[
+        "train",
+        config.to_str().unwrap(),
+        "--out",
+        occupied.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("not empty"), "{}", stderr(&output));
+    assert_eq!(
+        std::fs::read_to_string(occupied.join("notes.txt")).unwrap(),
+        "mine"
+    );
+
+    let output = allcores(&["eval", dir.path().join("none").to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("no such run folder"));
+    let output = allcores(&["eval", occupied.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("holds no run"));
+}

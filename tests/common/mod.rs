@@ -1,0 +1,91 @@
+//! Helpers for the end-to-end tests: configs on the shipped datasets, and running the binary.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn dataset(name: &str) -> String {
+    repo().join("datasets").join(name).display().to_string()
+}
+
+/// The `[data]` section for the shipped MNIST subset.
+pub fn mnist_data() -> String {
+    format!(
+        "[data]\nformat = \"idx\"\ntrain_images = \"{}\"\ntrain_labels = \"{}\"\n\
+         test_images = \"{}\"\ntest_labels = \"{}\"\n",
+        dataset("mnist8k-train-images-idx3-ubyte.gz"),
+        dataset("mnist8k-train-labels-idx1-ubyte.gz"),
+        dataset("mnist8k-test-images-idx3-ubyte.gz"),
+        dataset("mnist8k-test-labels-idx1-ubyte.gz"),
+    )
+}
+
+/// The `[data]` section for the shipped UCI digits, 20% held out.
+pub fn digits_data() -> String {
+    format!(
+        "[data]\nformat = \"csv\"\ntrain_csv = \"{}\"\ntest_fraction = 0.2\nscale = 16.0\n",
+        dataset("uci-digits.csv.gz")
+    )
+}
+
+/// Writes `text` as `name` in `dir` and returns its path.
+pub fn write(dir: &Path, name: &str, text: impl AsRef<[u8]>) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `allcores` with `args` and no extra environment.
+pub fn allcores(args: &[&str]) -> Output {
+    allcores_env(args, &[])
+}
+
+pub fn allcores_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_allcores"));
+    command.args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("the binary runs")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The JSON object on the last line of stdout.
+pub fn last_json(output: &Output) -> serde_json::Value {
+    let text = stdout(output);
+    let line = text.lines().last().unwrap_or_else(|| {
+        panic!("no stdout; stderr: {}", stderr(output));
+    });
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// Trains `config` into `dir/run` with `--json --quiet` and extra `--set`s; panics on failure.
+pub fn train_json(config: &Path, out: &Path, sets: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "train",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "--quiet",
+    ];
+    for set in sets {
+        args.push("--set");
+        args.push(set);
+    }
+    let output = allcores(&args);
+    assert!(output.status.success(), "train failed: {}", stderr(&output));
+    last_json(&output)
+}
