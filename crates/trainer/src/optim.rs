@@ -26,8 +26,12 @@ pub fn optimizer(settings: &OptimizerSettings) -> ModuleOptimizer {
             }))
             .with_weight_decay(decay)
             .init(),
-        OptimizerKind::Adam => AdamConfig::new().with_weight_decay(decay).init(),
+        OptimizerKind::Adam => AdamConfig::new()
+            .with_epsilon(settings.epsilon as f32)
+            .with_weight_decay(decay)
+            .init(),
         OptimizerKind::Adamw => AdamWConfig::new()
+            .with_epsilon(settings.epsilon as f32)
             .with_weight_decay(settings.weight_decay as f32)
             .init(),
     }

@@ -115,6 +115,9 @@ pub struct OptimizerSettings {
     pub lr: f64,
     #[serde(default)]
     pub weight_decay: f64,
+    /// Adam and AdamW: the term added to the denominator (PyTorch's default).
+    #[serde(default = "defaults::epsilon")]
+    pub epsilon: f64,
     /// SGD only.
     #[serde(default = "defaults::momentum")]
     pub momentum: f64,
@@ -324,6 +327,9 @@ mod defaults {
     pub fn lr() -> f64 {
         1e-3
     }
+    pub fn epsilon() -> f64 {
+        1e-8
+    }
     pub fn momentum() -> f64 {
         0.9
     }
@@ -359,6 +365,7 @@ impl Default for OptimizerSettings {
             kind: defaults::optimizer_kind(),
             lr: defaults::lr(),
             weight_decay: 0.0,
+            epsilon: defaults::epsilon(),
             momentum: defaults::momentum(),
             schedule: defaults::schedule(),
             warmup_steps: 0,
@@ -568,6 +575,12 @@ impl OptimizerSettings {
             return Err(Error::setting(
                 "optimizer.weight_decay",
                 format!("must be zero or positive, got {}", self.weight_decay),
+            ));
+        }
+        if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
+            return Err(Error::setting(
+                "optimizer.epsilon",
+                format!("must be a positive number, got {}", self.epsilon),
             ));
         }
         if !(0.0..1.0).contains(&self.momentum) {
