@@ -48,7 +48,9 @@ fn main() -> Result<(), allcores_trainer::Error> {
     let (inputs, classes) = (data.train.shape().len(), data.classes);
 
     let trainer = Trainer::new(settings, data, Options::default());
-    let summary = trainer.fit(|device| Ok(ResidualMlp::new(inputs, 96, classes, device)))?;
+    let summary = trainer
+        .fit(|device| Ok(ResidualMlp::new(inputs, 96, classes, device)))?
+        .summary;
 
     println!(
         "residual MLP: test accuracy {:.2}% after {} steps, weights_sha256 {}",

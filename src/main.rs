@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use allcores_eval::evaluate_run;
 use allcores_trainer::{Layers, Options, Settings, Summary, default_run_dir, train};
@@ -32,6 +34,9 @@ enum Command {
         /// The run folder [default: runs/<config name>-<unix time>].
         #[arg(long, value_name = "RUN_DIR")]
         out: Option<PathBuf>,
+        /// Continue the run in --out from its newest valid checkpoint (afresh if it has none).
+        #[arg(long, requires = "out")]
+        resume: bool,
         /// No progress bar, no log lines.
         #[arg(long)]
         quiet: bool,
@@ -50,17 +55,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train a config at several thread counts and seeds (one process a run) and report
+    /// whether the thread count changed the result or only the speed.
+    Sweep {
+        /// The TOML config file.
+        config: PathBuf,
+        /// Thread counts to compare, comma-separated, e.g. 1,2,4.
+        #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
+        threads: String,
+        /// Train each thread count with seeds 0..N.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        seeds: u64,
+        /// Override a setting of every run, e.g. --set training.epochs=2 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// The sweep folder [default: sweeps/<config name>-<unix time>].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// A failure to show the user: one line, and whether the input was at fault.
 struct Failure {
     message: String,
     bad_input: bool,
+    /// Stopped by Ctrl-C after saving a checkpoint: exit status 130, as shells expect.
+    interrupted: bool,
 }
 
 impl From<allcores_trainer::Error> for Failure {
     fn from(e: allcores_trainer::Error) -> Self {
         Failure {
+            interrupted: matches!(e, allcores_trainer::Error::Interrupted { .. }),
             bad_input: e.is_bad_input(),
             message: e.to_string(),
         }
@@ -70,6 +99,7 @@ impl From<allcores_trainer::Error> for Failure {
 impl From<allcores_eval::EvalError> for Failure {
     fn from(e: allcores_eval::EvalError) -> Self {
         Failure {
+            interrupted: false,
             bad_input: e.is_bad_input(),
             message: e.to_string(),
         }
@@ -82,7 +112,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             eprintln!("error: {}", failure.message);
-            ExitCode::from(if failure.bad_input { 2 } else { 1 })
+            ExitCode::from(match (failure.interrupted, failure.bad_input) {
+                (true, _) => 130,
+                (false, true) => 2,
+                (false, false) => 1,
+            })
         }
     }
 }
@@ -93,6 +127,7 @@ fn run(command: Command) -> Result<(), Failure> {
             config,
             overrides,
             out,
+            resume,
             quiet,
             json,
         } => {
@@ -101,6 +136,8 @@ fn run(command: Command) -> Result<(), Failure> {
             let options = Options {
                 quiet,
                 run_dir: Some(run_dir),
+                resume,
+                stop: Some(stop_on_ctrl_c()),
             };
             let summary = train(&settings, options)?;
             print_summary(&summary, json);
@@ -120,8 +157,49 @@ fn run(command: Command) -> Result<(), Failure> {
                 println!("{}", evaluation.to_text());
             }
         }
+        Command::Sweep {
+            config,
+            threads,
+            seeds,
+            overrides,
+            out,
+            json,
+        } => {
+            let outcome = allcores_eval::run_sweep(&allcores_eval::SweepRequest {
+                config,
+                threads,
+                seeds,
+                overrides,
+                out,
+                program: None,
+            })?;
+            if json {
+                println!("{}", outcome.report.verdict.line);
+                println!("{}", outcome.to_json());
+            } else {
+                println!("{}", outcome.to_text());
+            }
+            outcome.status()?;
+        }
     }
     Ok(())
+}
+
+/// A flag that Ctrl-C sets: the trainer saves a checkpoint at the next step boundary and
+/// stops. A second Ctrl-C ends the process at once.
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let installed = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to quit now)");
+    });
+    if let Err(e) = installed {
+        eprintln!("warning: Ctrl-C will not save a checkpoint: {e}");
+    }
+    stop
 }
 
 fn layers(overrides: Vec<String>) -> Layers {

@@ -2,16 +2,70 @@
 //!
 //! [`evaluate_run`] scores a run's final model on the test split of its saved config (or of
 //! another, through overrides): loss, accuracy, accuracy per class and the confusion matrix.
+//!
+//! [`run_sweep`] trains one config at several thread counts and seeds, each run in its own
+//! process, and reports whether the thread count changed the result or only the speed
+//! ([`build_report`] makes the report and its verdict from the runs' records).
 
+pub mod diff;
 mod evaluate;
+mod plot;
+pub mod report;
+pub mod sweep;
 
 pub use evaluate::{Evaluation, evaluate_run};
+pub use report::{Outcome, Report, RunRecord, Verdict, build_report};
+pub use sweep::{SweepOutcome, SweepRequest, parse_threads, run_sweep};
+
+use std::path::{Path, PathBuf};
 
 /// What can stop an evaluation.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
     #[error(transparent)]
     Trainer(#[from] allcores_trainer::Error),
+
+    /// A command-line argument is malformed.
+    #[error("{arg}: {message}")]
+    Argument { arg: String, message: String },
+
+    /// The sweep's output folder cannot be used.
+    #[error("{path}: {message}")]
+    OutDir { path: PathBuf, message: String },
+
+    /// Writing a report file failed.
+    #[error("{path}: {message}")]
+    Write { path: PathBuf, message: String },
+
+    /// The program that trains each run cannot be found.
+    #[error("cannot find the program to run ({program}): {source}")]
+    Launch {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A run refused its input before any run finished: every run would.
+    #[error("the run at threads {threads}, seed {seed} refused its input: {message}")]
+    RunInput {
+        threads: usize,
+        seed: u64,
+        message: String,
+    },
+
+    /// Some runs of a sweep failed; the report holds the others.
+    #[error(
+        "{failed} of {total} runs failed (first: threads {threads}, seed {seed}: {message}); \
+         the report is in {dir}"
+    )]
+    RunsFailed {
+        failed: usize,
+        total: usize,
+        threads: usize,
+        seed: u64,
+        message: String,
+        dir: PathBuf,
+    },
 }
 
 impl EvalError {
@@ -19,6 +73,19 @@ impl EvalError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             EvalError::Trainer(e) => e.is_bad_input(),
+            EvalError::Argument { .. } | EvalError::OutDir { .. } | EvalError::RunInput { .. } => {
+                true
+            }
+            EvalError::Write { .. } | EvalError::Launch { .. } | EvalError::RunsFailed { .. } => {
+                false
+            }
+        }
+    }
+
+    pub(crate) fn write(path: &Path, error: impl std::fmt::Display) -> Self {
+        EvalError::Write {
+            path: path.to_path_buf(),
+            message: error.to_string(),
         }
     }
 }

@@ -41,6 +41,22 @@ pub enum Error {
     #[error("{path}: {message}")]
     Weights { path: PathBuf, message: String },
 
+    /// A checkpoint is corrupt, truncated, of another format version, or does not fit the run.
+    #[error("{path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+
+    /// Resuming with settings that would change the run.
+    #[error("cannot resume: {key} was {before} in the run, {after} now")]
+    ResumeMismatch {
+        key: String,
+        before: String,
+        after: String,
+    },
+
+    /// The run was interrupted (Ctrl-C) and saved a checkpoint.
+    #[error("interrupted after step {step}; checkpoint saved. Resume with: allcores train CONFIG --out {run_dir} --resume")]
+    Interrupted { step: u64, run_dir: PathBuf },
+
     /// The loss became NaN or infinite.
     #[error("training diverged at step {step}: the loss is {loss}")]
     Diverged { step: u64, loss: f32 },
@@ -50,7 +66,10 @@ impl Error {
     /// True when the user can fix it by changing the input (config, data, arguments):
     /// the command line exits with status 2 for these.
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, Error::Io { .. } | Error::Diverged { .. })
+        !matches!(
+            self,
+            Error::Io { .. } | Error::Diverged { .. } | Error::Interrupted { .. }
+        )
     }
 
     pub(crate) fn setting(key: impl Into<String>, message: impl Into<String>) -> Self {

@@ -13,12 +13,15 @@
 //! To train a model of your own, implement [`Classifier`] for your burn `Module` and call
 //! [`Trainer::fit`] (see `examples/custom_model.rs`).
 
+pub mod checkpoint;
 pub mod data;
 mod error;
 mod files;
+pub mod kernels;
 pub mod model;
 mod optim;
 mod progress;
+mod resume;
 pub mod run_dir;
 pub mod score;
 pub mod settings;
@@ -36,7 +39,7 @@ pub use score::{Score, score};
 pub use settings::{Layers, Settings};
 pub use summary::{EpochMetrics, Summary};
 pub use threads::ThreadPlan;
-pub use train::{Options, Trainer, default_run_dir, device, train};
+pub use train::{Options, Outcome, Trainer, default_run_dir, device, train};
 
 /// Re-exported so that a user's model and this crate use the same burn.
 pub use burn;

@@ -8,6 +8,7 @@ use burn::prelude::*;
 
 use crate::data::SampleShape;
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::settings::{ModelKind, ModelSettings};
 
 /// A burn module that maps a batch of samples to class logits.
@@ -97,16 +98,25 @@ impl Cnn {
             activation: Relu::new(),
         })
     }
+
+    /// Convolution, ReLU and 2x2 max-pool. f32 on burn-ndarray and burn-flex runs the crate's
+    /// [`kernels`] (the `Conv2d` module only holds the parameters); anything else, burn's modules.
+    fn block(&self, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+        match &conv.bias {
+            Some(bias) if kernels::supported(&x.device(), x.dtype()) => {
+                kernels::max_pool2x2(kernels::conv2d(x, conv.weight.val(), bias.val(), true))
+            }
+            _ => self
+                .pool
+                .forward(self.activation.forward(conv.forward(x))),
+        }
+    }
 }
 
 impl Classifier for Cnn {
     fn forward(&self, inputs: Tensor<4>) -> Tensor<2> {
-        let x = self
-            .pool
-            .forward(self.activation.forward(self.conv1.forward(inputs)));
-        let x = self
-            .pool
-            .forward(self.activation.forward(self.conv2.forward(x)));
+        let x = self.block(&self.conv1, inputs);
+        let x = self.block(&self.conv2, x);
         let x: Tensor<2> = x.flatten(1, 3);
         self.output
             .forward(self.activation.forward(self.dense.forward(x)))

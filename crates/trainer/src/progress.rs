@@ -45,6 +45,12 @@ impl Progress {
         }
     }
 
+    /// Moves the bar to `steps` done (a resumed run).
+    pub fn advance(&self, steps: u64) {
+        self.bar.set_position(steps);
+        self.bar.reset_eta();
+    }
+
     pub fn set_epoch(&self, epoch: u64, epochs: u64) {
         self.bar.set_prefix(format!("epoch {epoch}/{epochs}"));
     }

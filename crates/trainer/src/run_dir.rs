@@ -50,6 +50,22 @@ impl RunDir {
         })
     }
 
+    /// Reopens the folder of a run to resume it: its metrics file is rewritten to hold just
+    /// `metrics` (the epochs the checkpoint had finished).
+    pub fn reopen(path: &Path, metrics: &[EpochMetrics]) -> Result<Self> {
+        fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+        let run_dir = Self {
+            path: path.to_path_buf(),
+        };
+        let mut lines = String::new();
+        for m in metrics {
+            lines.push_str(&serde_json::to_string(m).expect("metrics serialize"));
+            lines.push('\n');
+        }
+        write_atomically(&run_dir.path.join(METRICS_FILE), lines.as_bytes())?;
+        Ok(run_dir)
+    }
+
     /// Opens the folder of a finished run, which must hold its config and weights.
     pub fn open(path: &Path) -> Result<Self> {
         let run_dir_error = |message: &str| Error::RunDir {

@@ -28,6 +28,37 @@ pub struct Settings {
     pub optimizer: OptimizerSettings,
     #[serde(default)]
     pub training: TrainingSettings,
+    #[serde(default)]
+    pub checkpoint: CheckpointSettings,
+}
+
+/// When the run saves checkpoints, and how many it keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSettings {
+    /// Save every this many optimizer steps.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole::optional"
+    )]
+    pub every_steps: Option<u64>,
+    /// Save at the end of every this many epochs (0: never at epoch ends).
+    #[serde(default = "defaults::every_epochs", deserialize_with = "whole::number")]
+    pub every_epochs: u64,
+    /// How many of the newest checkpoints to keep.
+    #[serde(default = "defaults::keep", deserialize_with = "whole::number")]
+    pub keep: usize,
+}
+
+impl Default for CheckpointSettings {
+    fn default() -> Self {
+        Self {
+            every_steps: None,
+            every_epochs: defaults::every_epochs(),
+            keep: defaults::keep(),
+        }
+    }
 }
 
 /// Where the data is and how to read it.
@@ -345,6 +376,12 @@ mod defaults {
     pub fn accumulation_steps() -> usize {
         1
     }
+    pub fn every_epochs() -> u64 {
+        1
+    }
+    pub fn keep() -> usize {
+        3
+    }
 }
 
 impl Default for ModelSettings {
@@ -439,7 +476,8 @@ impl Settings {
         self.data.validate()?;
         self.model.validate()?;
         self.optimizer.validate()?;
-        self.training.validate()
+        self.training.validate()?;
+        self.checkpoint.validate()
     }
 
     /// The settings as TOML, as saved in a run folder.
@@ -588,6 +626,18 @@ impl OptimizerSettings {
                 "optimizer.momentum",
                 format!("must lie in [0, 1), got {}", self.momentum),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl CheckpointSettings {
+    fn validate(&self) -> Result<()> {
+        if self.every_steps == Some(0) {
+            return Err(Error::setting("checkpoint.every_steps", "must be at least 1"));
+        }
+        if self.keep == 0 {
+            return Err(Error::setting("checkpoint.keep", "must be at least 1"));
         }
         Ok(())
     }

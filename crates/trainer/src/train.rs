@@ -5,35 +5,49 @@
 //! share of the step's samples before backward, so the summed gradient is exactly that of one
 //! batch of all the step's samples (a short last micro-batch weighs what its samples weigh).
 //! Everything runs inside a rayon pool of the configured size; no result depends on it.
+//!
+//! The loop's whole state is a [`LoopState`] plus the weights and the optimizer state: that is
+//! what a checkpoint saves, and a resumed run continues bit for bit where it stopped.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::store::ModuleSnapshot;
+use burn::tensor::Bytes;
 
-use crate::data::{Splits, epoch_order};
+use crate::checkpoint::{self, Checkpoint, LoopState};
+use crate::data::{Dataset, Splits, epoch_order};
 use crate::error::{Error, Result};
 use crate::model::{BuiltinModel, Classifier};
 use crate::optim::{optimizer, schedule};
 use crate::progress::{Progress, thousands};
+use crate::resume::check_resumable;
 use crate::run_dir::RunDir;
 use crate::score::score;
-use crate::settings::{Backend, Settings};
+use crate::settings::{Backend, Settings, TrainingSettings};
 use crate::summary::{EpochMetrics, Summary};
 use crate::threads::ThreadPlan;
 use crate::usage::{CpuMeter, peak_rss_bytes};
 use crate::weights::{self, weights_sha256};
 
-/// How a run talks and where it writes.
+/// How a run talks, where it writes, and what can stop it.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     /// No log lines, no progress bar.
     pub quiet: bool,
     /// The run folder; `None` trains without writing anything.
-    pub run_dir: Option<std::path::PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    /// Continue the run in `run_dir` from its newest valid checkpoint (fresh if it has none).
+    pub resume: bool,
+    /// Set from another thread (a Ctrl-C handler) to stop at the next step boundary, after
+    /// saving a checkpoint.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// The device of a backend, with gradients on.
@@ -44,6 +58,40 @@ pub fn device(backend: Backend) -> Device {
         Backend::Flex => Device::flex(),
     }
     .autodiff()
+}
+
+/// A trained model and the summary of its run.
+#[derive(Debug)]
+pub struct Outcome<M> {
+    pub model: M,
+    pub summary: Summary,
+}
+
+/// How the run's samples fall into steps and epochs.
+#[derive(Debug, Clone, Copy)]
+struct StepPlan {
+    batch_size: usize,
+    /// Samples per optimizer step: `batch_size x accumulation_steps`.
+    step_size: usize,
+    steps_per_epoch: u64,
+    total_steps: u64,
+    epochs: u64,
+}
+
+impl StepPlan {
+    fn new(samples: usize, training: &TrainingSettings) -> Self {
+        let step_size = training.effective_batch_size();
+        let steps_per_epoch = samples.div_ceil(step_size) as u64;
+        let all = steps_per_epoch * training.epochs;
+        let total_steps = training.max_steps.map_or(all, |max| max.min(all));
+        Self {
+            batch_size: training.batch_size,
+            step_size,
+            steps_per_epoch,
+            total_steps,
+            epochs: total_steps.div_ceil(steps_per_epoch),
+        }
+    }
 }
 
 /// Trains models on one dataset with one set of settings.
@@ -63,7 +111,7 @@ impl Trainer {
     }
 
     /// Trains the built-in network that `model.*` describes.
-    pub fn fit_builtin(&self) -> Result<Summary> {
+    pub fn fit_builtin(&self) -> Result<Outcome<BuiltinModel>> {
         let shape = self.data.train.shape();
         let classes = self.data.classes;
         let model = &self.settings.model;
@@ -71,7 +119,7 @@ impl Trainer {
     }
 
     /// Trains the model that `init` builds on the run's device (seeded from `training.seed`).
-    pub fn fit<M, F>(&self, init: F) -> Result<Summary>
+    pub fn fit<M, F>(&self, init: F) -> Result<Outcome<M>>
     where
         M: Classifier + ModuleSnapshot,
         F: FnOnce(&Device) -> Result<M> + Send,
@@ -81,7 +129,7 @@ impl Trainer {
         pool.install(|| self.run(plan, init))
     }
 
-    fn run<M, F>(&self, plan: ThreadPlan, init: F) -> Result<Summary>
+    fn run<M, F>(&self, threads: ThreadPlan, init: F) -> Result<Outcome<M>>
     where
         M: Classifier + ModuleSnapshot,
         F: FnOnce(&Device) -> Result<M>,
@@ -89,94 +137,119 @@ impl Trainer {
         let started = Instant::now();
         let cpu = CpuMeter::start();
         let training = &self.settings.training;
+        let train = &self.data.train;
+        let plan = StepPlan::new(train.len(), training);
         let device = device(training.backend);
         device.seed(training.seed);
-        let mut model = init(&device)?;
-
-        let train = &self.data.train;
-        let batch_size = training.batch_size;
-        let step_size = training.effective_batch_size();
-        let steps_per_epoch = train.len().div_ceil(step_size) as u64;
-        let total_steps = training
-            .max_steps
-            .map_or(steps_per_epoch * training.epochs, |max| {
-                max.min(steps_per_epoch * training.epochs)
-            });
-        let epochs = total_steps.div_ceil(steps_per_epoch);
-        let mut optimizer = optimizer(&self.settings.optimizer);
-        let mut scheduler = schedule(&self.settings.optimizer, total_steps)?;
+        let model = init(&device)?;
+        let optimizer = optimizer(&self.settings.optimizer);
+        let scheduler = schedule(&self.settings.optimizer, plan.total_steps)?;
         let loss_fn = CrossEntropyLossConfig::new().init(&device);
-        // Every check of the input is behind us: only now does the run folder appear.
-        let run_dir = self.prepare_run_dir()?;
+        let (resume_from, notes) = self.resume_point()?;
+        let Restored {
+            mut model,
+            mut optimizer,
+            mut scheduler,
+            mut state,
+            mut lr,
+        } = restore(resume_from.as_ref(), model, optimizer, scheduler)?;
+        // Every check of the input is behind us: only now is the run folder written.
+        let run_dir = self.prepare_run_dir(&state)?;
 
-        let progress = Progress::new(total_steps, self.options.quiet);
+        let progress = Progress::new(plan.total_steps, self.options.quiet);
         progress.log(format!(
             "allcores: training {} on {} with {}",
             self.settings.model.kind,
             training.backend,
-            plan.describe(training.backend)
+            threads.describe(training.backend)
         ));
-        if step_size > train.len() {
+        for note in notes {
+            progress.log(note);
+        }
+        if let Some(checkpoint) = &resume_from {
             progress.log(format!(
-                "warning: the effective batch ({step_size} = training.batch_size x \
+                "resuming from {} (step {}, epoch {})",
+                checkpoint.folder.display(),
+                state.step,
+                state.epoch
+            ));
+            progress.advance(state.step);
+        }
+        if plan.step_size > train.len() {
+            progress.log(format!(
+                "warning: the effective batch ({} = training.batch_size x \
                  training.accumulation_steps) is larger than the {} training samples",
+                plan.step_size,
                 train.len()
             ));
         }
 
-        let (mut step, mut samples, mut train_seconds) = (0u64, 0u64, 0.0f64);
-        let mut last_epoch = None;
-        for epoch in 1..=epochs {
-            progress.set_epoch(epoch, epochs);
-            let epoch_cpu = CpuMeter::start();
-            let epoch_started = Instant::now();
-            let (mut loss_sum, mut epoch_samples, mut lr) = (0.0f64, 0u64, 0.0);
-            let order = epoch_order(train.len(), training.seed, epoch);
-            for group in order.chunks(step_size) {
-                // One optimizer step over the group's micro-batches.
-                let mut grads = GradientsAccumulator::new();
-                let mut step_loss = 0.0f32;
-                for micro in group.chunks(batch_size) {
-                    let (x, y) = train.batch(micro, &device);
-                    let share = micro.len() as f32 / group.len() as f32;
-                    let loss = loss_fn.forward(model.forward(x), y).mul_scalar(share);
-                    step_loss += loss.clone().into_scalar::<f32>();
-                    grads.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
-                }
-                step += 1;
-                if !step_loss.is_finite() {
-                    return Err(Error::Diverged {
-                        step,
-                        loss: step_loss,
-                    });
-                }
-                let rate = scheduler.step();
-                lr = rate.base();
-                model = optimizer.step(rate, model, grads.grads());
-
-                samples += group.len() as u64;
-                epoch_samples += group.len() as u64;
-                loss_sum += step_loss as f64 * group.len() as f64;
-                let elapsed = train_seconds + epoch_started.elapsed().as_secs_f64();
-                progress.step(step_loss, samples, samples as f64 / elapsed);
-                if step == total_steps {
-                    break;
-                }
+        let mut order = (state.epoch, epoch_order(train.len(), training.seed, state.epoch));
+        let mut epoch_cpu = CpuMeter::start();
+        while state.step < plan.total_steps {
+            if order.0 != state.epoch {
+                order = (state.epoch, epoch_order(train.len(), training.seed, state.epoch));
+                epoch_cpu = CpuMeter::start();
             }
-            train_seconds += epoch_started.elapsed().as_secs_f64();
-            last_epoch = Some(self.end_epoch(
-                &model,
-                &device,
-                run_dir.as_ref(),
-                (epoch, step, samples, lr),
-                (loss_sum, epoch_samples, epoch_started, epoch_cpu, plan),
-                &progress,
-            )?);
+            progress.set_epoch(state.epoch, plan.epochs);
+            let start = state.groups_done as usize * plan.step_size;
+            let group = &order.1[start..(start + plan.step_size).min(train.len())];
+
+            // One optimizer step: the summed gradients of the group's micro-batches.
+            let step_started = Instant::now();
+            let (grads, loss) =
+                accumulate_gradients(&model, train, group, &plan, &loss_fn, &device);
+            if !loss.is_finite() {
+                return Err(Error::Diverged {
+                    step: state.step + 1,
+                    loss,
+                });
+            }
+            let rate = scheduler.step();
+            lr = rate.base();
+            model = optimizer.step(rate, model, grads);
+            let seconds = step_started.elapsed().as_secs_f64();
+
+            state.record_step(group.len(), loss, seconds);
+            progress.step(loss, state.samples, state.samples as f64 / state.train_seconds);
+            let epoch_done = state.groups_done == plan.steps_per_epoch;
+            if epoch_done {
+                let metrics = self.score_epoch(&model, &device, &state, lr, epoch_cpu, threads);
+                self.report_epoch(&metrics, threads, run_dir.as_ref(), &progress)?;
+                state.finish_epoch(metrics);
+            }
+            let stopping = self
+                .options
+                .stop
+                .as_ref()
+                .is_some_and(|stop| stop.load(Ordering::SeqCst));
+            if let Some(run_dir) = &run_dir
+                && (stopping || self.checkpoint_due(&state, epoch_done, &plan))
+            {
+                save_checkpoint(run_dir, &state, &self.settings, &model, &optimizer)?;
+            }
+            if stopping {
+                progress.finish();
+                return Err(Error::Interrupted {
+                    step: state.step,
+                    run_dir: run_dir.map_or_else(PathBuf::new, |d| d.path().to_path_buf()),
+                });
+            }
         }
+        // A run that ends inside an epoch scores that partial epoch too; its state stays inside
+        // the epoch, so that a resume with more steps carries on exactly there.
+        let partial_epoch = if state.groups_done > 0 {
+            let metrics = self.score_epoch(&model, &device, &state, lr, epoch_cpu, threads);
+            self.report_epoch(&metrics, threads, run_dir.as_ref(), &progress)?;
+            Some(metrics)
+        } else {
+            None
+        };
         progress.finish();
 
-        let last = last_epoch.expect("a run has at least one step");
-        let weights_sha256 = weights_sha256(&model);
+        let last = partial_epoch
+            .or_else(|| state.metrics.last().cloned())
+            .expect("a finished run has scored at least one epoch");
         if let Some(run_dir) = &run_dir {
             weights::save(&model.valid(), &run_dir.weights_path())?;
         }
@@ -185,90 +258,258 @@ impl Trainer {
             test_loss: last.test_loss,
             train_loss: last.train_loss,
             epochs: last.epoch,
-            steps: step,
-            samples,
+            steps: state.step,
+            samples: state.samples,
             wall_seconds: started.elapsed().as_secs_f64(),
-            train_seconds,
-            samples_per_second: samples as f64 / train_seconds,
-            threads: plan.threads,
-            threads_available: plan.available,
-            cpu_utilization: cpu.utilization(plan.threads),
+            train_seconds: state.train_seconds,
+            samples_per_second: state.samples as f64 / state.train_seconds,
+            threads: threads.threads,
+            threads_available: threads.available,
+            cpu_utilization: cpu.utilization(threads.threads),
             backend: training.backend.to_string(),
             model: self.settings.model.kind.to_string(),
-            batch_size,
+            batch_size: plan.batch_size,
             accumulation_steps: training.accumulation_steps,
-            effective_batch_size: step_size,
+            effective_batch_size: plan.step_size,
             seed: training.seed,
             peak_rss_bytes: peak_rss_bytes(),
-            weights_sha256,
+            weights_sha256: weights_sha256(&model),
             run_dir: run_dir.as_ref().map(|d| d.path().display().to_string()),
         };
         if let Some(run_dir) = &run_dir {
             run_dir.write_summary(&summary)?;
         }
-        Ok(summary)
+        Ok(Outcome { model, summary })
     }
 
-    /// Scores the model on the test set, logs the epoch and appends it to the metrics file.
-    #[allow(clippy::type_complexity)]
-    fn end_epoch<M: Classifier>(
+    /// Scores the model on the test set after an epoch.
+    fn score_epoch<M: Classifier>(
         &self,
         model: &M,
         device: &Device,
-        run_dir: Option<&RunDir>,
-        (epoch, steps, samples, lr): (u64, u64, u64, f64),
-        (loss_sum, epoch_samples, started, cpu, plan): (f64, u64, Instant, CpuMeter, ThreadPlan),
-        progress: &Progress,
-    ) -> Result<EpochMetrics> {
-        let seconds = started.elapsed().as_secs_f64();
-        let cpu_utilization = cpu.utilization(plan.threads);
+        state: &LoopState,
+        lr: f64,
+        cpu: CpuMeter,
+        threads: ThreadPlan,
+    ) -> EpochMetrics {
+        let cpu_utilization = cpu.utilization(threads.threads);
         let test = score(model, &self.data.test, self.data.classes, device);
-        let metrics = EpochMetrics {
-            epoch,
-            steps,
-            samples,
-            train_loss: loss_sum / epoch_samples.max(1) as f64,
+        EpochMetrics {
+            epoch: state.epoch,
+            steps: state.step,
+            samples: state.samples,
+            train_loss: state.epoch_loss_sum / state.epoch_samples.max(1) as f64,
             test_loss: test.loss,
             test_accuracy: test.accuracy,
             lr,
-            samples_per_second: epoch_samples as f64 / seconds,
+            samples_per_second: state.epoch_samples as f64 / state.epoch_seconds,
             cpu_utilization,
-        };
+        }
+    }
+
+    /// Logs the epoch and appends it to the metrics file.
+    fn report_epoch(
+        &self,
+        metrics: &EpochMetrics,
+        threads: ThreadPlan,
+        run_dir: Option<&RunDir>,
+        progress: &Progress,
+    ) -> Result<()> {
         progress.log(format!(
-            "epoch {epoch}: train loss {:.4} · test loss {:.4} · test accuracy {:.2}% · {} \
+            "epoch {}: train loss {:.4} · test loss {:.4} · test accuracy {:.2}% · {} \
              samples/s · CPU {:.0}% of {} thread{}",
+            metrics.epoch,
             metrics.train_loss,
             metrics.test_loss,
             metrics.test_accuracy * 100.0,
             thousands(metrics.samples_per_second),
-            cpu_utilization * 100.0,
-            plan.threads,
-            if plan.threads == 1 { "" } else { "s" },
+            metrics.cpu_utilization * 100.0,
+            threads.threads,
+            if threads.threads == 1 { "" } else { "s" },
         ));
-        if let Some(run_dir) = run_dir {
-            run_dir.append_metrics(&metrics)?;
+        match run_dir {
+            Some(run_dir) => run_dir.append_metrics(metrics),
+            None => Ok(()),
         }
-        Ok(metrics)
     }
 
-    fn prepare_run_dir(&self) -> Result<Option<RunDir>> {
+    /// After the step just done: is a checkpoint due? (`epoch_done`: it ended an epoch.)
+    fn checkpoint_due(&self, state: &LoopState, epoch_done: bool, plan: &StepPlan) -> bool {
+        let policy = &self.settings.checkpoint;
+        let by_steps = policy.every_steps.is_some_and(|n| state.step % n == 0);
+        let finished_epoch = state.epoch - 1;
+        let by_epochs =
+            epoch_done && policy.every_epochs > 0 && finished_epoch % policy.every_epochs == 0;
+        let last = state.step == plan.total_steps;
+        by_steps || by_epochs || (last && (policy.every_steps.is_some() || policy.every_epochs > 0))
+    }
+
+    /// With `resume`: the checkpoint to continue from (checked against these settings), and
+    /// lines about newer checkpoints that failed verification. Writes nothing.
+    fn resume_point(&self) -> Result<(Option<Checkpoint>, Vec<String>)> {
+        match (&self.options.run_dir, self.options.resume) {
+            (Some(path), true) => check_resumable(path, &self.settings),
+            _ => Ok((None, Vec::new())),
+        }
+    }
+
+    fn prepare_run_dir(&self, state: &LoopState) -> Result<Option<RunDir>> {
         let Some(path) = &self.options.run_dir else {
             return Ok(None);
         };
-        let run_dir = RunDir::create(path)?;
+        let run_dir = if self.options.resume {
+            RunDir::reopen(path, &state.metrics)?
+        } else {
+            RunDir::create(path)?
+        };
         run_dir.write_settings(&self.settings)?;
         Ok(Some(run_dir))
     }
 }
 
+impl LoopState {
+    /// The state of a run that has not taken a step.
+    fn start() -> Self {
+        Self {
+            epoch: 1,
+            groups_done: 0,
+            step: 0,
+            samples: 0,
+            epoch_loss_sum: 0.0,
+            epoch_samples: 0,
+            train_seconds: 0.0,
+            epoch_seconds: 0.0,
+            metrics: Vec::new(),
+        }
+    }
+
+    fn record_step(&mut self, samples: usize, loss: f32, seconds: f64) {
+        self.groups_done += 1;
+        self.step += 1;
+        self.samples += samples as u64;
+        self.epoch_samples += samples as u64;
+        self.epoch_loss_sum += loss as f64 * samples as f64;
+        self.train_seconds += seconds;
+        self.epoch_seconds += seconds;
+    }
+
+    /// Records the epoch's metrics and moves to the start of the next epoch.
+    fn finish_epoch(&mut self, metrics: EpochMetrics) {
+        self.metrics.push(metrics);
+        self.epoch += 1;
+        self.groups_done = 0;
+        self.epoch_loss_sum = 0.0;
+        self.epoch_samples = 0;
+        self.epoch_seconds = 0.0;
+    }
+}
+
+/// Forward and backward over the micro-batches of one step; returns the summed gradients and
+/// the step's loss (mean over its samples).
+fn accumulate_gradients<M: Classifier>(
+    model: &M,
+    data: &Dataset,
+    group: &[usize],
+    plan: &StepPlan,
+    loss_fn: &CrossEntropyLoss,
+    device: &Device,
+) -> (GradientsParams, f32) {
+    let mut grads = GradientsAccumulator::new();
+    let mut loss_sum = 0.0f32;
+    for micro in group.chunks(plan.batch_size) {
+        let (x, y) = data.batch(micro, device);
+        let share = micro.len() as f32 / group.len() as f32;
+        let loss = loss_fn.forward(model.forward(x), y).mul_scalar(share);
+        loss_sum += loss.clone().into_scalar::<f32>();
+        grads.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
+    }
+    (grads.grads(), loss_sum)
+}
+
+/// Where the loop starts.
+struct Restored<M> {
+    model: M,
+    optimizer: ModuleOptimizer,
+    scheduler: ModuleLrScheduler,
+    state: LoopState,
+    /// The learning rate of the last step taken (0 before the first).
+    lr: f64,
+}
+
+/// The starting point of the loop: fresh, or what `checkpoint` saved.
+fn restore<M: Classifier + ModuleSnapshot>(
+    checkpoint: Option<&Checkpoint>,
+    model: M,
+    optimizer: ModuleOptimizer,
+    mut scheduler: ModuleLrScheduler,
+) -> Result<Restored<M>> {
+    let Some(checkpoint) = checkpoint else {
+        return Ok(Restored {
+            model,
+            optimizer,
+            scheduler,
+            state: LoopState::start(),
+            lr: 0.0,
+        });
+    };
+    let model = weights::load(model, &checkpoint.model_path()).map_err(|e| Error::Checkpoint {
+        path: checkpoint.model_path(),
+        message: format!("does not fit this run's model: {e}"),
+    })?;
+    let optimizer_path = checkpoint.folder.join("optimizer.bpk");
+    let optimizer = optimizer
+        .from_bytes(Bytes::from_bytes_vec(checkpoint.optimizer_bytes()?))
+        .map_err(|e| Error::Checkpoint {
+            path: optimizer_path,
+            message: format!("cannot load the optimizer state: {e}"),
+        })?;
+    // The schedule is a pure function of the step: replay it.
+    let mut lr = 0.0;
+    for _ in 0..checkpoint.state.step {
+        lr = scheduler.step().base();
+    }
+    Ok(Restored {
+        model,
+        optimizer,
+        scheduler,
+        state: checkpoint.state.clone(),
+        lr,
+    })
+}
+
+fn save_checkpoint<M: Classifier + ModuleSnapshot>(
+    run_dir: &RunDir,
+    state: &LoopState,
+    settings: &Settings,
+    model: &M,
+    optimizer: &ModuleOptimizer,
+) -> Result<()> {
+    let weights = weights::to_burnpack(&model.valid())?;
+    let optimizer = optimizer.into_bytes().map_err(|e| Error::Checkpoint {
+        path: run_dir.path().to_path_buf(),
+        message: format!("cannot serialize the optimizer state: {e}"),
+    })?;
+    checkpoint::write(
+        run_dir.path(),
+        state,
+        &settings.to_toml(),
+        &weights,
+        &optimizer,
+        settings.checkpoint.keep,
+    )?;
+    Ok(())
+}
+
 /// Loads the data the settings name and trains the built-in model: the whole `train` command.
 pub fn train(settings: &Settings, options: Options) -> Result<Summary> {
     let data = Splits::load(&settings.data)?;
-    Trainer::new(settings.clone(), data, options).fit_builtin()
+    Ok(Trainer::new(settings.clone(), data, options)
+        .fit_builtin()?
+        .summary)
 }
 
 /// Where a run folder goes when none is given: `runs/<config name>-<unix seconds>`.
-pub fn default_run_dir(config: &Path) -> std::path::PathBuf {
+pub fn default_run_dir(config: &Path) -> PathBuf {
     let stem = config
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

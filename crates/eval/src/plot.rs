@@ -1,0 +1,609 @@
+//! The sweep's plots, as SVG: accuracy against threads, and throughput with parallel
+//! efficiency against threads.
+//!
+//! Thread counts sit at evenly spaced positions on the x axis (1, 2, 4, 8 read better evenly
+//! spaced than on a linear axis); each seed's runs are shifted a little sideways so that equal
+//! values stay visible. Text is plain ASCII: the SVG holds `<text>` elements, no font files.
+
+use std::error::Error;
+use std::ops::Range;
+use std::path::Path;
+
+use plotters::coord::Shift;
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint};
+use plotters::coord::types::RangedCoordf64;
+use plotters::prelude::*;
+
+use crate::EvalError;
+use crate::report::{Report, thousands};
+
+type DrawResult = Result<(), Box<dyn Error>>;
+
+const FONT: &str = "sans-serif";
+const MEAN_COLOR: RGBColor = RGBColor(20, 20, 20);
+const REFERENCE_COLOR: RGBColor = RGBColor(120, 120, 120);
+
+/// A seed's colour: distinct, dark enough on white.
+fn seed_color(seed: u64) -> RGBColor {
+    const COLORS: [RGBColor; 8] = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+        RGBColor(148, 103, 189),
+        RGBColor(255, 127, 14),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(23, 190, 207),
+    ];
+    COLORS[(seed % COLORS.len() as u64) as usize]
+}
+
+/// The seeds shown one by one in a legend; more than this share one entry.
+const LEGEND_SEEDS: u64 = 6;
+
+/// One chart: per-seed points, their mean across seeds, optional min-max bars.
+struct Panel {
+    caption: Option<String>,
+    y_desc: String,
+    y_range: Range<f64>,
+    /// (thread position, seed, value)
+    points: Vec<(usize, u64, f64)>,
+    /// (thread position, mean, label above the point)
+    mean: Vec<(usize, f64, Option<String>)>,
+    /// (thread position, min, max)
+    spread: Vec<(usize, f64, f64)>,
+    /// A horizontal reference line: (value, legend).
+    reference: Option<(f64, String)>,
+    y_decimals: usize,
+}
+
+/// The x axis: thread counts at positions 0, 1, 2, ... with a tick at each.
+struct ThreadAxis {
+    positions: usize,
+    inner: RangedCoordf64,
+}
+
+impl ThreadAxis {
+    fn new(positions: usize) -> Self {
+        Self {
+            positions,
+            inner: (-0.5..positions as f64 - 0.5).into(),
+        }
+    }
+}
+
+impl Ranged for ThreadAxis {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        self.inner.map(value, limit)
+    }
+
+    fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
+        if hint.weight().allow_light_points() {
+            return vec![];
+        }
+        (0..self.positions).map(|i| i as f64).collect()
+    }
+
+    fn range(&self) -> Range<f64> {
+        self.inner.range()
+    }
+}
+
+/// Where a seed's points sit beside their thread count: to the left of it, in seed order, so
+/// that the mean, its bar and its label at and right of the tick stay clear.
+fn offset(seed: u64, seeds: u64) -> f64 {
+    let step = (0.24 / seeds.max(1) as f64).min(0.06);
+    -0.08 - (seeds.saturating_sub(1) - seed.min(seeds.saturating_sub(1))) as f64 * step
+}
+
+/// Width of the legend column right of each chart, in pixels.
+const LEGEND_WIDTH: u32 = 230;
+
+/// One line of a legend.
+enum Mark {
+    Dot(RGBColor),
+    Line,
+    Dashed,
+    Bar,
+}
+
+/// Draws the legend entries in a box at the top of `area` (pixel coordinates).
+fn draw_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    top: i32,
+    entries: &[(Mark, String)],
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let row = 26;
+    let (width, _) = area.dim_in_pixel();
+    let bottom = top + 12 + row * entries.len() as i32;
+    area.draw(&Rectangle::new(
+        [(4, top), (width as i32 - 12, bottom)],
+        RGBColor(170, 170, 170).stroke_width(1),
+    ))?;
+    let text = (FONT, 16)
+        .into_font()
+        .color(&BLACK)
+        .pos(plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Left,
+            plotters::style::text_anchor::VPos::Center,
+        ));
+    for (k, (mark, label)) in entries.iter().enumerate() {
+        let y = top + 6 + row / 2 + row * k as i32;
+        let (x0, x1) = (16, 44);
+        match mark {
+            Mark::Dot(color) => area.draw(&Circle::new((30, y), 6, color.filled()))?,
+            Mark::Line => {
+                area.draw(&PathElement::new(
+                    [(x0, y), (x1, y)],
+                    MEAN_COLOR.stroke_width(3),
+                ))?;
+                area.draw(&Circle::new((30, y), 7, MEAN_COLOR.stroke_width(3)))?;
+            }
+            Mark::Dashed => {
+                for x in [x0, x0 + 11, x0 + 22] {
+                    area.draw(&PathElement::new(
+                        [(x, y), (x + 6, y)],
+                        REFERENCE_COLOR.stroke_width(2),
+                    ))?;
+                }
+            }
+            Mark::Bar => {
+                let bar = MEAN_COLOR.stroke_width(2);
+                area.draw(&PathElement::new([(30, y - 9), (30, y + 9)], bar))?;
+                area.draw(&PathElement::new([(24, y - 9), (36, y - 9)], bar))?;
+                area.draw(&PathElement::new([(24, y + 9), (36, y + 9)], bar))?;
+            }
+        }
+        area.draw(&Text::new(label.clone(), (54, y), text.clone()))?;
+    }
+    Ok(())
+}
+
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    threads: &[usize],
+    seeds: u64,
+    panel: &Panel,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let n = threads.len();
+    let (width, _) = area.dim_in_pixel();
+    let (plot_area, legend_area) = area.split_horizontally(width.saturating_sub(LEGEND_WIDTH));
+    let mut builder = ChartBuilder::on(&plot_area);
+    let mut top = 16;
+    if let Some(caption) = &panel.caption {
+        builder.caption(caption, (FONT, 21));
+        top += 34;
+    }
+    let mut chart = builder
+        .margin(16)
+        .margin_right(8)
+        .x_label_area_size(56)
+        .y_label_area_size(84)
+        .build_cartesian_2d(ThreadAxis::new(n), panel.y_range.clone())?;
+    let label = |x: &f64| {
+        let i = x.round();
+        if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
+            threads[i as usize].to_string()
+        } else {
+            String::new()
+        }
+    };
+    let decimals = panel.y_decimals;
+    chart
+        .configure_mesh()
+        .x_desc("threads")
+        .y_desc(panel.y_desc.as_str())
+        .x_label_formatter(&label)
+        .y_label_formatter(&|y: &f64| match decimals {
+            0 => thousands(*y),
+            _ => format!("{y:.decimals$}"),
+        })
+        .y_labels(8)
+        .axis_desc_style((FONT, 18))
+        .label_style((FONT, 16))
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(RGBColor(220, 220, 220))
+        .draw()?;
+
+    let mut legend = Vec::new();
+    if let Some((value, text)) = &panel.reference {
+        chart.draw_series(DashedLineSeries::new(
+            [(-0.5, *value), (n as f64 - 0.5, *value)],
+            8,
+            6,
+            REFERENCE_COLOR.stroke_width(2),
+        ))?;
+        legend.push((Mark::Dashed, text.clone()));
+    }
+
+    if !panel.spread.is_empty() {
+        let bar = MEAN_COLOR.stroke_width(2);
+        let cap = 0.06;
+        chart.draw_series(panel.spread.iter().map(|&(i, lo, hi)| {
+            let x = i as f64;
+            PathElement::new([(x, lo), (x, hi)], bar)
+        }))?;
+        chart.draw_series(panel.spread.iter().flat_map(|&(i, lo, hi)| {
+            let x = i as f64;
+            [lo, hi].map(|y| PathElement::new([(x - cap, y), (x + cap, y)], bar))
+        }))?;
+        legend.push((Mark::Bar, "min-max across seeds".to_string()));
+    }
+
+    if !panel.mean.is_empty() {
+        let style = MEAN_COLOR.stroke_width(3);
+        chart.draw_series(LineSeries::new(
+            panel.mean.iter().map(|&(i, m, _)| (i as f64, m)),
+            style,
+        ))?;
+        chart.draw_series(
+            panel
+                .mean
+                .iter()
+                .map(|&(i, m, _)| Circle::new((i as f64, m), 7, style)),
+        )?;
+        // The label sits right of the mean and a little above it, clear of the line.
+        let text = (FONT, 17).into_font().color(&MEAN_COLOR);
+        chart.draw_series(panel.mean.iter().filter_map(|(i, m, label)| {
+            label.as_ref().map(|l| {
+                EmptyElement::at((*i as f64, *m)) + Text::new(l.clone(), (14, -26), text.clone())
+            })
+        }))?;
+        legend.push((Mark::Line, "mean across seeds".to_string()));
+    }
+
+    for seed in 0..seeds {
+        let color = seed_color(seed);
+        let points: Vec<(f64, f64)> = panel
+            .points
+            .iter()
+            .filter(|p| p.1 == seed)
+            .map(|&(i, s, v)| (i as f64 + offset(s, seeds), v))
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        chart.draw_series(
+            points
+                .iter()
+                .map(|&p| Circle::new(p, 6, color.mix(0.85).filled())),
+        )?;
+        if seeds <= LEGEND_SEEDS {
+            legend.push((Mark::Dot(color), format!("seed {seed}")));
+        } else if seed == 0 {
+            legend.push((Mark::Dot(color), format!("a run (seeds 0-{})", seeds - 1)));
+        }
+    }
+    draw_legend(&legend_area, top, &legend)
+}
+
+/// A range around the values with some room above and below; at least `min_span` wide.
+fn padded(values: impl Iterator<Item = f64>, min_span: f64) -> Range<f64> {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    if !lo.is_finite() || !hi.is_finite() {
+        return 0.0..1.0;
+    }
+    let span = (hi - lo).max(min_span);
+    let middle = (hi + lo) / 2.0;
+    (middle - span * 0.65)..(middle + span * 0.65)
+}
+
+fn position(report: &Report, threads: usize) -> Option<usize> {
+    report.plan.threads.iter().position(|&t| t == threads)
+}
+
+fn config_name(report: &Report) -> String {
+    Path::new(&report.plan.config).file_name().map_or_else(
+        || report.plan.config.clone(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+/// The verdict in a few ASCII words, for a plot's subtitle.
+fn verdict_words(report: &Report) -> String {
+    use crate::report::Outcome;
+    let v = &report.verdict;
+    match v.outcome {
+        Outcome::Identical => "identical weights at every thread count, for each seed".to_string(),
+        Outcome::Different => format!(
+            "weights differ across thread counts ({} run{}); accuracy spread across threads {:.2} pp{}",
+            v.runs_differing,
+            if v.runs_differing == 1 { "" } else { "s" },
+            v.accuracy_spread_across_threads.unwrap_or(0.0) * 100.0,
+            v.accuracy_spread_across_seeds.map_or(
+                ", across seeds unknown".to_string(),
+                |s| format!(", across seeds {:.2} pp", s * 100.0)
+            )
+        ),
+        Outcome::Inconclusive => "nothing to compare across thread counts".to_string(),
+    }
+}
+
+/// Draws a title and a grey subtitle at the top of `area`; returns the area below them.
+fn titled<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    subtitle: &str,
+) -> Result<DrawingArea<DB, Shift>, Box<dyn Error>>
+where
+    DB::ErrorType: 'static,
+{
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let (width, _) = area.dim_in_pixel();
+    let centre = Pos::new(HPos::Center, VPos::Center);
+    let x = width as i32 / 2;
+    area.draw(&Text::new(
+        title.to_string(),
+        (x, 24),
+        (FONT, 26).into_font().color(&BLACK).pos(centre),
+    ))?;
+    area.draw(&Text::new(
+        subtitle.to_string(),
+        (x, 56),
+        (FONT, 17)
+            .into_font()
+            .color(&RGBColor(80, 80, 80))
+            .pos(centre),
+    ))?;
+    Ok(area.split_vertically(72).1)
+}
+
+/// `accuracy.svg`: test accuracy against threads, a point per seed, the mean and the min-max
+/// spread across seeds.
+pub fn accuracy_svg(report: &Report, path: &Path) -> Result<(), EvalError> {
+    draw_accuracy(report, path).map_err(|e| EvalError::write(path, e))
+}
+
+fn draw_accuracy(report: &Report, path: &Path) -> DrawResult {
+    let root = SVGBackend::new(path, (1000, 640)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let body = titled(
+        &root,
+        &format!("Test accuracy by thread count - {}", config_name(report)),
+        &verdict_words(report),
+    )?;
+    let points: Vec<(usize, u64, f64)> = report
+        .runs
+        .iter()
+        .filter_map(|r| {
+            Some((
+                position(report, r.run.threads)?,
+                r.run.seed,
+                r.run.test_accuracy * 100.0,
+            ))
+        })
+        .collect();
+    let summaries = || {
+        report
+            .by_threads
+            .iter()
+            .filter_map(|t| Some((position(report, t.threads)?, t)))
+    };
+    let y_range = padded(points.iter().map(|p| p.2), 1.0);
+    let y_decimals = if y_range.end - y_range.start > 4.0 {
+        1
+    } else {
+        2
+    };
+    let panel = Panel {
+        caption: None,
+        y_desc: "test accuracy (%)".into(),
+        y_range,
+        mean: summaries()
+            .map(|(i, t)| {
+                (
+                    i,
+                    t.mean_accuracy * 100.0,
+                    Some(format!("{:.2}%", t.mean_accuracy * 100.0)),
+                )
+            })
+            .collect(),
+        spread: summaries()
+            .filter(|(_, t)| t.runs >= 2)
+            .map(|(i, t)| (i, t.min_accuracy * 100.0, t.max_accuracy * 100.0))
+            .collect(),
+        points,
+        reference: None,
+        y_decimals,
+    };
+    draw_panel(&body, &report.plan.threads, report.plan.seeds, &panel)?;
+    root.present()?;
+    Ok(())
+}
+
+/// `throughput.svg`: samples/s against threads (top) and parallel efficiency (bottom).
+pub fn throughput_svg(report: &Report, path: &Path) -> Result<(), EvalError> {
+    draw_throughput(report, path).map_err(|e| EvalError::write(path, e))
+}
+
+fn draw_throughput(report: &Report, path: &Path) -> DrawResult {
+    let root = SVGBackend::new(path, (1000, 1100)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let b = report.baseline_threads;
+    let body = titled(
+        &root,
+        &format!(
+            "Training throughput by thread count - {}",
+            config_name(report)
+        ),
+        &format!(
+            "speed-up and parallel efficiency against {b} thread{} of the same seed",
+            if b == 1 { "" } else { "s" }
+        ),
+    )?;
+    let (top, bottom) = body.split_vertically(510);
+    let summaries = || {
+        report
+            .by_threads
+            .iter()
+            .filter_map(|t| Some((position(report, t.threads)?, t)))
+    };
+
+    let speed: Vec<(usize, u64, f64)> = report
+        .runs
+        .iter()
+        .filter_map(|r| {
+            Some((
+                position(report, r.run.threads)?,
+                r.run.seed,
+                r.run.samples_per_second,
+            ))
+        })
+        .collect();
+    let top_speed = speed.iter().map(|p| p.2).fold(0.0, f64::max);
+    let throughput = Panel {
+        caption: Some("Samples per second (labels: mean speed-up)".into()),
+        y_desc: "training samples / s".into(),
+        y_range: 0.0..(top_speed * 1.2).max(1.0),
+        mean: summaries()
+            .map(|(i, t)| {
+                let label = t.mean_speedup.map(|s| format!("{s:.2}x"));
+                (i, t.mean_samples_per_second, label)
+            })
+            .collect(),
+        spread: vec![],
+        points: speed,
+        reference: None,
+        y_decimals: 0,
+    };
+    draw_panel(&top, &report.plan.threads, report.plan.seeds, &throughput)?;
+
+    let efficiency: Vec<(usize, u64, f64)> = report
+        .runs
+        .iter()
+        .filter_map(|r| {
+            Some((
+                position(report, r.run.threads)?,
+                r.run.seed,
+                r.efficiency? * 100.0,
+            ))
+        })
+        .collect();
+    let top_efficiency = efficiency.iter().map(|p| p.2).fold(100.0, f64::max);
+    let panel = Panel {
+        caption: Some(format!(
+            "Parallel efficiency = speed-up / (threads / {b}) (labels: mean)"
+        )),
+        y_desc: "parallel efficiency (%)".into(),
+        y_range: 0.0..top_efficiency * 1.15,
+        mean: summaries()
+            .filter_map(|(i, t)| {
+                let e = t.mean_efficiency? * 100.0;
+                Some((i, e, Some(format!("{e:.0}%"))))
+            })
+            .collect(),
+        spread: vec![],
+        points: efficiency,
+        reference: Some((100.0, "ideal (100%)".into())),
+        y_decimals: 0,
+    };
+    draw_panel(&bottom, &report.plan.threads, report.plan.seeds, &panel)?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{RunRecord, SweepPlan, build_report};
+
+    #[test]
+    fn plots_are_svg_with_titles_and_axis_labels() {
+        let run = |threads: usize, seed: u64, accuracy: f64, speed: f64| RunRecord {
+            threads,
+            seed,
+            test_accuracy: accuracy,
+            test_loss: 0.3,
+            train_loss: 0.2,
+            samples_per_second: speed,
+            cpu_utilization: 0.95,
+            wall_seconds: 2.0,
+            train_seconds: 1.5,
+            weights_sha256: format!("hash{seed}"),
+            max_weight_diff: Some(0.0),
+            run_dir: String::new(),
+        };
+        let plan = SweepPlan {
+            config: "examples/digits.toml".into(),
+            threads: vec![1, 2, 4],
+            seeds: 2,
+            overrides: vec![],
+            threads_available: 4,
+        };
+        let runs = vec![
+            run(1, 0, 0.91, 1000.0),
+            run(2, 0, 0.91, 1800.0),
+            run(4, 0, 0.91, 3000.0),
+            run(1, 1, 0.93, 1000.0),
+            run(2, 1, 0.93, 1900.0),
+            run(4, 1, 0.93, 3100.0),
+        ];
+        let report = build_report(plan, runs, vec![]);
+        let dir = tempfile::tempdir().unwrap();
+        let accuracy = dir.path().join("accuracy.svg");
+        let throughput = dir.path().join("throughput.svg");
+        accuracy_svg(&report, &accuracy).unwrap();
+        throughput_svg(&report, &throughput).unwrap();
+
+        let svg = std::fs::read_to_string(&accuracy).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..80]);
+        for text in [
+            "Test accuracy by thread count - digits.toml",
+            "test accuracy (%)",
+            "threads",
+            "seed 1",
+            "min-max across seeds",
+            "92.00%",
+            "identical weights at every thread count",
+        ] {
+            assert!(svg.contains(text), "accuracy.svg lacks {text}");
+        }
+        let svg = std::fs::read_to_string(&throughput).unwrap();
+        for text in [
+            "Training throughput by thread count - digits.toml",
+            "Samples per second (labels: mean speed-up)",
+            "training samples / s",
+            "parallel efficiency (%)",
+            "ideal (100%)",
+            "3.05x",
+            "76%",
+        ] {
+            assert!(svg.contains(text), "throughput.svg lacks {text}");
+        }
+    }
+
+    #[test]
+    fn an_unwritable_path_is_a_one_line_error() {
+        let report = build_report(
+            SweepPlan {
+                config: "c.toml".into(),
+                threads: vec![1],
+                seeds: 1,
+                overrides: vec![],
+                threads_available: 1,
+            },
+            vec![],
+            vec![],
+        );
+        let err = accuracy_svg(&report, Path::new("/nonexistent/dir/a.svg")).unwrap_err();
+        assert!(
+            err.to_string().starts_with("/nonexistent/dir/a.svg"),
+            "{err}"
+        );
+        assert!(!err.is_bad_input());
+    }
+}

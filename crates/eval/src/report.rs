@@ -1,0 +1,826 @@
+//! The report of a thread sweep: from the runs' records to a table, a verdict and its files.
+//!
+//! [`build_report`] is pure: it takes what the runs produced and returns the [`Report`], with
+//! speed-ups against the baseline thread count and the [`Verdict`] on whether the thread count
+//! changed the result. The `to_*` methods render it as Markdown and CSV.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use allcores_trainer::Summary;
+use serde::{Deserialize, Serialize};
+
+/// The phrase of the verdict when every thread count gave the same weights.
+pub const IDENTICAL: &str = "identical: the thread count changed the speed, never the result";
+
+/// What one finished run produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub threads: usize,
+    pub seed: u64,
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    /// Mean training loss over the last epoch.
+    pub train_loss: f64,
+    pub samples_per_second: f64,
+    pub cpu_utilization: f64,
+    /// The run's own wall time (after its config and data were loaded).
+    pub wall_seconds: f64,
+    pub train_seconds: f64,
+    pub weights_sha256: String,
+    /// Largest absolute difference of a weight against the run of the same seed at the smallest
+    /// thread count: 0 when the hashes are equal, `None` when it could not be computed.
+    pub max_weight_diff: Option<f64>,
+    pub run_dir: String,
+}
+
+impl RunRecord {
+    /// The record of a run at `threads` and `seed` from its summary.
+    pub fn from_summary(threads: usize, seed: u64, summary: &Summary, run_dir: String) -> Self {
+        Self {
+            threads,
+            seed,
+            test_accuracy: summary.test_accuracy,
+            test_loss: summary.test_loss,
+            train_loss: summary.train_loss,
+            samples_per_second: summary.samples_per_second,
+            cpu_utilization: summary.cpu_utilization,
+            wall_seconds: summary.wall_seconds,
+            train_seconds: summary.train_seconds,
+            weights_sha256: summary.weights_sha256.clone(),
+            max_weight_diff: None,
+            run_dir,
+        }
+    }
+}
+
+/// A run that did not finish.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunFailure {
+    pub threads: usize,
+    pub seed: u64,
+    /// The run's exit status; `None` when it was killed by a signal or never started.
+    pub exit_status: Option<i32>,
+    /// The run's error line.
+    pub message: String,
+}
+
+/// What was asked of the sweep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepPlan {
+    /// The config file, as given.
+    pub config: String,
+    /// The thread counts, ascending.
+    pub threads: Vec<usize>,
+    /// Seeds `0..seeds`.
+    pub seeds: u64,
+    /// The `--set` overrides given to every run.
+    pub overrides: Vec<String>,
+    /// Threads this machine allows the process.
+    pub threads_available: usize,
+}
+
+/// A run with its speed-up against the baseline run of the same seed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReportRow {
+    #[serde(flatten)]
+    pub run: RunRecord,
+    /// samples/s over the baseline's samples/s; `None` when the baseline run failed.
+    pub speedup: Option<f64>,
+    /// speed-up / (threads / baseline threads).
+    pub efficiency: Option<f64>,
+}
+
+/// The runs at one thread count, over the seeds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ThreadSummary {
+    pub threads: usize,
+    pub runs: usize,
+    pub mean_accuracy: f64,
+    pub min_accuracy: f64,
+    pub max_accuracy: f64,
+    pub mean_samples_per_second: f64,
+    pub mean_speedup: Option<f64>,
+    pub mean_efficiency: Option<f64>,
+}
+
+/// Did the thread count change the result?
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Equal weight hashes at every thread count, for each seed.
+    Identical,
+    /// Some seed's weights differ between thread counts.
+    Different,
+    /// No seed has finished runs at two thread counts: nothing to compare.
+    Inconclusive,
+}
+
+/// The verdict and the numbers behind it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    /// The verdict as one line of text.
+    pub line: String,
+    /// Seeds with finished runs at two thread counts or more.
+    pub seeds_compared: usize,
+    /// Runs whose weights hash differs from their seed's baseline run.
+    pub runs_differing: usize,
+    /// The largest absolute weight difference of any run against its seed's baseline run.
+    pub max_weight_diff: Option<f64>,
+    /// Where that difference is: (threads, seed).
+    pub max_weight_diff_at: Option<(usize, u64)>,
+    /// Max over seeds of (max - min test accuracy across thread counts).
+    pub accuracy_spread_across_threads: Option<f64>,
+    /// Max over thread counts of (max - min test accuracy across seeds); `None` with one seed.
+    pub accuracy_spread_across_seeds: Option<f64>,
+    /// Whether the spread across thread counts is no larger than the spread across seeds.
+    pub within_seed_spread: Option<bool>,
+}
+
+/// Wall times of the sweep against those of its runs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Timing {
+    /// From the first check of the input until every run finished.
+    pub sweep_seconds: f64,
+    /// Sum of the runs' own `wall_seconds` (which start after a run loaded its data).
+    pub runs_wall_seconds: f64,
+    /// Sum of the run processes' lifetimes, from spawn to exit.
+    pub processes_seconds: f64,
+    /// `sweep_seconds - runs_wall_seconds`: process start-up, config and data loading in each
+    /// run, and the sweep's own work.
+    pub overhead_seconds: f64,
+    /// `sweep_seconds - processes_seconds`: the sweep's own work only.
+    pub launcher_seconds: f64,
+}
+
+/// Everything the sweep found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub plan: SweepPlan,
+    /// The thread count speed-ups are measured against: 1, or the smallest in the sweep.
+    pub baseline_threads: usize,
+    /// Finished runs, by seed then thread count.
+    pub runs: Vec<ReportRow>,
+    pub failures: Vec<RunFailure>,
+    pub by_threads: Vec<ThreadSummary>,
+    pub verdict: Verdict,
+    pub timing: Option<Timing>,
+}
+
+/// Builds the report of a sweep from its finished runs and its failures.
+pub fn build_report(plan: SweepPlan, runs: Vec<RunRecord>, failures: Vec<RunFailure>) -> Report {
+    let mut runs = runs;
+    runs.sort_by_key(|r| (r.seed, r.threads));
+    let baseline_threads = plan
+        .threads
+        .iter()
+        .copied()
+        .min()
+        .or_else(|| runs.iter().map(|r| r.threads).min())
+        .unwrap_or(1);
+
+    let baseline_speed: BTreeMap<u64, f64> = runs
+        .iter()
+        .filter(|r| r.threads == baseline_threads)
+        .map(|r| (r.seed, r.samples_per_second))
+        .collect();
+    let rows: Vec<ReportRow> = runs
+        .into_iter()
+        .map(|run| {
+            let speedup = baseline_speed
+                .get(&run.seed)
+                .filter(|base| **base > 0.0)
+                .map(|base| run.samples_per_second / base);
+            let efficiency =
+                speedup.map(|s| s * baseline_threads as f64 / run.threads.max(1) as f64);
+            ReportRow {
+                run,
+                speedup,
+                efficiency,
+            }
+        })
+        .collect();
+
+    let by_threads = summarize_by_threads(&plan.threads, &rows);
+    let verdict = verdict(&rows, baseline_threads);
+    Report {
+        plan,
+        baseline_threads,
+        runs: rows,
+        failures,
+        by_threads,
+        verdict,
+        timing: None,
+    }
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// The spread (max - min) of the values; `None` for fewer than two.
+fn spread(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let values: Vec<f64> = values.collect();
+    if values.len() < 2 {
+        return None;
+    }
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    Some(max - min)
+}
+
+fn max_of(values: impl Iterator<Item = f64>) -> Option<f64> {
+    values.fold(None, |best: Option<f64>, v| {
+        Some(best.map_or(v, |b| b.max(v)))
+    })
+}
+
+fn summarize_by_threads(threads: &[usize], rows: &[ReportRow]) -> Vec<ThreadSummary> {
+    threads
+        .iter()
+        .filter_map(|&t| {
+            let at: Vec<&ReportRow> = rows.iter().filter(|r| r.run.threads == t).collect();
+            let accuracy = || at.iter().map(|r| r.run.test_accuracy);
+            Some(ThreadSummary {
+                threads: t,
+                runs: at.len(),
+                mean_accuracy: mean(accuracy())?,
+                min_accuracy: accuracy().fold(f64::INFINITY, f64::min),
+                max_accuracy: accuracy().fold(f64::NEG_INFINITY, f64::max),
+                mean_samples_per_second: mean(at.iter().map(|r| r.run.samples_per_second))?,
+                mean_speedup: mean(at.iter().filter_map(|r| r.speedup)),
+                mean_efficiency: mean(at.iter().filter_map(|r| r.efficiency)),
+            })
+        })
+        .collect()
+}
+
+/// Percentage points, from a difference of fractions.
+fn pp(fraction: f64) -> String {
+    format!("{:.2} pp", fraction * 100.0)
+}
+
+fn verdict(rows: &[ReportRow], baseline_threads: usize) -> Verdict {
+    let mut by_seed: BTreeMap<u64, Vec<&RunRecord>> = BTreeMap::new();
+    for row in rows {
+        by_seed.entry(row.run.seed).or_default().push(&row.run);
+    }
+    let mut by_threads: BTreeMap<usize, Vec<&RunRecord>> = BTreeMap::new();
+    for row in rows {
+        by_threads
+            .entry(row.run.threads)
+            .or_default()
+            .push(&row.run);
+    }
+
+    let compared: Vec<&Vec<&RunRecord>> = by_seed.values().filter(|runs| runs.len() >= 2).collect();
+    // Runs are sorted by thread count within a seed: the first is the seed's reference.
+    let differing: Vec<&RunRecord> = compared
+        .iter()
+        .flat_map(|runs| {
+            runs.iter()
+                .skip(1)
+                .filter(|r| r.weights_sha256 != runs[0].weights_sha256)
+                .copied()
+        })
+        .collect();
+    let threads_spread = max_of(
+        compared
+            .iter()
+            .filter_map(|runs| spread(runs.iter().map(|r| r.test_accuracy))),
+    );
+    let seeds_spread = max_of(
+        by_threads
+            .values()
+            .filter_map(|runs| spread(runs.iter().map(|r| r.test_accuracy))),
+    );
+    let max_diff = differing
+        .iter()
+        .filter_map(|r| r.max_weight_diff.map(|d| (d, r.threads, r.seed)))
+        .fold(None, |best: Option<(f64, usize, u64)>, item| match best {
+            Some(b) if b.0 >= item.0 => Some(b),
+            _ => Some(item),
+        });
+
+    let mut verdict = Verdict {
+        outcome: Outcome::Inconclusive,
+        line: String::new(),
+        seeds_compared: compared.len(),
+        runs_differing: differing.len(),
+        max_weight_diff: max_diff.map(|m| m.0),
+        max_weight_diff_at: max_diff.map(|m| (m.1, m.2)),
+        accuracy_spread_across_threads: threads_spread,
+        accuracy_spread_across_seeds: seeds_spread,
+        within_seed_spread: None,
+    };
+    if compared.is_empty() {
+        verdict.line = "inconclusive: no seed has finished runs at two thread counts, so \
+                        nothing could be compared"
+            .into();
+        return verdict;
+    }
+    if differing.is_empty() {
+        verdict.outcome = Outcome::Identical;
+        let runs: usize = compared.iter().map(|r| r.len()).sum();
+        verdict.line = format!(
+            "{IDENTICAL} (equal weights hashes across thread counts for each of {} seed{}, \
+             {runs} runs)",
+            compared.len(),
+            if compared.len() == 1 { "" } else { "s" }
+        );
+        if threads_spread.is_some() {
+            verdict.within_seed_spread = Some(true);
+        }
+        return verdict;
+    }
+
+    verdict.outcome = Outcome::Different;
+    let total: usize = compared.iter().map(|r| r.len() - 1).sum();
+    let mut line = format!(
+        "different: the weights depend on the thread count ({} of {total} runs differ from \
+         their seed's {baseline_threads}-thread run",
+        differing.len()
+    );
+    match max_diff {
+        Some((d, t, s)) => {
+            let _ = write!(
+                line,
+                "; largest absolute weight difference {d:.3e} at threads {t}, seed {s})"
+            );
+        }
+        None => line.push_str("; the largest weight difference is unknown)"),
+    }
+    let threads_spread = threads_spread.unwrap_or(0.0);
+    match seeds_spread {
+        Some(seeds_spread) => {
+            let within = threads_spread <= seeds_spread;
+            verdict.within_seed_spread = Some(within);
+            let _ = write!(
+                line,
+                "; the accuracy spread across thread counts, {} (max over seeds of max-min), \
+                 is {} the spread across seeds, {} (max over thread counts of max-min)",
+                pp(threads_spread),
+                if within { "within" } else { "larger than" },
+                pp(seeds_spread)
+            );
+        }
+        None => {
+            let _ = write!(
+                line,
+                "; the accuracy spread across thread counts is {} (max over seeds of max-min), \
+                 and the spread across seeds is unknown with one seed (use --seeds 2 or more)",
+                pp(threads_spread)
+            );
+        }
+    }
+    verdict.line = line;
+    verdict
+}
+
+/// `12345.6` as `12,346`.
+pub(crate) fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn opt(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
+    value.map_or_else(|| "-".to_string(), show)
+}
+
+fn short_hash(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
+impl Report {
+    /// The basis of the speed-ups, as a sentence.
+    pub fn baseline_note(&self) -> String {
+        if self.baseline_threads == 1 {
+            "Speed-up and parallel efficiency are against the 1-thread run of the same seed.".into()
+        } else {
+            format!(
+                "Speed-up and parallel efficiency are against the {b}-thread run of the same \
+                 seed: 1 thread is not in the sweep, so {b} threads, the smallest count, is the \
+                 baseline (efficiency = speed-up / (threads / {b})).",
+                b = self.baseline_threads
+            )
+        }
+    }
+
+    /// The runs as a Markdown table.
+    pub fn runs_table(&self) -> String {
+        let mut out = String::from(
+            "| threads | seed | test accuracy | final train loss | samples/s | speed-up | \
+             parallel efficiency | CPU utilisation | weights (SHA-256) |\n\
+             |--:|--:|--:|--:|--:|--:|--:|--:|:--|\n",
+        );
+        for row in &self.runs {
+            let r = &row.run;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.2}% | {:.4} | {} | {} | {} | {:.0}% | `{}` |",
+                r.threads,
+                r.seed,
+                r.test_accuracy * 100.0,
+                r.train_loss,
+                thousands(r.samples_per_second),
+                opt(row.speedup, |s| format!("{s:.2}x")),
+                opt(row.efficiency, |e| format!("{:.0}%", e * 100.0)),
+                r.cpu_utilization * 100.0,
+                short_hash(&r.weights_sha256),
+            );
+        }
+        out
+    }
+
+    /// The whole report as Markdown (`report.md`).
+    pub fn to_markdown(&self) -> String {
+        let plan = &self.plan;
+        let mut out = String::new();
+        let _ = writeln!(out, "# Thread sweep of `{}`\n", plan.config);
+        let _ = writeln!(out, "**Verdict:** {}\n", self.verdict.line);
+        let threads: Vec<String> = plan.threads.iter().map(|t| t.to_string()).collect();
+        let _ = writeln!(
+            out,
+            "{} run{} of {} planned: threads {} x seeds 0..{} (seeds 0 to {}), one process \
+             each, on a machine that allows {} threads.{}",
+            self.runs.len(),
+            if self.runs.len() == 1 { "" } else { "s" },
+            plan.threads.len() as u64 * plan.seeds,
+            threads.join(", "),
+            plan.seeds,
+            plan.seeds.saturating_sub(1),
+            plan.threads_available,
+            if plan.overrides.is_empty() {
+                String::new()
+            } else {
+                format!(" Overrides: `{}`.", plan.overrides.join("`, `"))
+            }
+        );
+        let _ = writeln!(out, "{}\n", self.baseline_note());
+        out.push_str(&self.runs_table());
+
+        if !self.by_threads.is_empty() {
+            out.push_str(
+                "\n## By thread count\n\n\
+                 | threads | runs | mean accuracy | accuracy min-max | mean samples/s | \
+                 mean speed-up | mean efficiency |\n\
+                 |--:|--:|--:|--:|--:|--:|--:|\n",
+            );
+            for t in &self.by_threads {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.2}% | {:.2}% - {:.2}% | {} | {} | {} |",
+                    t.threads,
+                    t.runs,
+                    t.mean_accuracy * 100.0,
+                    t.min_accuracy * 100.0,
+                    t.max_accuracy * 100.0,
+                    thousands(t.mean_samples_per_second),
+                    opt(t.mean_speedup, |s| format!("{s:.2}x")),
+                    opt(t.mean_efficiency, |e| format!("{:.0}%", e * 100.0)),
+                );
+            }
+        }
+
+        let v = &self.verdict;
+        out.push_str("\n## Comparison\n\n");
+        let _ = writeln!(
+            out,
+            "- Seeds compared across thread counts: {}; runs whose weights differ from their \
+             seed's {}-thread run: {}.",
+            v.seeds_compared, self.baseline_threads, v.runs_differing
+        );
+        let _ = writeln!(
+            out,
+            "- Largest absolute weight difference: {}.",
+            match (v.max_weight_diff, v.max_weight_diff_at, v.runs_differing) {
+                (_, _, 0) => "0 (equal hashes)".to_string(),
+                (Some(d), Some((t, s)), _) => format!("{d:.3e} at threads {t}, seed {s}"),
+                _ => "unknown".to_string(),
+            }
+        );
+        let _ = writeln!(
+            out,
+            "- Accuracy spread across thread counts (max over seeds of max-min): {}.",
+            opt(v.accuracy_spread_across_threads, pp)
+        );
+        let _ = writeln!(
+            out,
+            "- Accuracy spread across seeds (max over thread counts of max-min): {}.",
+            v.accuracy_spread_across_seeds
+                .map_or_else(|| "unknown (one seed)".to_string(), pp)
+        );
+
+        if !self.failures.is_empty() {
+            out.push_str("\n## Failed runs\n\n");
+            for f in &self.failures {
+                let _ = writeln!(
+                    out,
+                    "- threads {}, seed {} ({}): {}",
+                    f.threads,
+                    f.seed,
+                    f.exit_status
+                        .map_or("no exit status".to_string(), |s| format!("exit status {s}")),
+                    f.message
+                );
+            }
+        }
+
+        if let Some(t) = &self.timing {
+            let _ = writeln!(
+                out,
+                "\n## Timing\n\n\
+                 The sweep took {:.2} s; the runs' own wall time adds up to {:.2} s and their \
+                 processes lived {:.2} s in all. Overhead over the runs' wall time: {:.2} s \
+                 (process start-up, config and data loading in each run, and the sweep's own \
+                 work); the sweep's own work alone: {:.2} s.",
+                t.sweep_seconds,
+                t.runs_wall_seconds,
+                t.processes_seconds,
+                t.overhead_seconds,
+                t.launcher_seconds
+            );
+        }
+
+        out.push_str(
+            "\n## Plots\n\n![accuracy against threads](accuracy.svg)\n\n\
+             ![throughput and parallel efficiency against threads](throughput.svg)\n",
+        );
+        out
+    }
+
+    /// The runs as CSV (`report.csv`), one row per finished run, full hashes.
+    pub fn to_csv(&self) -> String {
+        let mut writer = csv::Writer::from_writer(Vec::new());
+        let header = [
+            "threads",
+            "seed",
+            "test_accuracy",
+            "test_loss",
+            "train_loss",
+            "samples_per_second",
+            "speedup",
+            "efficiency",
+            "cpu_utilization",
+            "wall_seconds",
+            "train_seconds",
+            "weights_sha256",
+            "max_weight_diff",
+            "run_dir",
+        ];
+        let num = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+        // Writing into a Vec cannot fail.
+        let _ = writer.write_record(header);
+        for row in &self.runs {
+            let r = &row.run;
+            let _ = writer.write_record([
+                r.threads.to_string(),
+                r.seed.to_string(),
+                r.test_accuracy.to_string(),
+                r.test_loss.to_string(),
+                r.train_loss.to_string(),
+                r.samples_per_second.to_string(),
+                num(row.speedup),
+                num(row.efficiency),
+                r.cpu_utilization.to_string(),
+                r.wall_seconds.to_string(),
+                r.train_seconds.to_string(),
+                r.weights_sha256.clone(),
+                num(r.max_weight_diff),
+                r.run_dir.clone(),
+            ]);
+        }
+        let bytes = writer.into_inner().unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(threads: &[usize], seeds: u64) -> SweepPlan {
+        SweepPlan {
+            config: "digits.toml".into(),
+            threads: threads.to_vec(),
+            seeds,
+            overrides: vec![],
+            threads_available: 2,
+        }
+    }
+
+    fn run(threads: usize, seed: u64, accuracy: f64, speed: f64, hash: &str) -> RunRecord {
+        RunRecord {
+            threads,
+            seed,
+            test_accuracy: accuracy,
+            test_loss: 0.5,
+            train_loss: 0.4,
+            samples_per_second: speed,
+            cpu_utilization: 0.9,
+            wall_seconds: 1.0,
+            train_seconds: 0.8,
+            weights_sha256: hash.into(),
+            max_weight_diff: if hash.ends_with('x') {
+                Some(1e-6)
+            } else {
+                Some(0.0)
+            },
+            run_dir: format!("runs/t{threads}-s{seed}"),
+        }
+    }
+
+    #[test]
+    fn equal_hashes_per_seed_give_identical() {
+        let runs = vec![
+            run(2, 0, 0.90, 1800.0, "aaaa"),
+            run(1, 0, 0.90, 1000.0, "aaaa"),
+            run(1, 1, 0.92, 1000.0, "bbbb"),
+            run(2, 1, 0.92, 2000.0, "bbbb"),
+        ];
+        let report = build_report(plan(&[1, 2], 2), runs, vec![]);
+        let v = &report.verdict;
+        assert_eq!(v.outcome, Outcome::Identical);
+        assert!(v.line.starts_with(IDENTICAL), "{}", v.line);
+        assert_eq!(v.seeds_compared, 2);
+        assert_eq!(v.runs_differing, 0);
+        assert_eq!(v.accuracy_spread_across_threads, Some(0.0));
+        let seeds_spread = v.accuracy_spread_across_seeds.unwrap();
+        assert!((seeds_spread - 0.02).abs() < 1e-12, "{seeds_spread}");
+
+        // Sorted by seed, then threads; speed-ups against the same seed's 1-thread run.
+        let order: Vec<(u64, usize)> = report
+            .runs
+            .iter()
+            .map(|r| (r.run.seed, r.run.threads))
+            .collect();
+        assert_eq!(order, [(0, 1), (0, 2), (1, 1), (1, 2)]);
+        assert_eq!(report.baseline_threads, 1);
+        assert_eq!(report.runs[1].speedup, Some(1.8));
+        assert_eq!(report.runs[1].efficiency, Some(0.9));
+        assert_eq!(report.runs[3].speedup, Some(2.0));
+        assert_eq!(report.runs[3].efficiency, Some(1.0));
+        assert_eq!(report.by_threads.len(), 2);
+        assert_eq!(report.by_threads[1].mean_samples_per_second, 1900.0);
+        assert_eq!(report.by_threads[1].mean_speedup, Some(1.9));
+
+        let md = report.to_markdown();
+        assert!(md.contains(IDENTICAL));
+        assert!(
+            md.contains("| 2 | 0 | 90.00% | 0.4000 | 1,800 | 1.80x | 90% | 90% | `aaaa` |"),
+            "{md}"
+        );
+        let csv = report.to_csv();
+        assert_eq!(csv.lines().count(), 5);
+        assert!(
+            csv.lines()
+                .nth(2)
+                .unwrap()
+                .starts_with("2,0,0.9,0.5,0.4,1800,1.8,0.9,"),
+            "{csv}"
+        );
+    }
+
+    #[test]
+    fn different_hashes_within_the_seed_spread() {
+        // Seed 0 differs across threads by 0.5 pp; seeds differ by 3 pp.
+        let runs = vec![
+            run(1, 0, 0.900, 1000.0, "aaaa"),
+            run(2, 0, 0.905, 1900.0, "aaax"),
+            run(1, 1, 0.930, 1000.0, "bbbb"),
+            run(2, 1, 0.930, 1900.0, "bbbb"),
+        ];
+        let v = build_report(plan(&[1, 2], 2), runs, vec![]).verdict;
+        assert_eq!(v.outcome, Outcome::Different);
+        assert_eq!(v.runs_differing, 1);
+        assert_eq!(v.max_weight_diff, Some(1e-6));
+        assert_eq!(v.max_weight_diff_at, Some((2, 0)));
+        assert!((v.accuracy_spread_across_threads.unwrap() - 0.005).abs() < 1e-12);
+        assert!((v.accuracy_spread_across_seeds.unwrap() - 0.030).abs() < 1e-12);
+        assert_eq!(v.within_seed_spread, Some(true));
+        assert!(v.line.starts_with("different:"), "{}", v.line);
+        assert!(
+            v.line.contains("1.000e-6 at threads 2, seed 0"),
+            "{}",
+            v.line
+        );
+        assert!(v.line.contains("0.50 pp"), "{}", v.line);
+        assert!(
+            v.line
+                .contains("is within the spread across seeds, 3.00 pp"),
+            "{}",
+            v.line
+        );
+    }
+
+    #[test]
+    fn different_hashes_outside_the_seed_spread() {
+        // Threads move seed 1 by 5 pp; seeds differ by at most 1 pp at any thread count.
+        let runs = vec![
+            run(1, 0, 0.90, 1000.0, "aaaa"),
+            run(4, 0, 0.91, 3000.0, "aaax"),
+            run(1, 1, 0.91, 1000.0, "bbbb"),
+            run(4, 1, 0.86, 3000.0, "bbbx"),
+        ];
+        let report = build_report(plan(&[1, 4], 2), runs, vec![]);
+        let v = &report.verdict;
+        assert_eq!(v.outcome, Outcome::Different);
+        assert_eq!(v.runs_differing, 2);
+        assert!((v.accuracy_spread_across_threads.unwrap() - 0.05).abs() < 1e-12);
+        assert!((v.accuracy_spread_across_seeds.unwrap() - 0.05).abs() < 1e-12);
+        // Equal spreads count as within; make the thread spread strictly larger.
+        assert_eq!(v.within_seed_spread, Some(true));
+
+        let runs = vec![
+            run(1, 0, 0.90, 1000.0, "aaaa"),
+            run(4, 0, 0.95, 3000.0, "aaax"),
+            run(1, 1, 0.91, 1000.0, "bbbb"),
+            run(4, 1, 0.94, 3000.0, "bbbb"),
+        ];
+        let v = build_report(plan(&[1, 4], 2), runs, vec![]).verdict;
+        assert_eq!(v.within_seed_spread, Some(false));
+        assert!(v.line.contains("5.00 pp"), "{}", v.line);
+        assert!(
+            v.line
+                .contains("is larger than the spread across seeds, 1.00 pp"),
+            "{}",
+            v.line
+        );
+    }
+
+    #[test]
+    fn one_seed_leaves_the_seed_spread_unknown() {
+        let runs = vec![
+            run(1, 0, 0.90, 1000.0, "aaaa"),
+            run(2, 0, 0.91, 1500.0, "aaax"),
+        ];
+        let report = build_report(plan(&[1, 2], 1), runs, vec![]);
+        let v = &report.verdict;
+        assert_eq!(v.outcome, Outcome::Different);
+        assert_eq!(v.accuracy_spread_across_seeds, None);
+        assert_eq!(v.within_seed_spread, None);
+        assert!(
+            v.line
+                .contains("spread across seeds is unknown with one seed"),
+            "{}",
+            v.line
+        );
+        assert!(report.to_markdown().contains("unknown (one seed)"));
+    }
+
+    #[test]
+    fn without_one_thread_the_smallest_count_is_the_baseline() {
+        let runs = vec![
+            run(2, 0, 0.9, 1000.0, "aaaa"),
+            run(4, 0, 0.9, 1500.0, "aaaa"),
+        ];
+        let report = build_report(plan(&[2, 4], 1), runs, vec![]);
+        assert_eq!(report.baseline_threads, 2);
+        assert_eq!(report.runs[1].speedup, Some(1.5));
+        assert_eq!(report.runs[1].efficiency, Some(0.75));
+        assert!(
+            report
+                .baseline_note()
+                .contains("1 thread is not in the sweep")
+        );
+        assert!(
+            report
+                .to_markdown()
+                .contains("1 thread is not in the sweep")
+        );
+    }
+
+    #[test]
+    fn failures_are_kept_and_a_lone_run_is_inconclusive() {
+        let runs = vec![run(1, 0, 0.9, 1000.0, "aaaa")];
+        let failures = vec![RunFailure {
+            threads: 2,
+            seed: 0,
+            exit_status: Some(1),
+            message: "training diverged at step 3: the loss is NaN".into(),
+        }];
+        let report = build_report(plan(&[1, 2], 1), runs, failures);
+        assert_eq!(report.verdict.outcome, Outcome::Inconclusive);
+        assert_eq!(report.verdict.seeds_compared, 0);
+        let md = report.to_markdown();
+        assert!(
+            md.contains("- threads 2, seed 0 (exit status 1): training diverged at step 3"),
+            "{md}"
+        );
+        // The baseline of seed 0 finished: its own speed-up is 1.
+        assert_eq!(report.runs[0].speedup, Some(1.0));
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["verdict"]["outcome"], "inconclusive");
+        assert_eq!(json["runs"][0]["threads"], 1);
+        assert_eq!(json["failures"][0]["seed"], 0);
+    }
+}

@@ -1,0 +1,634 @@
+//! `allcores sweep`: train one config at several thread counts and seeds, one process a run,
+//! and report whether the thread count changed the result or only the speed.
+//!
+//! Each run is a fresh `allcores train ... --json --quiet` process, because matrixmultiply
+//! reads its thread count once per process. The runs go one after another (parallel runs
+//! would spoil the timings) into `DIR/runs/t{threads}-s{seed}`; the report goes into `DIR`.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use allcores_trainer::threads::available_threads;
+use allcores_trainer::{Layers, Settings, Summary};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::EvalError;
+use crate::diff::{Weights, max_abs_diff, read_weights};
+use crate::plot;
+use crate::report::{Report, RunFailure, RunRecord, SweepPlan, Timing, build_report, thousands};
+
+/// No sweep asks for more threads than this: a pool that size is a typo, not a measurement.
+pub const MAX_THREADS: usize = 1024;
+
+/// What `allcores sweep` was asked.
+#[derive(Debug, Clone)]
+pub struct SweepRequest {
+    /// The TOML config file.
+    pub config: PathBuf,
+    /// The thread counts as typed: `1,2,4`.
+    pub threads: String,
+    /// Seeds `0..seeds`.
+    pub seeds: u64,
+    /// `--set key=value` overrides given to every run.
+    pub overrides: Vec<String>,
+    /// The sweep folder; `None`: `sweeps/<config stem>-<unix seconds>`.
+    pub out: Option<PathBuf>,
+    /// The `allcores` executable that trains each run; `None`: this process's own.
+    pub program: Option<PathBuf>,
+}
+
+/// A finished sweep: its report, written into `dir`.
+#[derive(Debug, Clone)]
+pub struct SweepOutcome {
+    pub report: Report,
+    pub dir: PathBuf,
+}
+
+/// Parses a comma-separated list of distinct thread counts, each at least 1; returns them
+/// ascending.
+pub fn parse_threads(text: &str) -> Result<Vec<usize>, EvalError> {
+    let bad = |message: String| EvalError::Argument {
+        arg: "--threads".into(),
+        message,
+    };
+    if text.trim().is_empty() {
+        return Err(bad(
+            "give a comma-separated list of thread counts, e.g. 1,2,4".into(),
+        ));
+    }
+    let mut threads = Vec::new();
+    for item in text.split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            return Err(bad(format!(
+                "\"{text}\" has an empty item: give thread counts separated by commas, e.g. 1,2,4"
+            )));
+        }
+        let count: usize = item.parse().map_err(|_| {
+            bad(format!(
+                "\"{item}\" is not a thread count (a whole number of 1 or more)"
+            ))
+        })?;
+        if count == 0 {
+            return Err(bad(
+                "0 is not a thread count: each must be at least 1".into()
+            ));
+        }
+        if count > MAX_THREADS {
+            return Err(bad(format!(
+                "{count} threads is more than the {MAX_THREADS} a sweep allows"
+            )));
+        }
+        if threads.contains(&count) {
+            return Err(bad(format!("{count} appears twice in \"{text}\"")));
+        }
+        threads.push(count);
+    }
+    threads.sort_unstable();
+    Ok(threads)
+}
+
+/// Where a sweep goes when no `--out` is given: `sweeps/<config stem>-<unix seconds>`.
+pub fn default_sweep_dir(config: &Path) -> PathBuf {
+    let stem = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "sweep".into());
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Path::new("sweeps").join(format!("{stem}-{stamp}"))
+}
+
+/// The settings that the sweep sets itself, which `--set` must leave alone.
+const SWEPT_KEYS: [(&str, &str); 2] = [
+    ("training.threads", "--threads"),
+    ("training.seed", "--seeds"),
+];
+
+/// Checks everything the user gave before any run starts.
+fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf), EvalError> {
+    let threads = parse_threads(&request.threads)?;
+    if request.seeds == 0 {
+        return Err(EvalError::Argument {
+            arg: "--seeds".into(),
+            message: "must be at least 1".into(),
+        });
+    }
+    for item in &request.overrides {
+        let key = item
+            .split_once('=')
+            .map_or(item.as_str(), |(k, _)| k)
+            .trim();
+        if let Some((_, flag)) = SWEPT_KEYS.iter().find(|(swept, _)| *swept == key) {
+            return Err(EvalError::Argument {
+                arg: format!("--set {key}"),
+                message: format!("the sweep sets {key} for each run: use {flag} instead"),
+            });
+        }
+    }
+    // The config must load with the user's overrides: a config error stops the sweep here.
+    Settings::load(
+        &request.config,
+        &Layers {
+            overrides: request.overrides.clone(),
+            environment: None,
+        },
+    )?;
+    let dir = request
+        .out
+        .clone()
+        .unwrap_or_else(|| default_sweep_dir(&request.config));
+    if dir.exists() {
+        let out_error = |message: String| EvalError::OutDir {
+            path: dir.clone(),
+            message,
+        };
+        let mut entries = std::fs::read_dir(&dir)
+            .map_err(|e| out_error(format!("cannot use as a sweep folder: {e}")))?;
+        if entries.next().is_some() {
+            return Err(out_error(
+                "already exists and is not empty: choose another --out".into(),
+            ));
+        }
+    }
+    Ok((threads, dir))
+}
+
+/// What became of one run.
+enum RunResult {
+    Done(Box<Summary>),
+    Failed(RunFailure),
+}
+
+/// Trains one run in its own process and reads its summary from the last stdout line.
+fn run_one(
+    program: &Path,
+    request: &SweepRequest,
+    threads: usize,
+    seed: u64,
+    run_dir: &Path,
+) -> RunResult {
+    let failure = |exit_status: Option<i32>, message: String| {
+        RunResult::Failed(RunFailure {
+            threads,
+            seed,
+            exit_status,
+            message,
+        })
+    };
+    let mut command = Command::new(program);
+    command.arg("train").arg(&request.config);
+    // The user's overrides first, the swept settings last, so that they win.
+    for item in &request.overrides {
+        command.arg("--set").arg(item);
+    }
+    command
+        .arg("--set")
+        .arg(format!("training.threads={threads}"))
+        .arg("--set")
+        .arg(format!("training.seed={seed}"))
+        .arg("--out")
+        .arg(run_dir)
+        .args(["--json", "--quiet"])
+        .stdin(Stdio::null());
+    let output = match command.output() {
+        Ok(output) => output,
+        Err(e) => {
+            return failure(None, format!("cannot start {}: {e}", program.display()));
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last_line = |text: &str| {
+        text.lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(str::to_string)
+    };
+    if !output.status.success() {
+        let message = last_line(&stderr)
+            .map(|l| l.strip_prefix("error: ").unwrap_or(&l).to_string())
+            .unwrap_or_else(|| format!("the run stopped ({})", output.status));
+        return failure(output.status.code(), message);
+    }
+    let Some(line) = last_line(&stdout) else {
+        return failure(Some(0), "the run printed no summary".into());
+    };
+    match serde_json::from_str::<Summary>(&line) {
+        Ok(summary) => RunResult::Done(Box::new(summary)),
+        Err(e) => failure(
+            Some(0),
+            format!("the run's last line is not a summary ({e})"),
+        ),
+    }
+}
+
+/// The sweep's voice on stderr: a bar over the runs when stderr is a terminal, lines otherwise.
+struct SweepProgress {
+    bar: ProgressBar,
+}
+
+impl SweepProgress {
+    fn new(total: u64) -> Self {
+        let bar = if std::io::stderr().is_terminal() {
+            ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "sweep [{bar:28.cyan/blue}] {pos}/{len} runs · {msg} · {elapsed} · ETA {eta}",
+            )
+            .expect("the template is valid")
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(250));
+        Self { bar }
+    }
+
+    fn log(&self, line: impl AsRef<str>) {
+        if self.bar.is_hidden() {
+            eprintln!("{}", line.as_ref());
+        } else {
+            self.bar.println(line.as_ref());
+        }
+    }
+}
+
+/// Runs the sweep, writes its report, and returns it. Runs that fail are kept in the report
+/// (see [`SweepOutcome::status`]); a run that fails on bad input before any run finished stops
+/// the sweep, since every other run would fail the same way.
+pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
+    let started = Instant::now();
+    let (threads, dir) = check(request)?;
+    let program = match &request.program {
+        Some(program) => program.clone(),
+        None => std::env::current_exe().map_err(|source| EvalError::Launch {
+            program: "allcores".into(),
+            source,
+        })?,
+    };
+    let available = available_threads();
+    for &t in threads.iter().filter(|&&t| t > available) {
+        eprintln!(
+            "warning: --threads {t} is more than the {available} threads this machine allows: \
+             those runs share cores (expect no speed-up)"
+        );
+    }
+
+    let total = threads.len() as u64 * request.seeds;
+    let progress = SweepProgress::new(total);
+    progress.log(format!(
+        "allcores: sweeping {} over threads {} x {} seed{}: {total} runs, one process each, \
+         into {}",
+        request.config.display(),
+        threads
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        request.seeds,
+        if request.seeds == 1 { "" } else { "s" },
+        dir.display()
+    ));
+
+    let (mut records, mut failures) = (Vec::new(), Vec::new());
+    let mut processes_seconds = 0.0;
+    let mut done = 0u64;
+    for seed in 0..request.seeds {
+        for &t in &threads {
+            done += 1;
+            progress
+                .bar
+                .set_message(format!("threads {t}, seed {seed}"));
+            let run_dir = dir.join("runs").join(format!("t{t}-s{seed}"));
+            let run_started = Instant::now();
+            let result = run_one(&program, request, t, seed, &run_dir);
+            processes_seconds += run_started.elapsed().as_secs_f64();
+            progress.bar.inc(1);
+            match result {
+                RunResult::Done(summary) => {
+                    progress.log(format!(
+                        "[{done}/{total}] threads {t}, seed {seed}: test accuracy {:.2}% · {} \
+                         samples/s · {:.2} s · weights {}",
+                        summary.test_accuracy * 100.0,
+                        thousands(summary.samples_per_second),
+                        summary.wall_seconds,
+                        summary.weights_sha256.get(..12).unwrap_or_default()
+                    ));
+                    records.push(RunRecord::from_summary(
+                        t,
+                        seed,
+                        &summary,
+                        run_dir.display().to_string(),
+                    ));
+                }
+                RunResult::Failed(failure) => {
+                    progress.log(format!(
+                        "[{done}/{total}] threads {t}, seed {seed} failed: {}",
+                        failure.message
+                    ));
+                    if failure.exit_status == Some(2) && records.is_empty() {
+                        progress.bar.finish_and_clear();
+                        return Err(EvalError::RunInput {
+                            threads: t,
+                            seed,
+                            message: failure.message,
+                        });
+                    }
+                    failures.push(failure);
+                }
+            }
+        }
+    }
+    progress.bar.finish_and_clear();
+
+    fill_weight_diffs(&mut records, |line| progress.log(line));
+    let runs_wall_seconds: f64 = records.iter().map(|r| r.wall_seconds).sum();
+    let plan = SweepPlan {
+        config: request.config.display().to_string(),
+        threads,
+        seeds: request.seeds,
+        overrides: request.overrides.clone(),
+        threads_available: available,
+    };
+    let mut report = build_report(plan, records, failures);
+    let sweep_seconds = started.elapsed().as_secs_f64();
+    report.timing = Some(Timing {
+        sweep_seconds,
+        runs_wall_seconds,
+        processes_seconds,
+        overhead_seconds: sweep_seconds - runs_wall_seconds,
+        launcher_seconds: sweep_seconds - processes_seconds,
+    });
+    write_report(&report, &dir)?;
+    Ok(SweepOutcome { report, dir })
+}
+
+/// Sets each run's largest weight difference against the run of the same seed at the smallest
+/// thread count: 0 for equal hashes, else read from the two `model.safetensors` files.
+fn fill_weight_diffs(records: &mut [RunRecord], warn: impl Fn(String)) {
+    let mut by_seed: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    for (i, r) in records.iter().enumerate() {
+        by_seed.entry(r.seed).or_default().push(i);
+    }
+    for indices in by_seed.values() {
+        let Some(&base) = indices.iter().min_by_key(|&&i| records[i].threads) else {
+            continue;
+        };
+        let mut base_weights: Option<Result<Weights, String>> = None;
+        for &i in indices {
+            if records[i].weights_sha256 == records[base].weights_sha256 {
+                records[i].max_weight_diff = Some(0.0);
+                continue;
+            }
+            let weights_of = |i: usize| {
+                read_weights(
+                    &Path::new(&records[i].run_dir).join(allcores_trainer::run_dir::WEIGHTS_FILE),
+                )
+            };
+            let base_weights = base_weights.get_or_insert_with(|| weights_of(base));
+            let diff = base_weights
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|b| max_abs_diff(b, &weights_of(i)?));
+            match diff {
+                Ok(d) => records[i].max_weight_diff = Some(d),
+                Err(e) => warn(format!(
+                    "warning: cannot compare the weights of threads {}, seed {} with threads {}: \
+                     {e}",
+                    records[i].threads, records[i].seed, records[base].threads
+                )),
+            }
+        }
+    }
+}
+
+/// Writes `report.json`, `report.md`, `report.csv` and the plots into `dir`.
+fn write_report(report: &Report, dir: &Path) -> Result<(), EvalError> {
+    std::fs::create_dir_all(dir).map_err(|e| EvalError::write(dir, e))?;
+    let json = serde_json::to_string_pretty(report).expect("the report serializes");
+    for (name, text) in [
+        ("report.json", json),
+        ("report.md", report.to_markdown()),
+        ("report.csv", report.to_csv()),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| EvalError::write(&path, e))?;
+    }
+    if !report.runs.is_empty() {
+        plot::accuracy_svg(report, &dir.join("accuracy.svg"))?;
+        plot::throughput_svg(report, &dir.join("throughput.svg"))?;
+    }
+    Ok(())
+}
+
+impl SweepOutcome {
+    /// What `allcores sweep` prints: the table, the verdict and where the report is.
+    pub fn to_text(&self) -> String {
+        let mut out = self.report.runs_table();
+        out.push('\n');
+        out.push_str(&self.report.baseline_note());
+        if let Some(t) = &self.report.timing {
+            out.push_str(&format!(
+                "\nsweep {:.2} s · runs' own wall time {:.2} s · overhead {:.2} s (of which the \
+                 sweep's own work {:.2} s)",
+                t.sweep_seconds, t.runs_wall_seconds, t.overhead_seconds, t.launcher_seconds
+            ));
+        }
+        out.push_str(&format!(
+            "\nreport {}\n{}",
+            self.dir.join("report.md").display(),
+            self.report.verdict.line
+        ));
+        out
+    }
+
+    /// The report as one line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&self.report).expect("the report serializes")
+    }
+
+    /// `Err` when some runs failed: the sweep then exits 1, after its report.
+    pub fn status(&self) -> Result<(), EvalError> {
+        let Some(first) = self.report.failures.first() else {
+            return Ok(());
+        };
+        Err(EvalError::RunsFailed {
+            failed: self.report.failures.len(),
+            total: self.report.failures.len() + self.report.runs.len(),
+            threads: first.threads,
+            seed: first.seed,
+            message: first.message.clone(),
+            dir: self.dir.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(dir: &Path, threads: usize, seed: u64, hash: &str, weights: &[f32]) -> RunRecord {
+        let run_dir = dir.join(format!("t{threads}-s{seed}"));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let bytes: Vec<u8> = weights.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            vec![weights.len()],
+            &bytes,
+        )
+        .unwrap();
+        let file = safetensors::serialize([("w", view)], None).unwrap();
+        std::fs::write(run_dir.join("model.safetensors"), file).unwrap();
+        RunRecord {
+            threads,
+            seed,
+            test_accuracy: 0.9,
+            test_loss: 0.3,
+            train_loss: 0.2,
+            samples_per_second: 1000.0,
+            cpu_utilization: 1.0,
+            wall_seconds: 1.0,
+            train_seconds: 1.0,
+            weights_sha256: hash.into(),
+            max_weight_diff: None,
+            run_dir: run_dir.display().to_string(),
+        }
+    }
+
+    #[test]
+    fn weight_differences_are_read_against_the_smallest_thread_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut records = vec![
+            record(dir.path(), 4, 0, "b", &[1.0, 2.0, 3.25]),
+            record(dir.path(), 1, 0, "a", &[1.0, 2.0, 3.0]),
+            record(dir.path(), 2, 0, "a", &[1.0, 2.0, 3.0]),
+            record(dir.path(), 2, 1, "c", &[0.0]),
+            record(dir.path(), 4, 1, "d", &[0.0, 1.0]),
+        ];
+        let warnings = std::cell::RefCell::new(Vec::new());
+        fill_weight_diffs(&mut records, |w| warnings.borrow_mut().push(w));
+        let diffs: Vec<Option<f64>> = records.iter().map(|r| r.max_weight_diff).collect();
+        assert_eq!(diffs, [Some(0.25), Some(0.0), Some(0.0), Some(0.0), None]);
+        let warnings = warnings.into_inner();
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("threads 4, seed 1 with threads 2: tensor w has shape [1]"),
+            "{}",
+            warnings[0]
+        );
+    }
+
+    #[test]
+    fn thread_lists_parse_sorted() {
+        assert_eq!(parse_threads("1,2,4").unwrap(), [1, 2, 4]);
+        assert_eq!(parse_threads(" 4, 1 ").unwrap(), [1, 4]);
+        assert_eq!(parse_threads("3").unwrap(), [3]);
+    }
+
+    #[test]
+    fn bad_thread_lists_are_refused_on_one_line() {
+        for (text, expected) in [
+            ("", "comma-separated list"),
+            ("  ", "comma-separated list"),
+            ("0", "0 is not a thread count"),
+            ("1,0", "0 is not a thread count"),
+            ("a,b", "\"a\" is not a thread count"),
+            ("-1", "\"-1\" is not a thread count"),
+            ("1.5", "\"1.5\" is not a thread count"),
+            ("1,,2", "empty item"),
+            ("1,2,", "empty item"),
+            ("1,1", "1 appears twice"),
+            ("2,4,2", "2 appears twice"),
+            ("5000", "more than the 1024"),
+        ] {
+            let err = parse_threads(text).unwrap_err();
+            assert!(err.is_bad_input(), "{text}");
+            let message = err.to_string();
+            assert!(message.starts_with("--threads: "), "{text}: {message}");
+            assert!(message.contains(expected), "{text}: {message}");
+            assert!(!message.contains('\n'), "{text}: {message}");
+        }
+    }
+
+    fn request(config: PathBuf) -> SweepRequest {
+        SweepRequest {
+            config,
+            threads: "1,2".into(),
+            seeds: 1,
+            overrides: vec![],
+            out: None,
+            program: Some("/nonexistent/allcores".into()),
+        }
+    }
+
+    #[test]
+    fn bad_requests_stop_before_any_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = request(dir.path().join("missing.toml"));
+        r.out = Some(dir.path().join("sweep"));
+        let err = run_sweep(&r).unwrap_err();
+        assert!(err.is_bad_input());
+        assert!(err.to_string().contains("config file not found"), "{err}");
+        assert!(!dir.path().join("sweep").exists());
+
+        r.seeds = 0;
+        let err = run_sweep(&r).unwrap_err();
+        assert_eq!(err.to_string(), "--seeds: must be at least 1");
+
+        r.seeds = 1;
+        r.overrides = vec!["training.threads=4".into()];
+        let err = run_sweep(&r).unwrap_err();
+        assert!(err.is_bad_input());
+        assert!(err.to_string().contains("use --threads instead"), "{err}");
+    }
+
+    #[test]
+    fn a_sweep_folder_that_holds_files_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            "[data]\nformat = \"csv\"\ntrain_csv = \"d.csv\"\ntest_fraction = 0.2\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("x"), "").unwrap();
+        let mut r = request(config);
+        r.out = Some(dir.path().to_path_buf());
+        let err = run_sweep(&r).unwrap_err();
+        assert!(err.is_bad_input());
+        assert!(err.to_string().contains("not empty"), "{err}");
+    }
+
+    #[test]
+    fn a_run_that_cannot_start_is_a_failure_in_the_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            "[data]\nformat = \"csv\"\ntrain_csv = \"d.csv\"\ntest_fraction = 0.2\n",
+        )
+        .unwrap();
+        let mut r = request(config);
+        r.out = Some(dir.path().join("sweep"));
+        let outcome = run_sweep(&r).unwrap();
+        assert_eq!(outcome.report.failures.len(), 2);
+        assert_eq!(outcome.report.failures[0].exit_status, None);
+        assert!(
+            outcome.report.failures[0]
+                .message
+                .starts_with("cannot start")
+        );
+        let err = outcome.status().unwrap_err();
+        assert!(!err.is_bad_input());
+        assert!(err.to_string().starts_with("2 of 2 runs failed"), "{err}");
+        assert!(dir.path().join("sweep/report.md").is_file());
+        assert!(!dir.path().join("sweep/accuracy.svg").exists());
+    }
+}

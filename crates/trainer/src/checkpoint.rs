@@ -1,0 +1,327 @@
+//! Checkpoints that survive a crash.
+//!
+//! A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNNNNN/` holding
+//!
+//! ```text
+//! model.bpk           the f32 master weights (burnpack: parameter ids kept for the optimizer)
+//! optimizer.bpk       the optimizer state (burn's burnpack record)
+//! state.json          where the loop stands (see [`LoopState`]) and the settings it ran with
+//! manifest.json       the format version and the SHA-256 of each file above
+//! ```
+//!
+//! It is written under a temporary name, every file and the folder fsynced, then renamed into
+//! place: a crash at any moment leaves the earlier checkpoints as they were. Loading checks the
+//! manifest's checksums, so a truncated or corrupted checkpoint is refused, never half-read.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::summary::EpochMetrics;
+use crate::weights::hex;
+
+/// Bumped whenever the layout or the meaning of a checkpoint changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+const MODEL_FILE: &str = "model.bpk";
+const OPTIMIZER_FILE: &str = "optimizer.bpk";
+const STATE_FILE: &str = "state.json";
+const MANIFEST_FILE: &str = "manifest.json";
+
+/// Everything besides weights and optimizer state that the loop needs to go on as if it had
+/// never stopped. The data order needs no generator state: each epoch's order is a function of
+/// `training.seed` and the epoch number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    /// The epoch in progress, from 1.
+    pub epoch: u64,
+    /// Optimizer steps done in this epoch: the next step starts at sample
+    /// `groups_done x effective batch` of the epoch's order, at its first micro-batch.
+    pub groups_done: u64,
+    /// Optimizer steps done in the run (the learning-rate schedule is replayed to this point).
+    pub step: u64,
+    /// Training samples seen in the run.
+    pub samples: u64,
+    /// Sum of per-sample training loss over this epoch so far, and its sample count.
+    pub epoch_loss_sum: f64,
+    pub epoch_samples: u64,
+    /// Training seconds of the run and of this epoch so far (throughput figures only).
+    pub train_seconds: f64,
+    pub epoch_seconds: f64,
+    /// Metrics of the finished epochs.
+    pub metrics: Vec<EpochMetrics>,
+}
+
+/// A checkpoint on disk: its state, its settings and the paths of its binary parts.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub folder: PathBuf,
+    pub state: LoopState,
+    /// The settings the run had when it wrote this checkpoint, as TOML.
+    pub settings: String,
+}
+
+impl Checkpoint {
+    pub fn model_path(&self) -> PathBuf {
+        self.folder.join(MODEL_FILE)
+    }
+
+    pub fn optimizer_bytes(&self) -> Result<Vec<u8>> {
+        let path = self.folder.join(OPTIMIZER_FILE);
+        fs::read(&path).map_err(|e| Error::io(&path, e))
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    format_version: u32,
+    /// File name to SHA-256.
+    files: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    state: LoopState,
+    settings: String,
+}
+
+/// Writes a checkpoint of `step` into `run_dir` and keeps the newest `keep` checkpoints.
+pub fn write(
+    run_dir: &Path,
+    state: &LoopState,
+    settings: &str,
+    model: &[u8],
+    optimizer: &[u8],
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    let name = folder_name(state.step);
+    let temporary = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    let folder = root.join(&name);
+    let state_json = serde_json::to_vec_pretty(&StateFile {
+        state: state.clone(),
+        settings: settings.to_string(),
+    })
+    .expect("the loop state serializes");
+    let files: [(&str, &[u8]); 3] = [
+        (MODEL_FILE, model),
+        (OPTIMIZER_FILE, optimizer),
+        (STATE_FILE, &state_json),
+    ];
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        files: files
+            .iter()
+            .map(|(name, bytes)| (name.to_string(), sha256(bytes)))
+            .collect(),
+    };
+    let manifest = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
+
+    let write_all = || -> std::io::Result<()> {
+        if temporary.exists() {
+            fs::remove_dir_all(&temporary)?;
+        }
+        fs::create_dir(&temporary)?;
+        for (name, bytes) in files.iter().chain([(MANIFEST_FILE, manifest.as_slice())].iter()) {
+            let mut file = File::create(temporary.join(name))?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+        }
+        File::open(&temporary)?.sync_all()?;
+        if folder.exists() {
+            // A checkpoint of this step exists already (a resumed run passing the same step
+            // again writes identical state): replace it.
+            fs::remove_dir_all(&folder)?;
+        }
+        fs::rename(&temporary, &folder)?;
+        File::open(&root)?.sync_all()
+    };
+    write_all().map_err(|e| Error::io(&folder, e))?;
+    prune(&root, keep)?;
+    Ok(folder)
+}
+
+/// Removes all but the newest `keep` checkpoints, and temporary folders of crashed writes.
+fn prune(root: &Path, keep: usize) -> Result<()> {
+    for entry in fs::read_dir(root).map_err(|e| Error::io(root, e))?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            let path = entry.path();
+            fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    let mut steps = list(root)?;
+    steps.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    for (_, folder) in steps.into_iter().skip(keep) {
+        fs::remove_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
+    }
+    Ok(())
+}
+
+/// The checkpoint folders under `root`, with their steps, in no particular order.
+fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let Ok(entries) = fs::read_dir(root) else {
+        return Ok(Vec::new());
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(root, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+            found.push((step, entry.path()));
+        }
+    }
+    Ok(found)
+}
+
+/// The newest checkpoint of `run_dir` that verifies, with a line for each newer one that did
+/// not (it is left in place, untouched). `Ok(None)` when there is none at all.
+pub fn newest_valid(run_dir: &Path) -> Result<(Option<Checkpoint>, Vec<String>)> {
+    let mut steps = list(&run_dir.join(CHECKPOINTS_DIR))?;
+    steps.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    let mut refused = Vec::new();
+    for (_, folder) in steps {
+        match read(&folder) {
+            Ok(checkpoint) => return Ok((Some(checkpoint), refused)),
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    Ok((None, refused))
+}
+
+/// Reads and verifies one checkpoint folder.
+pub fn read(folder: &Path) -> Result<Checkpoint> {
+    let refuse = |path: &Path, message: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    let manifest_path = folder.join(MANIFEST_FILE);
+    let manifest: Manifest = fs::read(&manifest_path)
+        .map_err(|e| refuse(&manifest_path, format!("cannot read the manifest: {e}")))
+        .and_then(|bytes| {
+            serde_json::from_slice(&bytes)
+                .map_err(|e| refuse(&manifest_path, format!("corrupt manifest: {e}")))
+        })?;
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(refuse(
+            &manifest_path,
+            format!(
+                "written by checkpoint format version {}, this allcores reads version \
+                 {FORMAT_VERSION}",
+                manifest.format_version
+            ),
+        ));
+    }
+    for name in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+        let path = folder.join(name);
+        let expected = manifest
+            .files
+            .get(name)
+            .ok_or_else(|| refuse(&manifest_path, format!("lists no checksum for {name}")))?;
+        let bytes = fs::read(&path).map_err(|e| refuse(&path, format!("cannot read: {e}")))?;
+        if &sha256(&bytes) != expected {
+            return Err(refuse(
+                &path,
+                "checksum does not match the manifest (truncated or corrupted)".into(),
+            ));
+        }
+    }
+    let state_path = folder.join(STATE_FILE);
+    let bytes = fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let StateFile { state, settings } = serde_json::from_slice(&bytes)
+        .map_err(|e| refuse(&state_path, format!("corrupt state: {e}")))?;
+    Ok(Checkpoint {
+        folder: folder.to_path_buf(),
+        state,
+        settings,
+    })
+}
+
+fn folder_name(step: u64) -> String {
+    format!("step-{step:010}")
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: u64) -> LoopState {
+        LoopState {
+            epoch: 1,
+            groups_done: step,
+            step,
+            samples: step * 10,
+            epoch_loss_sum: 0.1 + step as f64,
+            epoch_samples: step * 10,
+            train_seconds: 1.5,
+            epoch_seconds: 1.5,
+            metrics: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn writes_keeps_the_newest_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        for step in 1..=5 {
+            write(dir.path(), &state(step), "x = 1", b"model", b"optim", 3).unwrap();
+        }
+        let mut steps: Vec<u64> = list(&dir.path().join(CHECKPOINTS_DIR))
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        steps.sort();
+        assert_eq!(steps, vec![3, 4, 5]);
+        let (newest, refused) = newest_valid(dir.path()).unwrap();
+        let newest = newest.unwrap();
+        assert!(refused.is_empty());
+        assert_eq!(newest.state, state(5));
+        assert_eq!(newest.settings, "x = 1");
+        assert_eq!(newest.optimizer_bytes().unwrap(), b"optim");
+    }
+
+    #[test]
+    fn a_corrupted_or_truncated_checkpoint_is_refused_and_the_previous_one_used() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &state(1), "", b"model-one", b"optim", 3).unwrap();
+        let two = write(dir.path(), &state(2), "", b"model-two", b"optim", 3).unwrap();
+        fs::write(two.join(MODEL_FILE), b"model-tw").unwrap();
+        let (newest, refused) = newest_valid(dir.path()).unwrap();
+        assert_eq!(newest.unwrap().state.step, 1);
+        assert_eq!(refused.len(), 1);
+        assert!(refused[0].contains("checksum does not match"), "{}", refused[0]);
+        // The refused checkpoint is left as it was, for inspection.
+        assert_eq!(fs::read(two.join(MODEL_FILE)).unwrap(), b"model-tw");
+    }
+
+    #[test]
+    fn another_format_version_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = write(dir.path(), &state(1), "", b"m", b"o", 3).unwrap();
+        let manifest = folder.join(MANIFEST_FILE);
+        let text = fs::read_to_string(&manifest).unwrap();
+        fs::write(&manifest, text.replace("\"format_version\": 1", "\"format_version\": 99"))
+            .unwrap();
+        let err = read(&folder).unwrap_err().to_string();
+        assert!(err.contains("format version 99"), "{err}");
+    }
+
+    #[test]
+    fn crashed_writes_leave_temporaries_that_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &state(1), "", b"m", b"o", 3).unwrap();
+        fs::create_dir(dir.path().join(CHECKPOINTS_DIR).join(".tmp-step-0000000002-1")).unwrap();
+        let (newest, _) = newest_valid(dir.path()).unwrap();
+        assert_eq!(newest.unwrap().state.step, 1);
+    }
+}

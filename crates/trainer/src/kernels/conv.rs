@@ -1,0 +1,372 @@
+//! 2-D convolution on plain f32 slices: NCHW, square kernel, stride 1, no padding, with bias and an
+//! optional fused ReLU. Weights are `[c_out, c_in, k, k]`, as in burn's `Conv2d`.
+//!
+//! Each sample is one im2col and one packed GEMM, run single-threaded; rayon spreads whole chunks
+//! of [`CHUNK`] samples over the threads. The weight and bias gradients are sums over the batch:
+//! each chunk sums its own samples in order, and the chunk partials are added in chunk order, so
+//! every sum is taken in the same order at any thread count.
+
+use rayon::prelude::*;
+
+use super::CHUNK;
+use super::matmul::{Mat, matmul};
+
+/// The sizes of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    pub batch: usize,
+    pub c_in: usize,
+    pub height: usize,
+    pub width: usize,
+    pub c_out: usize,
+    pub kernel: usize,
+}
+
+impl ConvShape {
+    pub fn out_height(&self) -> usize {
+        self.height + 1 - self.kernel
+    }
+
+    pub fn out_width(&self) -> usize {
+        self.width + 1 - self.kernel
+    }
+
+    /// Rows of the im2col matrix: one per (input channel, kernel row, kernel column).
+    fn patch(&self) -> usize {
+        self.c_in * self.kernel * self.kernel
+    }
+
+    /// Output positions per channel: columns of the im2col matrix.
+    fn positions(&self) -> usize {
+        self.out_height() * self.out_width()
+    }
+
+    fn in_len(&self) -> usize {
+        self.c_in * self.height * self.width
+    }
+
+    fn out_len(&self) -> usize {
+        self.c_out * self.positions()
+    }
+
+    fn check(&self, x: &[f32], weight: &[f32]) {
+        assert!(
+            self.kernel >= 1 && self.kernel <= self.height && self.kernel <= self.width,
+            "conv2d: a {k}x{k} kernel does not fit {h}x{w} inputs",
+            k = self.kernel,
+            h = self.height,
+            w = self.width
+        );
+        assert_eq!(x.len(), self.batch * self.in_len(), "conv2d: input size");
+        assert_eq!(weight.len(), self.c_out * self.patch(), "conv2d: weight size");
+    }
+}
+
+/// Gradients of a convolution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvGrads {
+    /// `None` when the input gradient was not asked for.
+    pub x: Option<Vec<f32>>,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// `cols[(c, ki, kj), (i, j)] = x[c, i + ki, j + kj]` for one sample.
+fn im2col(x: &[f32], s: &ConvShape, cols: &mut [f32]) {
+    let (k, oh, ow, p) = (s.kernel, s.out_height(), s.out_width(), s.positions());
+    let plane = s.height * s.width;
+    for c in 0..s.c_in {
+        let xc = &x[c * plane..(c + 1) * plane];
+        for ki in 0..k {
+            for kj in 0..k {
+                let row = &mut cols[((c * k + ki) * k + kj) * p..][..p];
+                for i in 0..oh {
+                    let src = &xc[(i + ki) * s.width + kj..][..ow];
+                    row[i * ow..(i + 1) * ow].copy_from_slice(src);
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds every column entry back onto the input position it came from.
+/// `dx` must be zeroed by the caller. The order of the additions is fixed.
+fn col2im(cols: &[f32], s: &ConvShape, dx: &mut [f32]) {
+    let (k, oh, ow, p) = (s.kernel, s.out_height(), s.out_width(), s.positions());
+    let plane = s.height * s.width;
+    for c in 0..s.c_in {
+        let dxc = &mut dx[c * plane..(c + 1) * plane];
+        for ki in 0..k {
+            for kj in 0..k {
+                let row = &cols[((c * k + ki) * k + kj) * p..][..p];
+                for i in 0..oh {
+                    let dst = &mut dxc[(i + ki) * s.width + kj..][..ow];
+                    for (d, v) in dst.iter_mut().zip(&row[i * ow..(i + 1) * ow]) {
+                        *d += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = conv(x, weight) + bias`, then `max(y, 0)` when `relu`. Returns `[batch, c_out, oh, ow]`.
+pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: ConvShape, relu: bool) -> Vec<f32> {
+    s.check(x, weight);
+    assert_eq!(bias.len(), s.c_out, "conv2d: bias size");
+    let (kk, p, o) = (s.patch(), s.positions(), s.c_out);
+    let (in_len, out_len) = (s.in_len(), s.out_len());
+    let mut y = vec![0.0f32; s.batch * out_len];
+    if y.is_empty() {
+        return y;
+    }
+    y.par_chunks_mut(CHUNK * out_len)
+        .zip(x.par_chunks(CHUNK * in_len))
+        .for_each(|(y, x)| {
+            let mut cols = vec![0.0f32; kk * p];
+            for (y, x) in y.chunks_mut(out_len).zip(x.chunks(in_len)) {
+                im2col(x, &s, &mut cols);
+                for (row, &b) in y.chunks_mut(p).zip(bias) {
+                    row.fill(b);
+                }
+                matmul(
+                    y,
+                    Mat::rows(weight, kk),
+                    Mat::rows(&cols, p),
+                    (o, kk, p),
+                    true,
+                );
+                if relu {
+                    relu_in_place(y);
+                }
+            }
+        });
+    y
+}
+
+fn relu_in_place(y: &mut [f32]) {
+    for v in y {
+        // NaN stays NaN, like burn's ReLU.
+        if *v < 0.0 {
+            *v = 0.0;
+        }
+    }
+}
+
+/// The gradients of [`forward`] given the gradient `dy` of its output.
+///
+/// `relu_output` is the forward output when the ReLU was fused: the gradient is zero wherever
+/// that output is not positive. The input gradient is computed only when `input_grad` is set.
+pub fn backward(
+    x: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    relu_output: Option<&[f32]>,
+    s: ConvShape,
+    input_grad: bool,
+) -> ConvGrads {
+    s.check(x, weight);
+    let (kk, p, o) = (s.patch(), s.positions(), s.c_out);
+    let (in_len, out_len) = (s.in_len(), s.out_len());
+    assert_eq!(dy.len(), s.batch * out_len, "conv2d backward: gradient size");
+    if let Some(y) = relu_output {
+        assert_eq!(y.len(), dy.len(), "conv2d backward: output size");
+    }
+
+    let chunks = s.batch.div_ceil(CHUNK);
+    let mut dx = input_grad.then(|| vec![0.0f32; s.batch * in_len]);
+    let dx_chunks: Vec<Option<&mut [f32]>> = match dx.as_mut() {
+        Some(dx) if in_len > 0 => dx.chunks_mut(CHUNK * in_len).map(Some).collect(),
+        _ => (0..chunks).map(|_| None).collect(),
+    };
+
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx_chunks
+        .into_par_iter()
+        .enumerate()
+        .map(|(chunk, mut dx)| {
+            let mut dw = vec![0.0f32; o * kk];
+            let mut db = vec![0.0f32; o];
+            let mut cols = vec![0.0f32; kk * p];
+            let mut dcols = vec![0.0f32; if dx.is_some() { kk * p } else { 0 }];
+            let mut masked = vec![0.0f32; if relu_output.is_some() { out_len } else { 0 }];
+            let first = chunk * CHUNK;
+            for (i, n) in (first..s.batch.min(first + CHUNK)).enumerate() {
+                let g = &dy[n * out_len..(n + 1) * out_len];
+                let g: &[f32] = match relu_output {
+                    Some(y) => {
+                        let y = &y[n * out_len..(n + 1) * out_len];
+                        for ((m, &g), &y) in masked.iter_mut().zip(g).zip(y) {
+                            *m = if y > 0.0 { g } else { 0.0 };
+                        }
+                        &masked
+                    }
+                    None => g,
+                };
+                for (b, row) in db.iter_mut().zip(g.chunks(p)) {
+                    *b += row.iter().sum::<f32>();
+                }
+                im2col(&x[n * in_len..(n + 1) * in_len], &s, &mut cols);
+                // dW += g · colsᵀ
+                matmul(
+                    &mut dw,
+                    Mat::rows(g, p),
+                    Mat::transposed(&cols, p),
+                    (o, p, kk),
+                    i > 0,
+                );
+                if let Some(dx) = dx.as_mut() {
+                    // dcols = Wᵀ · g, then back onto the input positions.
+                    matmul(
+                        &mut dcols,
+                        Mat::transposed(weight, kk),
+                        Mat::rows(g, p),
+                        (kk, o, p),
+                        false,
+                    );
+                    col2im(&dcols, &s, &mut dx[i * in_len..(i + 1) * in_len]);
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+
+    let mut partials = partials.into_iter();
+    let (mut weight_grad, mut bias_grad) = partials
+        .next()
+        .unwrap_or_else(|| (vec![0.0; o * kk], vec![0.0; o]));
+    for (dw, db) in partials {
+        add_assign(&mut weight_grad, &dw);
+        add_assign(&mut bias_grad, &db);
+    }
+    ConvGrads {
+        x: dx,
+        weight: weight_grad,
+        bias: bias_grad,
+    }
+}
+
+fn add_assign(sum: &mut [f32], part: &[f32]) {
+    for (s, p) in sum.iter_mut().zip(part) {
+        *s += p;
+    }
+}
+
+/// Direct definition, for tests: `y[n, o, i, j] = b[o] + Σ w[o, c, ki, kj] x[n, c, i+ki, j+kj]`.
+#[cfg(test)]
+pub fn reference_forward(x: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) -> Vec<f32> {
+    let (oh, ow, k) = (s.out_height(), s.out_width(), s.kernel);
+    let mut y = vec![0.0f64; s.batch * s.out_len()];
+    for n in 0..s.batch {
+        for o in 0..s.c_out {
+            for i in 0..oh {
+                for j in 0..ow {
+                    let mut acc = bias[o] as f64;
+                    for c in 0..s.c_in {
+                        for ki in 0..k {
+                            for kj in 0..k {
+                                let xv = x[((n * s.c_in + c) * s.height + i + ki) * s.width + j + kj];
+                                let wv = weight[((o * s.c_in + c) * k + ki) * k + kj];
+                                acc += xv as f64 * wv as f64;
+                            }
+                        }
+                    }
+                    y[((n * s.c_out + o) * oh + i) * ow + j] = acc;
+                }
+            }
+        }
+    }
+    y.into_iter().map(|v| v as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn forward_matches_the_definition() {
+        let s = ConvShape {
+            batch: 5,
+            c_in: 3,
+            height: 7,
+            width: 6,
+            c_out: 4,
+            kernel: 3,
+        };
+        let x = values(s.batch * s.in_len(), 1);
+        let w = values(s.c_out * s.patch(), 2);
+        let b = values(s.c_out, 3);
+        let got = forward(&x, &w, &b, s, false);
+        let want = reference_forward(&x, &w, &b, s);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+        let relu = forward(&x, &w, &b, s, true);
+        for (r, w) in relu.iter().zip(&want) {
+            assert_eq!(*r, if *w < 0.0 { 0.0 } else { *r });
+            assert!((r - w.max(0.0)).abs() <= 1e-5 * (1.0 + w.abs()));
+        }
+    }
+
+    /// The gradients are the adjoint of the forward map: <dy, J·v> = <Jᵀ·dy, v>, checked through
+    /// finite differences of the (linear) convolution, which are exact up to rounding.
+    #[test]
+    fn backward_is_the_adjoint_of_forward() {
+        let s = ConvShape {
+            batch: 6,
+            c_in: 2,
+            height: 6,
+            width: 5,
+            c_out: 3,
+            kernel: 2,
+        };
+        let x = values(s.batch * s.in_len(), 4);
+        let w = values(s.c_out * s.patch(), 5);
+        let dy = values(s.batch * s.out_len(), 7);
+        let grads = backward(&x, &w, &dy, None, s, true);
+        let dot = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter().zip(b).map(|(a, b)| *a as f64 * *b as f64).sum()
+        };
+        let zeros_b = vec![0.0; s.c_out];
+        // Input: y is linear in x when the bias is zero.
+        let vx = values(x.len(), 8);
+        let lhs = dot(&dy, &reference_forward(&vx, &w, &zeros_b, s));
+        let rhs = dot(grads.x.as_ref().unwrap(), &vx);
+        assert!((lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()), "{lhs} vs {rhs}");
+        // Weight.
+        let vw = values(w.len(), 9);
+        let lhs = dot(&dy, &reference_forward(&x, &vw, &zeros_b, s));
+        let rhs = dot(&grads.weight, &vw);
+        assert!((lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()), "{lhs} vs {rhs}");
+        // Bias.
+        let want: Vec<f32> = (0..s.c_out)
+            .map(|o| {
+                (0..s.batch)
+                    .flat_map(|n| {
+                        let start = (n * s.c_out + o) * s.positions();
+                        dy[start..start + s.positions()].iter().copied()
+                    })
+                    .sum()
+            })
+            .collect();
+        for (g, w) in grads.bias.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()));
+        }
+        // Without the input gradient, the others do not change.
+        let no_x = backward(&x, &w, &dy, None, s, false);
+        assert!(no_x.x.is_none());
+        assert_eq!(no_x.weight, grads.weight);
+        assert_eq!(no_x.bias, grads.bias);
+    }
+}

@@ -1,0 +1,265 @@
+//! The kernels as a burn backend extension: one implementation per CPU backend, plus an
+//! `Autodiff<B, C>` implementation whose backward pass calls the hand-written gradient kernels.
+//!
+//! Inside an implementation the tensor is a plain f32 slice ([`HostF32`]): borrowed when the
+//! backend's storage is contiguous, copied otherwise; results go back without a copy.
+#![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
+
+use std::borrow::Cow;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::ndarray::NdArrayTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Flex, NdArray, TensorMetadata, backend_extension};
+use burn::tensor::{DType, TensorData};
+
+use super::conv::{self, ConvShape};
+use super::pool;
+
+/// Convolution and max-pool kernels for the CNN. Shapes are checked by the wrappers in
+/// [`super`]; the operations panic on anything but f32.
+#[backend_extension(NdArray, Flex, Autodiff)]
+pub trait CnnBackend: Backend {
+    /// Valid (no padding), stride-1 convolution of `x: [n, c_in, h, w]` with
+    /// `weight: [c_out, c_in, k, k]` plus `bias: [c_out]`; then ReLU when `relu`.
+    fn conv2d_valid(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu: bool,
+    ) -> FloatTensor<Self>;
+
+    /// 2x2 max-pool with stride 2 of `x: [n, c, h, w]`: `[n, c, h/2, w/2]`.
+    fn max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// Backends whose f32 tensors the kernels can read as a slice and build from a `Vec`.
+pub trait HostF32: Backend {
+    /// The elements in row-major order.
+    fn read_f32(tensor: &FloatTensor<Self>) -> Cow<'_, [f32]>;
+    /// A tensor owning `data` (no copy).
+    fn write_f32(data: Vec<f32>, shape: Vec<usize>) -> FloatTensor<Self>;
+}
+
+fn not_f32(dtype: DType) -> ! {
+    panic!("the CNN kernels run on f32 tensors only, got {dtype:?}")
+}
+
+impl HostF32 for NdArray {
+    fn read_f32(tensor: &NdArrayTensor) -> Cow<'_, [f32]> {
+        match tensor {
+            NdArrayTensor::F32(storage) => {
+                let view = storage.view();
+                match view.to_slice() {
+                    Some(slice) => Cow::Borrowed(slice),
+                    None => Cow::Owned(view.iter().copied().collect()),
+                }
+            }
+            other => not_f32(other.dtype()),
+        }
+    }
+
+    fn write_f32(data: Vec<f32>, shape: Vec<usize>) -> NdArrayTensor {
+        NdArrayTensor::from_data(TensorData::new(data, shape))
+    }
+}
+
+impl HostF32 for Flex {
+    fn read_f32(tensor: &FlexTensor) -> Cow<'_, [f32]> {
+        if tensor.dtype() != DType::F32 {
+            not_f32(tensor.dtype());
+        }
+        match tensor.as_slice::<f32>() {
+            Some(slice) => Cow::Borrowed(slice),
+            None => Cow::Owned(
+                tensor
+                    .to_contiguous()
+                    .as_slice::<f32>()
+                    .expect("a contiguous f32 tensor")
+                    .to_vec(),
+            ),
+        }
+    }
+
+    fn write_f32(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(data, shape))
+    }
+}
+
+fn dims4<T: TensorMetadata>(tensor: &T) -> [usize; 4] {
+    let shape = tensor.shape();
+    assert_eq!(shape.num_dims(), 4, "expected a 4-D tensor");
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+fn conv_shape<B: Backend>(x: &FloatTensor<B>, weight: &FloatTensor<B>) -> ConvShape {
+    let [batch, c_in, height, width] = dims4(x);
+    let [c_out, w_in, kh, kw] = dims4(weight);
+    assert_eq!(w_in, c_in, "conv2d: weight input channels");
+    assert_eq!(kh, kw, "conv2d: the kernel must be square");
+    ConvShape {
+        batch,
+        c_in,
+        height,
+        width,
+        c_out,
+        kernel: kh,
+    }
+}
+
+fn conv_forward<B: HostF32>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    relu: bool,
+) -> FloatTensor<B> {
+    let s = conv_shape::<B>(&x, &weight);
+    let y = conv::forward(
+        &B::read_f32(&x),
+        &B::read_f32(&weight),
+        &B::read_f32(&bias),
+        s,
+        relu,
+    );
+    B::write_f32(
+        y,
+        vec![s.batch, s.c_out, s.out_height(), s.out_width()],
+    )
+}
+
+fn pool_forward<B: HostF32>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let [n, c, h, w] = dims4(&x);
+    let y = pool::forward(&B::read_f32(&x), n * c, h, w);
+    B::write_f32(y, vec![n, c, h / 2, w / 2])
+}
+
+impl CnnBackend for NdArray {
+    fn conv2d_valid(
+        x: NdArrayTensor,
+        weight: NdArrayTensor,
+        bias: NdArrayTensor,
+        relu: bool,
+    ) -> NdArrayTensor {
+        conv_forward::<Self>(x, weight, bias, relu)
+    }
+
+    fn max_pool2x2(x: NdArrayTensor) -> NdArrayTensor {
+        pool_forward::<Self>(x)
+    }
+}
+
+impl CnnBackend for Flex {
+    fn conv2d_valid(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        relu: bool,
+    ) -> FlexTensor {
+        conv_forward::<Self>(x, weight, bias, relu)
+    }
+
+    fn max_pool2x2(x: FlexTensor) -> FlexTensor {
+        pool_forward::<Self>(x)
+    }
+}
+
+/// Backward step of [`CnnBackend::conv2d_valid`].
+#[derive(Debug)]
+struct ConvBackward;
+
+/// Input, weight and (when the ReLU was fused) output of the forward pass.
+type ConvState<B> = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>);
+
+impl<B: HostF32> Backward<B, 3> for ConvBackward {
+    type State = ConvState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_weight, node_bias] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight, output) = ops.state;
+        let s = conv_shape::<B>(&x, &weight);
+        let output = output.as_ref().map(|y| B::read_f32(y));
+        let g = conv::backward(
+            &B::read_f32(&x),
+            &B::read_f32(&weight),
+            &B::read_f32(&grad),
+            output.as_deref(),
+            s,
+            node_x.is_some(),
+        );
+        if let (Some(node), Some(dx)) = (node_x, g.x) {
+            let shape = vec![s.batch, s.c_in, s.height, s.width];
+            grads.register::<B>(node.id, B::write_f32(dx, shape));
+        }
+        if let Some(node) = node_weight {
+            let shape = vec![s.c_out, s.c_in, s.kernel, s.kernel];
+            grads.register::<B>(node.id, B::write_f32(g.weight, shape));
+        }
+        if let Some(node) = node_bias {
+            grads.register::<B>(node.id, B::write_f32(g.bias, vec![s.c_out]));
+        }
+    }
+}
+
+/// Backward step of [`CnnBackend::max_pool2x2`]; the state is the forward input.
+#[derive(Debug)]
+struct PoolBackward;
+
+impl<B: HostF32> Backward<B, 1> for PoolBackward {
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            let x = ops.state;
+            let [n, c, h, w] = dims4(&x);
+            let dx = pool::backward(&B::read_f32(&x), &B::read_f32(&grad), n * c, h, w);
+            grads.register::<B>(node.id, B::write_f32(dx, vec![n, c, h, w]));
+        }
+    }
+}
+
+impl<B: CnnBackend + HostF32, C: CheckpointStrategy> CnnBackend for Autodiff<B, C> {
+    fn conv2d_valid(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu: bool,
+    ) -> FloatTensor<Self> {
+        let (x, x_node) = x.into_parts();
+        let (weight, weight_node) = weight.into_parts();
+        let (bias, bias_node) = bias.into_parts();
+        match ConvBackward
+            .prepare::<C>([x_node, weight_node, bias_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::conv2d_valid(x.clone(), weight.clone(), bias, relu);
+                let output = relu.then(|| y.clone());
+                prep.finish((x, weight, output), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::conv2d_valid(x, weight, bias, relu)),
+        }
+    }
+
+    fn max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (x, x_node) = x.into_parts();
+        match PoolBackward
+            .prepare::<C>([x_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::max_pool2x2(x.clone());
+                prep.finish(x, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::max_pool2x2(x)),
+        }
+    }
+}

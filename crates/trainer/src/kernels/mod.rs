@@ -1,0 +1,233 @@
+//! CPU kernels for the built-in CNN: valid stride-1 convolution (bias, optional fused ReLU) and
+//! 2x2 stride-2 max-pool, forward and backward, on burn-ndarray and burn-flex.
+//!
+//! They reach burn as a backend extension ([`extension::CnnBackend`]): one implementation per
+//! CPU backend and one for `Autodiff<B, C>` whose backward pass calls the gradient kernels here,
+//! so a model keeps burn's `Conv2d` parameters (same names and shapes) and only its forward
+//! changes. Inside, a kernel works on plain f32 slices: im2col and a packed single-threaded GEMM
+//! (the `gemm` crate) per sample, rayon over chunks of samples.
+//!
+//! Results do not depend on the thread count: the forward pass and the input gradient are
+//! computed sample by sample, and the reductions over the batch (weight and bias gradients) are
+//! summed over fixed chunks of [`CHUNK`] samples, then chunk by chunk in order. The rounding
+//! still depends on the GEMM kernel that `gemm` picks for the CPU (AVX2, AVX-512...).
+
+mod conv;
+pub mod extension;
+mod matmul;
+mod pool;
+
+use burn::backend::Dispatch;
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use extension::CnnBackend;
+
+/// Samples per rayon task, and per partial sum of the weight and bias gradients. A constant: the
+/// order of every sum must not depend on the thread count.
+pub const CHUNK: usize = 4;
+
+/// Whether the kernels run for tensors of this dtype on this device (f32 on burn-ndarray or
+/// burn-flex, with or without autodiff).
+#[allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
+pub fn supported(device: &Device, dtype: DType) -> bool {
+    dtype == DType::F32 && (*device == Device::ndarray() || *device == Device::flex())
+}
+
+/// Valid (no padding), stride-1 2-D convolution of `x: [n, c_in, h, w]` by a square kernel
+/// `weight: [c_out, c_in, k, k]` plus `bias: [c_out]`, then ReLU when `relu`:
+/// `[n, c_out, h - k + 1, w - k + 1]`. The same computation as burn's `Conv2d` with its default
+/// configuration.
+///
+/// # Panics
+/// On shapes that do not fit, on tensors that are not f32, on a device other than ndarray/flex.
+pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, relu: bool) -> Tensor<4> {
+    let [_, c_in, h, w] = x.dims();
+    let [c_out, w_in, kh, kw] = weight.dims();
+    assert_eq!(w_in, c_in, "conv2d: weight {:?} for {c_in} input channels", weight.dims());
+    assert!(kh == kw && kh >= 1, "conv2d: the kernel must be square, got {kh}x{kw}");
+    assert!(kh <= h && kh <= w, "conv2d: a {kh}x{kh} kernel does not fit {h}x{w} inputs");
+    assert_eq!(bias.dims(), [c_out], "conv2d: bias size");
+    Tensor::from_dispatch(<Dispatch as CnnBackend>::conv2d_valid(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        relu,
+    ))
+}
+
+/// 2x2 max-pool with stride 2 of `x: [n, c, h, w]`: `[n, c, h / 2, w / 2]` (floor, like burn's
+/// `MaxPool2d`). On ties the gradient goes to the first maximum of the window in row-major order.
+pub fn max_pool2x2(x: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as CnnBackend>::max_pool2x2(x.into_dispatch()))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::nn::conv::Conv2dConfig;
+    use burn::nn::pool::MaxPool2dConfig;
+    use burn::tensor::Distribution;
+    use burn::tensor::activation::relu;
+
+    use super::*;
+
+    #[allow(deprecated)]
+    fn devices() -> [Device; 2] {
+        [Device::ndarray().autodiff(), Device::flex().autodiff()]
+    }
+
+    fn assert_close<const D: usize>(got: Tensor<D>, want: Tensor<D>, what: &str) {
+        assert_eq!(got.dims(), want.dims(), "{what}: shape");
+        let got = got.into_data().try_to_vec::<f32>().unwrap();
+        let want = want.into_data().try_to_vec::<f32>().unwrap();
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-4 * scale.max(w.abs()),
+                "{what}[{i}]: {g} vs {w} (scale {scale})"
+            );
+        }
+    }
+
+    /// Forward output and the gradients for input, weight and bias against burn's `Conv2d`, with
+    /// a batch that is not a multiple of `CHUNK`.
+    #[test]
+    fn conv2d_matches_burn_on_both_backends() {
+        for device in devices() {
+            device.seed(7);
+            for (fused_relu, batch) in [(false, 7), (true, 2 * CHUNK + 3)] {
+                let conv = Conv2dConfig::new([3, 5], [3, 3]).init(&device);
+                let x = Tensor::<4>::random([batch, 3, 9, 8], Distribution::Default, &device)
+                    .require_grad();
+                let probe =
+                    Tensor::<4>::random([batch, 5, 7, 6], Distribution::Default, &device);
+
+                let reference = conv.forward(x.clone());
+                let reference = if fused_relu { relu(reference) } else { reference };
+                let ours = conv2d(
+                    x.clone(),
+                    conv.weight.val(),
+                    conv.bias.as_ref().unwrap().val(),
+                    fused_relu,
+                );
+                assert_close(ours.clone(), reference.clone(), "conv2d output");
+
+                let ref_grads = (reference * probe.clone()).sum().backward();
+                let grads = (ours * probe).sum().backward();
+                let bias = conv.bias.as_ref().unwrap();
+                assert_close(
+                    x.grad(&grads).unwrap(),
+                    x.grad(&ref_grads).unwrap(),
+                    "input gradient",
+                );
+                assert_close(
+                    conv.weight.grad(&grads).unwrap(),
+                    conv.weight.grad(&ref_grads).unwrap(),
+                    "weight gradient",
+                );
+                assert_close(
+                    bias.grad(&grads).unwrap(),
+                    bias.grad(&ref_grads).unwrap(),
+                    "bias gradient",
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn max_pool_matches_burn_on_both_backends_with_odd_sizes() {
+        for device in devices() {
+            device.seed(3);
+            let pool = MaxPool2dConfig::new([2, 2]).init();
+            for [h, w] in [[13, 13], [8, 6], [7, 10]] {
+                let x = Tensor::<4>::random([5, 3, h, w], Distribution::Default, &device)
+                    .require_grad();
+                let probe = Tensor::<4>::random(
+                    [5, 3, h / 2, w / 2],
+                    Distribution::Default,
+                    &device,
+                );
+                let reference = pool.forward(x.clone());
+                let ours = max_pool2x2(x.clone());
+                assert_eq!(ours.dims(), [5, 3, h / 2, w / 2]);
+                assert_close(ours.clone(), reference.clone(), "max-pool output");
+                let ref_grads = (reference * probe.clone()).sum().backward();
+                let grads = (ours * probe).sum().backward();
+                assert_close(
+                    x.grad(&grads).unwrap(),
+                    x.grad(&ref_grads).unwrap(),
+                    "max-pool input gradient",
+                );
+            }
+        }
+    }
+
+    /// Without autodiff the extension runs the backend implementation directly.
+    #[test]
+    fn inference_without_autodiff() {
+        for device in devices() {
+            let device = device.without_autodiff();
+            let conv = Conv2dConfig::new([2, 4], [3, 3]).init(&device);
+            let x = Tensor::<4>::random([3, 2, 6, 6], Distribution::Default, &device);
+            let want = MaxPool2dConfig::new([2, 2]).init().forward(relu(conv.forward(x.clone())));
+            let got = max_pool2x2(conv2d(
+                x,
+                conv.weight.val(),
+                conv.bias.as_ref().unwrap().val(),
+                true,
+            ));
+            assert_close(got, want, "conv-relu-pool without autodiff");
+        }
+    }
+
+    /// The output and every gradient are bitwise the same in rayon pools of 1 and 2 threads.
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let run = |device: &Device| {
+            device.seed(11);
+            let conv1 = Conv2dConfig::new([2, 6], [3, 3]).init(device);
+            let conv2 = Conv2dConfig::new([6, 8], [3, 3]).init(device);
+            let x = Tensor::<4>::random([2 * CHUNK + 1, 2, 16, 15], Distribution::Default, device)
+                .require_grad();
+            let block = |conv: &burn::nn::conv::Conv2d, x| {
+                max_pool2x2(conv2d(
+                    x,
+                    conv.weight.val(),
+                    conv.bias.as_ref().unwrap().val(),
+                    true,
+                ))
+            };
+            let y = block(&conv2, block(&conv1, x.clone()));
+            let probe = Tensor::<4>::random(y.dims(), Distribution::Default, device);
+            let grads = (y.clone() * probe).sum().backward();
+            let bits = |t: Tensor<4>| -> Vec<u32> {
+                t.into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect()
+            };
+            [
+                bits(y),
+                bits(x.grad(&grads).unwrap()),
+                bits(conv1.weight.grad(&grads).unwrap()),
+                bits(conv2.weight.grad(&grads).unwrap()),
+                bits(conv2.bias.as_ref().unwrap().grad(&grads).unwrap().unsqueeze()),
+            ]
+        };
+        for device in devices() {
+            let results: Vec<_> = [1, 2]
+                .into_iter()
+                .map(|threads| {
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap()
+                        .install(|| run(&device))
+                })
+                .collect();
+            assert_eq!(results[0], results[1], "{device:?}");
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Deciding whether, and from where, a run can resume. Reads only: nothing in the run folder
+//! changes until every check has passed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::error::{Error, Result};
+use crate::run_dir::CONFIG_FILE;
+use crate::settings::Settings;
+
+/// Settings that may change on resume: they alter speed or length, never the steps taken.
+const MAY_CHANGE: [&str; 3] = ["training.threads", "training.epochs", "training.max_steps"];
+/// Sections that may change on resume.
+const MAY_CHANGE_SECTIONS: [&str; 1] = ["checkpoint."];
+
+/// The checkpoint a run in `run_dir` resumes from, with `settings`; `None` to start afresh
+/// (a folder with no checkpoint yet). The lines say which newer checkpoints failed to verify.
+pub fn check_resumable(
+    run_dir: &Path,
+    settings: &Settings,
+) -> Result<(Option<Checkpoint>, Vec<String>)> {
+    let run_dir_error = |message: &str| Error::RunDir {
+        path: run_dir.to_path_buf(),
+        message: message.into(),
+    };
+    if !run_dir.is_dir() {
+        return Err(run_dir_error(
+            "no such run folder to resume (drop --resume to start a new run)",
+        ));
+    }
+    let is_empty = std::fs::read_dir(run_dir)
+        .map_err(|e| Error::io(run_dir, e))?
+        .next()
+        .is_none();
+    if !is_empty && !run_dir.join(CONFIG_FILE).is_file() {
+        return Err(run_dir_error(&format!(
+            "holds no run to resume ({CONFIG_FILE} is missing)"
+        )));
+    }
+    let (found, refused) = checkpoint::newest_valid(run_dir)?;
+    let Some(found) = found else {
+        if let Some(newest) = refused.into_iter().next() {
+            // Checkpoints exist but none verifies: refuse rather than silently restart.
+            return Err(Error::Checkpoint {
+                path: run_dir.join(checkpoint::CHECKPOINTS_DIR),
+                message: format!("no checkpoint verifies; the newest: {newest}"),
+            });
+        }
+        return Ok((
+            None,
+            vec![format!(
+                "{}: no checkpoint yet, starting the run afresh",
+                run_dir.display()
+            )],
+        ));
+    };
+    compare(&found.settings, settings)?;
+    let notes = refused
+        .into_iter()
+        .map(|reason| format!("skipping a checkpoint that does not verify: {reason}"))
+        .collect();
+    Ok((Some(found), notes))
+}
+
+/// Refuses any difference between the settings a checkpoint was written with and `now`,
+/// except in the keys that may change.
+fn compare(saved: &str, now: &Settings) -> Result<()> {
+    let before = flatten(&toml::from_str::<toml::Table>(saved).map_err(|e| {
+        Error::Checkpoint {
+            path: "state.json".into(),
+            message: format!("its settings do not parse: {e}"),
+        }
+    })?);
+    let after = flatten(&toml::from_str::<toml::Table>(&now.to_toml()).expect("settings are TOML"));
+    let keys: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    for key in keys {
+        if MAY_CHANGE.contains(&key.as_str())
+            || MAY_CHANGE_SECTIONS.iter().any(|s| key.starts_with(s))
+        {
+            continue;
+        }
+        let (was, is) = (before.get(key), after.get(key));
+        if was != is {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "unset".into());
+            return Err(Error::ResumeMismatch {
+                key: key.clone(),
+                before: show(was),
+                after: show(is),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `{"a": {"b": 1}}` as `{"a.b": "1"}`.
+fn flatten(table: &toml::Table) -> BTreeMap<String, String> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
+        for (key, value) in table {
+            let name = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(inner) => walk(&name, inner, out),
+                other => {
+                    out.insert(name, other.to_string());
+                }
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk("", table, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(extra: &str) -> Settings {
+        toml::from_str(&format!(
+            "[data]\nformat = \"csv\"\ntrain_csv = \"a.csv\"\ntest_fraction = 0.5\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn threads_epochs_and_checkpoint_policy_may_change() {
+        let saved = settings("[training]\nthreads = 1\nepochs = 2\n").to_toml();
+        let now = settings("[training]\nthreads = 2\nepochs = 5\nmax_steps = 9\n[checkpoint]\nkeep = 1\n");
+        compare(&saved, &now).unwrap();
+    }
+
+    #[test]
+    fn anything_that_changes_the_steps_is_refused_naming_key_and_values() {
+        let saved = settings("[training]\nbatch_size = 32\n").to_toml();
+        let err = compare(&saved, &settings("[training]\nbatch_size = 64\n")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot resume: training.batch_size was 32 in the run, 64 now"
+        );
+        let err = compare(&saved, &settings("[training]\nbatch_size = 32\nseed = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("training.seed was 0"), "{err}");
+        let err = compare(&saved, &settings("[training]\nbatch_size = 32\n[model]\nhidden = [8]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.hidden"), "{err}");
+    }
+}
