@@ -29,7 +29,7 @@ echo -e "run\tbatch\tk\tsteps\tsamples/s\tpeak RSS MiB"
 run cnn-256x1 examples/mnist-cnn.toml 12 256 1
 run cnn-32x8 examples/mnist-cnn.toml 12 32 8
 # Speed at the same micro-batch size (32): 768 micro-batches either way.
-run mlp-32x1 examples/mnist-mlp.toml 768 32 1
-run mlp-32x8 examples/mnist-mlp.toml 96 32 8
-run cnn-32x1 examples/mnist-cnn.toml 192 32 1
-run cnn-32x8 examples/mnist-cnn.toml 24 32 8
+run mlp-32x1-speed examples/mnist-mlp.toml 768 32 1
+run mlp-32x8-speed examples/mnist-mlp.toml 96 32 8
+run cnn-32x1-speed examples/mnist-cnn.toml 192 32 1
+run cnn-32x8-speed examples/mnist-cnn.toml 24 32 8

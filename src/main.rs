@@ -194,7 +194,9 @@ fn stop_on_ctrl_c() -> Arc<AtomicBool> {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to quit now)");
+        eprintln!(
+            "\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to quit now)"
+        );
     });
     if let Err(e) = installed {
         eprintln!("warning: Ctrl-C will not save a checkpoint: {e}");

@@ -36,7 +36,13 @@ pub fn evaluate_run(run_dir: &Path, layers: &Layers) -> Result<Evaluation, EvalE
         let classes = settings.data.classes;
         let model = BuiltinModel::new(&settings.model, test.shape(), classes, &device)?;
         let model = weights::load(model, &run.weights_path())?;
-        let scored = score(&model, &test, classes, &device);
+        let scored = score(
+            &model,
+            &test,
+            classes,
+            &device,
+            settings.training.batch_size,
+        );
         Ok(Evaluation {
             run_dir: run.path().display().to_string(),
             test_accuracy: scored.accuracy,

@@ -99,6 +99,9 @@ fn offset(seed: u64, seeds: u64) -> f64 {
     -0.08 - (seeds.saturating_sub(1) - seed.min(seeds.saturating_sub(1))) as f64 * step
 }
 
+/// Half the width of a min-max bar's caps, in thread positions.
+const CAP: f64 = 0.06;
+
 /// Width of the legend column right of each chart, in pixels.
 const LEGEND_WIDTH: u32 = 230;
 
@@ -230,7 +233,7 @@ where
 
     if !panel.spread.is_empty() {
         let bar = MEAN_COLOR.stroke_width(2);
-        let cap = 0.06;
+        let cap = CAP;
         chart.draw_series(panel.spread.iter().map(|&(i, lo, hi)| {
             let x = i as f64;
             PathElement::new([(x, lo), (x, hi)], bar)
@@ -254,11 +257,13 @@ where
                 .iter()
                 .map(|&(i, m, _)| Circle::new((i as f64, m), 7, style)),
         )?;
-        // The label sits right of the mean and a little above it, clear of the line.
+        // The label sits right of the mean and above it, clear of the line and the bar's caps.
         let text = (FONT, 17).into_font().color(&MEAN_COLOR);
+        let unit = chart.plotting_area().dim_in_pixel().0 as f64 / n.max(1) as f64;
+        let dx = (CAP * unit) as i32 + 10;
         chart.draw_series(panel.mean.iter().filter_map(|(i, m, label)| {
             label.as_ref().map(|l| {
-                EmptyElement::at((*i as f64, *m)) + Text::new(l.clone(), (14, -26), text.clone())
+                EmptyElement::at((*i as f64, *m)) + Text::new(l.clone(), (dx, -26), text.clone())
             })
         }))?;
         legend.push((Mark::Line, "mean across seeds".to_string()));

@@ -129,7 +129,10 @@ pub fn write(
             fs::remove_dir_all(&temporary)?;
         }
         fs::create_dir(&temporary)?;
-        for (name, bytes) in files.iter().chain([(MANIFEST_FILE, manifest.as_slice())].iter()) {
+        for (name, bytes) in files
+            .iter()
+            .chain([(MANIFEST_FILE, manifest.as_slice())].iter())
+        {
             let mut file = File::create(temporary.join(name))?;
             file.write_all(bytes)?;
             file.sync_all()?;
@@ -150,7 +153,10 @@ pub fn write(
 
 /// Removes all but the newest `keep` checkpoints, and temporary folders of crashed writes.
 fn prune(root: &Path, keep: usize) -> Result<()> {
-    for entry in fs::read_dir(root).map_err(|e| Error::io(root, e))?.flatten() {
+    for entry in fs::read_dir(root)
+        .map_err(|e| Error::io(root, e))?
+        .flatten()
+    {
         if entry.file_name().to_string_lossy().starts_with(".tmp-") {
             let path = entry.path();
             fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
@@ -173,7 +179,10 @@ fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(root, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             found.push((step, entry.path()));
         }
     }
@@ -299,7 +308,11 @@ mod tests {
         let (newest, refused) = newest_valid(dir.path()).unwrap();
         assert_eq!(newest.unwrap().state.step, 1);
         assert_eq!(refused.len(), 1);
-        assert!(refused[0].contains("checksum does not match"), "{}", refused[0]);
+        assert!(
+            refused[0].contains("checksum does not match"),
+            "{}",
+            refused[0]
+        );
         // The refused checkpoint is left as it was, for inspection.
         assert_eq!(fs::read(two.join(MODEL_FILE)).unwrap(), b"model-tw");
     }
@@ -310,8 +323,11 @@ mod tests {
         let folder = write(dir.path(), &state(1), "", b"m", b"o", 3).unwrap();
         let manifest = folder.join(MANIFEST_FILE);
         let text = fs::read_to_string(&manifest).unwrap();
-        fs::write(&manifest, text.replace("\"format_version\": 1", "\"format_version\": 99"))
-            .unwrap();
+        fs::write(
+            &manifest,
+            text.replace("\"format_version\": 1", "\"format_version\": 99"),
+        )
+        .unwrap();
         let err = read(&folder).unwrap_err().to_string();
         assert!(err.contains("format version 99"), "{err}");
     }
@@ -320,7 +336,12 @@ mod tests {
     fn crashed_writes_leave_temporaries_that_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), &state(1), "", b"m", b"o", 3).unwrap();
-        fs::create_dir(dir.path().join(CHECKPOINTS_DIR).join(".tmp-step-0000000002-1")).unwrap();
+        fs::create_dir(
+            dir.path()
+                .join(CHECKPOINTS_DIR)
+                .join(".tmp-step-0000000002-1"),
+        )
+        .unwrap();
         let (newest, _) = newest_valid(dir.path()).unwrap();
         assert_eq!(newest.unwrap().state.step, 1);
     }

@@ -54,7 +54,9 @@ pub enum Error {
     },
 
     /// The run was interrupted (Ctrl-C) and saved a checkpoint.
-    #[error("interrupted after step {step}; checkpoint saved. Resume with: allcores train CONFIG --out {run_dir} --resume")]
+    #[error(
+        "interrupted after step {step}; checkpoint saved. Resume with: allcores train CONFIG --out {run_dir} --resume"
+    )]
     Interrupted { step: u64, run_dir: PathBuf },
 
     /// The loss became NaN or infinite.

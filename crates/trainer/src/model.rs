@@ -104,11 +104,9 @@ impl Cnn {
     fn block(&self, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         match &conv.bias {
             Some(bias) if kernels::supported(&x.device(), x.dtype()) => {
-                kernels::max_pool2x2(kernels::conv2d(x, conv.weight.val(), bias.val(), true))
+                kernels::conv2d_relu_pool(x, conv.weight.val(), bias.val())
             }
-            _ => self
-                .pool
-                .forward(self.activation.forward(conv.forward(x))),
+            _ => self.pool.forward(self.activation.forward(conv.forward(x))),
         }
     }
 }

@@ -66,12 +66,12 @@ pub fn check_resumable(
 /// Refuses any difference between the settings a checkpoint was written with and `now`,
 /// except in the keys that may change.
 fn compare(saved: &str, now: &Settings) -> Result<()> {
-    let before = flatten(&toml::from_str::<toml::Table>(saved).map_err(|e| {
-        Error::Checkpoint {
+    let before = flatten(
+        &toml::from_str::<toml::Table>(saved).map_err(|e| Error::Checkpoint {
             path: "state.json".into(),
             message: format!("its settings do not parse: {e}"),
-        }
-    })?);
+        })?,
+    );
     let after = flatten(&toml::from_str::<toml::Table>(&now.to_toml()).expect("settings are TOML"));
     let keys: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
     for key in keys {
@@ -129,7 +129,9 @@ mod tests {
     #[test]
     fn threads_epochs_and_checkpoint_policy_may_change() {
         let saved = settings("[training]\nthreads = 1\nepochs = 2\n").to_toml();
-        let now = settings("[training]\nthreads = 2\nepochs = 5\nmax_steps = 9\n[checkpoint]\nkeep = 1\n");
+        let now = settings(
+            "[training]\nthreads = 2\nepochs = 5\nmax_steps = 9\n[checkpoint]\nkeep = 1\n",
+        );
         compare(&saved, &now).unwrap();
     }
 
@@ -145,9 +147,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("training.seed was 0"), "{err}");
-        let err = compare(&saved, &settings("[training]\nbatch_size = 32\n[model]\nhidden = [8]\n"))
-            .unwrap_err()
-            .to_string();
+        let err = compare(
+            &saved,
+            &settings("[training]\nbatch_size = 32\n[model]\nhidden = [8]\n"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("model.hidden"), "{err}");
     }
 }

@@ -7,9 +7,6 @@ use serde::{Deserialize, Serialize};
 use crate::data::Dataset;
 use crate::model::Classifier;
 
-/// Samples scored per forward pass: large enough to be fast, small enough for little memory.
-const SCORE_BATCH: usize = 500;
-
 /// How well a model classifies a dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Score {
@@ -36,15 +33,23 @@ impl Score {
     }
 }
 
-/// Scores `model` on every sample of `data`, without gradients, in a fixed order.
-pub fn score<M: Classifier>(model: &M, data: &Dataset, classes: usize, device: &Device) -> Score {
+/// Scores `model` on every sample of `data`, without gradients, in a fixed order, `batch_size`
+/// samples per forward pass (the training micro-batch: scoring needs no more memory than
+/// training does).
+pub fn score<M: Classifier>(
+    model: &M,
+    data: &Dataset,
+    classes: usize,
+    device: &Device,
+    batch_size: usize,
+) -> Score {
     let model = model.valid();
     let device = device.clone().inner();
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let mut confusion = vec![vec![0u64; classes]; classes];
     let mut loss_sum = 0.0f64;
     let indices: Vec<usize> = (0..data.len()).collect();
-    for chunk in indices.chunks(SCORE_BATCH) {
+    for chunk in indices.chunks(batch_size.max(1)) {
         let (x, y) = data.batch(chunk, &device);
         let logits = model.forward(x);
         let mean: f32 = loss_fn.forward(logits.clone(), y).into_scalar();

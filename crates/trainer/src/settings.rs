@@ -634,7 +634,10 @@ impl OptimizerSettings {
 impl CheckpointSettings {
     fn validate(&self) -> Result<()> {
         if self.every_steps == Some(0) {
-            return Err(Error::setting("checkpoint.every_steps", "must be at least 1"));
+            return Err(Error::setting(
+                "checkpoint.every_steps",
+                "must be at least 1",
+            ));
         }
         if self.keep == 0 {
             return Err(Error::setting("checkpoint.keep", "must be at least 1"));

@@ -37,6 +37,8 @@ pub struct Summary {
     pub wall_seconds: f64,
     /// Training only: forward, backward, optimizer, data batching.
     pub train_seconds: f64,
+    /// Writing checkpoints, in this process.
+    pub checkpoint_seconds: f64,
     /// `samples / train_seconds`.
     pub samples_per_second: f64,
     pub threads: usize,

@@ -184,11 +184,18 @@ impl Trainer {
             ));
         }
 
-        let mut order = (state.epoch, epoch_order(train.len(), training.seed, state.epoch));
+        let mut order = (
+            state.epoch,
+            epoch_order(train.len(), training.seed, state.epoch),
+        );
         let mut epoch_cpu = CpuMeter::start();
+        let mut checkpoint_seconds = 0.0;
         while state.step < plan.total_steps {
             if order.0 != state.epoch {
-                order = (state.epoch, epoch_order(train.len(), training.seed, state.epoch));
+                order = (
+                    state.epoch,
+                    epoch_order(train.len(), training.seed, state.epoch),
+                );
                 epoch_cpu = CpuMeter::start();
             }
             progress.set_epoch(state.epoch, plan.epochs);
@@ -211,7 +218,11 @@ impl Trainer {
             let seconds = step_started.elapsed().as_secs_f64();
 
             state.record_step(group.len(), loss, seconds);
-            progress.step(loss, state.samples, state.samples as f64 / state.train_seconds);
+            progress.step(
+                loss,
+                state.samples,
+                state.samples as f64 / state.train_seconds,
+            );
             let epoch_done = state.groups_done == plan.steps_per_epoch;
             if epoch_done {
                 let metrics = self.score_epoch(&model, &device, &state, lr, epoch_cpu, threads);
@@ -226,7 +237,9 @@ impl Trainer {
             if let Some(run_dir) = &run_dir
                 && (stopping || self.checkpoint_due(&state, epoch_done, &plan))
             {
+                let writing = Instant::now();
                 save_checkpoint(run_dir, &state, &self.settings, &model, &optimizer)?;
+                checkpoint_seconds += writing.elapsed().as_secs_f64();
             }
             if stopping {
                 progress.finish();
@@ -262,6 +275,7 @@ impl Trainer {
             samples: state.samples,
             wall_seconds: started.elapsed().as_secs_f64(),
             train_seconds: state.train_seconds,
+            checkpoint_seconds,
             samples_per_second: state.samples as f64 / state.train_seconds,
             threads: threads.threads,
             threads_available: threads.available,
@@ -293,7 +307,13 @@ impl Trainer {
         threads: ThreadPlan,
     ) -> EpochMetrics {
         let cpu_utilization = cpu.utilization(threads.threads);
-        let test = score(model, &self.data.test, self.data.classes, device);
+        let test = score(
+            model,
+            &self.data.test,
+            self.data.classes,
+            device,
+            self.settings.training.batch_size,
+        );
         EpochMetrics {
             epoch: state.epoch,
             steps: state.step,

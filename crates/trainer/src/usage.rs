@@ -64,8 +64,9 @@ mod tests {
         }
         std::hint::black_box(x);
         let busy = meter.utilization(1);
-        // Loose bounds: a loaded machine can steal the core, but never make it zero or double.
-        assert!(busy > 0.05 && busy < 1.5, "{busy}");
+        // A lower bound only: a loaded machine can steal the core, and tests running beside
+        // this one in the same process add their CPU time to the process's.
+        assert!(busy > 0.05, "{busy}");
         assert!(peak_rss_bytes() > 1 << 20);
     }
 }

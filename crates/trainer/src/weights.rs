@@ -102,8 +102,18 @@ pub fn load<M: ModuleSnapshot>(mut model: M, path: &Path) -> Result<M> {
     .map_err(weights_error)?;
     if !result.is_success() || !result.missing.is_empty() || !result.unused.is_empty() {
         let mut problems: Vec<String> = result.errors.iter().map(|e| e.to_string()).collect();
-        problems.extend(result.missing.iter().map(|(name, _)| format!("{name} missing")));
-        problems.extend(result.unused.iter().map(|name| format!("{name} not in the model")));
+        problems.extend(
+            result
+                .missing
+                .iter()
+                .map(|(name, _)| format!("{name} missing")),
+        );
+        problems.extend(
+            result
+                .unused
+                .iter()
+                .map(|name| format!("{name} not in the model")),
+        );
         return Err(weights_error(format!(
             "does not fit the model: {}",
             problems.join(", ")

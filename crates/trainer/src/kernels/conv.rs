@@ -32,24 +32,24 @@ impl ConvShape {
     }
 
     /// Rows of the im2col matrix: one per (input channel, kernel row, kernel column).
-    fn patch(&self) -> usize {
+    pub(crate) fn patch(&self) -> usize {
         self.c_in * self.kernel * self.kernel
     }
 
     /// Output positions per channel: columns of the im2col matrix.
-    fn positions(&self) -> usize {
+    pub(crate) fn positions(&self) -> usize {
         self.out_height() * self.out_width()
     }
 
-    fn in_len(&self) -> usize {
+    pub(crate) fn in_len(&self) -> usize {
         self.c_in * self.height * self.width
     }
 
-    fn out_len(&self) -> usize {
+    pub(crate) fn out_len(&self) -> usize {
         self.c_out * self.positions()
     }
 
-    fn check(&self, x: &[f32], weight: &[f32]) {
+    pub(crate) fn check(&self, x: &[f32], weight: &[f32]) {
         assert!(
             self.kernel >= 1 && self.kernel <= self.height && self.kernel <= self.width,
             "conv2d: a {k}x{k} kernel does not fit {h}x{w} inputs",
@@ -58,7 +58,11 @@ impl ConvShape {
             w = self.width
         );
         assert_eq!(x.len(), self.batch * self.in_len(), "conv2d: input size");
-        assert_eq!(weight.len(), self.c_out * self.patch(), "conv2d: weight size");
+        assert_eq!(
+            weight.len(),
+            self.c_out * self.patch(),
+            "conv2d: weight size"
+        );
     }
 }
 
@@ -114,7 +118,7 @@ fn col2im(cols: &[f32], s: &ConvShape, dx: &mut [f32]) {
 pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: ConvShape, relu: bool) -> Vec<f32> {
     s.check(x, weight);
     assert_eq!(bias.len(), s.c_out, "conv2d: bias size");
-    let (kk, p, o) = (s.patch(), s.positions(), s.c_out);
+    let (kk, p) = (s.patch(), s.positions());
     let (in_len, out_len) = (s.in_len(), s.out_len());
     let mut y = vec![0.0f32; s.batch * out_len];
     if y.is_empty() {
@@ -125,17 +129,7 @@ pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: ConvShape, relu: bool
         .for_each(|(y, x)| {
             let mut cols = vec![0.0f32; kk * p];
             for (y, x) in y.chunks_mut(out_len).zip(x.chunks(in_len)) {
-                im2col(x, &s, &mut cols);
-                for (row, &b) in y.chunks_mut(p).zip(bias) {
-                    row.fill(b);
-                }
-                matmul(
-                    y,
-                    Mat::rows(weight, kk),
-                    Mat::rows(&cols, p),
-                    (o, kk, p),
-                    true,
-                );
+                sample_forward(x, weight, bias, &s, &mut cols, y);
                 if relu {
                     relu_in_place(y);
                 }
@@ -144,12 +138,33 @@ pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: ConvShape, relu: bool
     y
 }
 
+/// `y = conv(x, weight) + bias` for one sample, `cols` a scratch buffer of the im2col size.
+pub(crate) fn sample_forward(
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    s: &ConvShape,
+    cols: &mut [f32],
+    y: &mut [f32],
+) {
+    let (kk, p) = (s.patch(), s.positions());
+    im2col(x, s, cols);
+    for (row, &b) in y.chunks_mut(p).zip(bias) {
+        row.fill(b);
+    }
+    matmul(
+        y,
+        Mat::rows(weight, kk),
+        Mat::rows(cols, p),
+        (s.c_out, kk, p),
+        true,
+    );
+}
+
 fn relu_in_place(y: &mut [f32]) {
     for v in y {
-        // NaN stays NaN, like burn's ReLU.
-        if *v < 0.0 {
-            *v = 0.0;
-        }
+        // A select, not a branch; NaN stays NaN, like burn's ReLU.
+        *v = if *v < 0.0 { 0.0 } else { *v };
     }
 }
 
@@ -165,13 +180,45 @@ pub fn backward(
     s: ConvShape,
     input_grad: bool,
 ) -> ConvGrads {
-    s.check(x, weight);
-    let (kk, p, o) = (s.patch(), s.positions(), s.c_out);
-    let (in_len, out_len) = (s.in_len(), s.out_len());
-    assert_eq!(dy.len(), s.batch * out_len, "conv2d backward: gradient size");
+    let out_len = s.out_len();
+    assert_eq!(
+        dy.len(),
+        s.batch * out_len,
+        "conv2d backward: gradient size"
+    );
     if let Some(y) = relu_output {
         assert_eq!(y.len(), dy.len(), "conv2d backward: output size");
     }
+    backward_with(x, weight, s, input_grad, |n, g| {
+        let dy = &dy[n * out_len..(n + 1) * out_len];
+        match relu_output {
+            Some(y) => {
+                let y = &y[n * out_len..(n + 1) * out_len];
+                for ((g, &d), &y) in g.iter_mut().zip(dy).zip(y) {
+                    *g = if y > 0.0 { d } else { 0.0 };
+                }
+            }
+            None => g.copy_from_slice(dy),
+        }
+    })
+}
+
+/// The gradients of a convolution whose output gradient for sample `n` the caller writes into
+/// the `[c_out, oh, ow]` buffer it is handed: `output_grad(n, buffer)` (the buffer holds
+/// garbage; every element must be written).
+pub(crate) fn backward_with<F>(
+    x: &[f32],
+    weight: &[f32],
+    s: ConvShape,
+    input_grad: bool,
+    output_grad: F,
+) -> ConvGrads
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    s.check(x, weight);
+    let (kk, p, o) = (s.patch(), s.positions(), s.c_out);
+    let (in_len, out_len) = (s.in_len(), s.out_len());
 
     let chunks = s.batch.div_ceil(CHUNK);
     let mut dx = input_grad.then(|| vec![0.0f32; s.batch * in_len]);
@@ -188,28 +235,18 @@ pub fn backward(
             let mut db = vec![0.0f32; o];
             let mut cols = vec![0.0f32; kk * p];
             let mut dcols = vec![0.0f32; if dx.is_some() { kk * p } else { 0 }];
-            let mut masked = vec![0.0f32; if relu_output.is_some() { out_len } else { 0 }];
+            let mut g = vec![0.0f32; out_len];
             let first = chunk * CHUNK;
             for (i, n) in (first..s.batch.min(first + CHUNK)).enumerate() {
-                let g = &dy[n * out_len..(n + 1) * out_len];
-                let g: &[f32] = match relu_output {
-                    Some(y) => {
-                        let y = &y[n * out_len..(n + 1) * out_len];
-                        for ((m, &g), &y) in masked.iter_mut().zip(g).zip(y) {
-                            *m = if y > 0.0 { g } else { 0.0 };
-                        }
-                        &masked
-                    }
-                    None => g,
-                };
+                output_grad(n, &mut g);
                 for (b, row) in db.iter_mut().zip(g.chunks(p)) {
-                    *b += row.iter().sum::<f32>();
+                    *b += lane_sum(row);
                 }
                 im2col(&x[n * in_len..(n + 1) * in_len], &s, &mut cols);
                 // dW += g · colsᵀ
                 matmul(
                     &mut dw,
-                    Mat::rows(g, p),
+                    Mat::rows(&g, p),
                     Mat::transposed(&cols, p),
                     (o, p, kk),
                     i > 0,
@@ -219,7 +256,7 @@ pub fn backward(
                     matmul(
                         &mut dcols,
                         Mat::transposed(weight, kk),
-                        Mat::rows(g, p),
+                        Mat::rows(&g, p),
                         (kk, o, p),
                         false,
                     );
@@ -245,6 +282,23 @@ pub fn backward(
     }
 }
 
+/// The sum of `values` in 8 interleaved partial sums (vectorisable; a fixed order all the same).
+fn lane_sum(values: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += v;
+        }
+    }
+    for (lane, v) in lanes.iter_mut().zip(rest) {
+        *lane += v;
+    }
+    let [a, b, c, d, e, f, g, h] = lanes;
+    ((a + b) + (c + d)) + ((e + f) + (g + h))
+}
+
 fn add_assign(sum: &mut [f32], part: &[f32]) {
     for (s, p) in sum.iter_mut().zip(part) {
         *s += p;
@@ -264,7 +318,8 @@ pub fn reference_forward(x: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) 
                     for c in 0..s.c_in {
                         for ki in 0..k {
                             for kj in 0..k {
-                                let xv = x[((n * s.c_in + c) * s.height + i + ki) * s.width + j + kj];
+                                let xv =
+                                    x[((n * s.c_in + c) * s.height + i + ki) * s.width + j + kj];
                                 let wv = weight[((o * s.c_in + c) * k + ki) * k + kj];
                                 acc += xv as f64 * wv as f64;
                             }
@@ -343,12 +398,18 @@ mod tests {
         let vx = values(x.len(), 8);
         let lhs = dot(&dy, &reference_forward(&vx, &w, &zeros_b, s));
         let rhs = dot(grads.x.as_ref().unwrap(), &vx);
-        assert!((lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()), "{lhs} vs {rhs}");
+        assert!(
+            (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
+            "{lhs} vs {rhs}"
+        );
         // Weight.
         let vw = values(w.len(), 9);
         let lhs = dot(&dy, &reference_forward(&x, &vw, &zeros_b, s));
         let rhs = dot(&grads.weight, &vw);
-        assert!((lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()), "{lhs} vs {rhs}");
+        assert!(
+            (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
+            "{lhs} vs {rhs}"
+        );
         // Bias.
         let want: Vec<f32> = (0..s.c_out)
             .map(|o| {

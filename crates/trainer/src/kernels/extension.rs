@@ -6,7 +6,9 @@
 #![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -17,8 +19,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, NdArray, TensorMetadata, backend_extension};
 use burn::tensor::{DType, TensorData};
 
-use super::conv::{self, ConvShape};
-use super::pool;
+use super::conv::{self, ConvGrads, ConvShape};
+use super::{fused, pool};
 
 /// Convolution and max-pool kernels for the CNN. Shapes are checked by the wrappers in
 /// [`super`]; the operations panic on anything but f32.
@@ -35,6 +37,13 @@ pub trait CnnBackend: Backend {
 
     /// 2x2 max-pool with stride 2 of `x: [n, c, h, w]`: `[n, c, h/2, w/2]`.
     fn max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `max_pool2x2(conv2d_valid(x, weight, bias, relu = true))` in one pass per sample.
+    fn conv2d_relu_pool(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 /// Backends whose f32 tensors the kernels can read as a slice and build from a `Vec`.
@@ -125,10 +134,19 @@ fn conv_forward<B: HostF32>(
         s,
         relu,
     );
-    B::write_f32(
-        y,
-        vec![s.batch, s.c_out, s.out_height(), s.out_width()],
-    )
+    B::write_f32(y, vec![s.batch, s.c_out, s.out_height(), s.out_width()])
+}
+
+/// The fused forward pass: pooled output and the index of each window's maximum.
+fn fused_forward<B: HostF32>(
+    x: &FloatTensor<B>,
+    weight: &FloatTensor<B>,
+    bias: &FloatTensor<B>,
+) -> (FloatTensor<B>, Vec<u8>) {
+    let s = conv_shape::<B>(x, weight);
+    let pooled = fused::forward(&B::read_f32(x), &B::read_f32(weight), &B::read_f32(bias), s);
+    let shape = vec![s.batch, s.c_out, s.out_height() / 2, s.out_width() / 2];
+    (B::write_f32(pooled.y, shape), pooled.argmax)
 }
 
 fn pool_forward<B: HostF32>(x: FloatTensor<B>) -> FloatTensor<B> {
@@ -150,20 +168,27 @@ impl CnnBackend for NdArray {
     fn max_pool2x2(x: NdArrayTensor) -> NdArrayTensor {
         pool_forward::<Self>(x)
     }
+
+    fn conv2d_relu_pool(
+        x: NdArrayTensor,
+        weight: NdArrayTensor,
+        bias: NdArrayTensor,
+    ) -> NdArrayTensor {
+        fused_forward::<Self>(&x, &weight, &bias).0
+    }
 }
 
 impl CnnBackend for Flex {
-    fn conv2d_valid(
-        x: FlexTensor,
-        weight: FlexTensor,
-        bias: FlexTensor,
-        relu: bool,
-    ) -> FlexTensor {
+    fn conv2d_valid(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, relu: bool) -> FlexTensor {
         conv_forward::<Self>(x, weight, bias, relu)
     }
 
     fn max_pool2x2(x: FlexTensor) -> FlexTensor {
         pool_forward::<Self>(x)
+    }
+
+    fn conv2d_relu_pool(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        fused_forward::<Self>(&x, &weight, &bias).0
     }
 }
 
@@ -191,17 +216,57 @@ impl<B: HostF32> Backward<B, 3> for ConvBackward {
             s,
             node_x.is_some(),
         );
-        if let (Some(node), Some(dx)) = (node_x, g.x) {
-            let shape = vec![s.batch, s.c_in, s.height, s.width];
-            grads.register::<B>(node.id, B::write_f32(dx, shape));
-        }
-        if let Some(node) = node_weight {
-            let shape = vec![s.c_out, s.c_in, s.kernel, s.kernel];
-            grads.register::<B>(node.id, B::write_f32(g.weight, shape));
-        }
-        if let Some(node) = node_bias {
-            grads.register::<B>(node.id, B::write_f32(g.bias, vec![s.c_out]));
-        }
+        let ids = [node_x, node_weight, node_bias].map(|node| node.map(|node| node.id));
+        register_conv_grads::<B>(grads, ids, g, &s);
+    }
+}
+
+/// Hands the convolution's gradients to the parents that want them.
+fn register_conv_grads<B: HostF32>(
+    grads: &mut Gradients,
+    [node_x, node_weight, node_bias]: [Option<NodeId>; 3],
+    g: ConvGrads,
+    s: &ConvShape,
+) {
+    if let (Some(node), Some(dx)) = (node_x, g.x) {
+        let shape = vec![s.batch, s.c_in, s.height, s.width];
+        grads.register::<B>(node, B::write_f32(dx, shape));
+    }
+    if let Some(node) = node_weight {
+        let shape = vec![s.c_out, s.c_in, s.kernel, s.kernel];
+        grads.register::<B>(node, B::write_f32(g.weight, shape));
+    }
+    if let Some(node) = node_bias {
+        grads.register::<B>(node, B::write_f32(g.bias, vec![s.c_out]));
+    }
+}
+
+/// Backward step of [`CnnBackend::conv2d_relu_pool`].
+#[derive(Debug)]
+struct ConvReluPoolBackward;
+
+/// Input, weight, pooled output and the window index of each pooled maximum.
+type ConvReluPoolState<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Arc<Vec<u8>>);
+
+impl<B: HostF32> Backward<B, 3> for ConvReluPoolBackward {
+    type State = ConvReluPoolState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_weight, node_bias] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight, y, argmax) = ops.state;
+        let s = conv_shape::<B>(&x, &weight);
+        let g = fused::backward(
+            &B::read_f32(&x),
+            &B::read_f32(&weight),
+            &B::read_f32(&y),
+            &argmax,
+            &B::read_f32(&grad),
+            s,
+            node_x.is_some(),
+        );
+        let ids = [node_x, node_weight, node_bias].map(|node| node.map(|node| node.id));
+        register_conv_grads::<B>(grads, ids, g, &s);
     }
 }
 
@@ -245,6 +310,27 @@ impl<B: CnnBackend + HostF32, C: CheckpointStrategy> CnnBackend for Autodiff<B, 
                 prep.finish((x, weight, output), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::conv2d_valid(x, weight, bias, relu)),
+        }
+    }
+
+    fn conv2d_relu_pool(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (x, x_node) = x.into_parts();
+        let (weight, weight_node) = weight.into_parts();
+        let (bias, bias_node) = bias.into_parts();
+        match ConvReluPoolBackward
+            .prepare::<C>([x_node, weight_node, bias_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, argmax) = fused_forward::<B>(&x, &weight, &bias);
+                prep.finish((x, weight, y.clone(), Arc::new(argmax)), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::conv2d_relu_pool(x, weight, bias)),
         }
     }
 

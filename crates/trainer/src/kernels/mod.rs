@@ -14,6 +14,7 @@
 
 mod conv;
 pub mod extension;
+mod fused;
 mod matmul;
 mod pool;
 
@@ -42,18 +43,45 @@ pub fn supported(device: &Device, dtype: DType) -> bool {
 /// # Panics
 /// On shapes that do not fit, on tensors that are not f32, on a device other than ndarray/flex.
 pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, relu: bool) -> Tensor<4> {
-    let [_, c_in, h, w] = x.dims();
-    let [c_out, w_in, kh, kw] = weight.dims();
-    assert_eq!(w_in, c_in, "conv2d: weight {:?} for {c_in} input channels", weight.dims());
-    assert!(kh == kw && kh >= 1, "conv2d: the kernel must be square, got {kh}x{kw}");
-    assert!(kh <= h && kh <= w, "conv2d: a {kh}x{kh} kernel does not fit {h}x{w} inputs");
-    assert_eq!(bias.dims(), [c_out], "conv2d: bias size");
+    check_conv(&x, &weight, &bias);
     Tensor::from_dispatch(<Dispatch as CnnBackend>::conv2d_valid(
         x.into_dispatch(),
         weight.into_dispatch(),
         bias.into_dispatch(),
         relu,
     ))
+}
+
+/// `max_pool2x2(conv2d(x, weight, bias, true))` in one pass per sample: the convolution's output
+/// never becomes a tensor, and the backward pass needs only the pooled output and one byte per
+/// pooled element. Same results as the two operations, bit for bit.
+pub fn conv2d_relu_pool(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4> {
+    check_conv(&x, &weight, &bias);
+    Tensor::from_dispatch(<Dispatch as CnnBackend>::conv2d_relu_pool(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
+fn check_conv(x: &Tensor<4>, weight: &Tensor<4>, bias: &Tensor<1>) {
+    let [_, c_in, h, w] = x.dims();
+    let [c_out, w_in, kh, kw] = weight.dims();
+    assert_eq!(
+        w_in,
+        c_in,
+        "conv2d: weight {:?} for {c_in} input channels",
+        weight.dims()
+    );
+    assert!(
+        kh == kw && kh >= 1,
+        "conv2d: the kernel must be square, got {kh}x{kw}"
+    );
+    assert!(
+        kh <= h && kh <= w,
+        "conv2d: a {kh}x{kh} kernel does not fit {h}x{w} inputs"
+    );
+    assert_eq!(bias.dims(), [c_out], "conv2d: bias size");
 }
 
 /// 2x2 max-pool with stride 2 of `x: [n, c, h, w]`: `[n, c, h / 2, w / 2]` (floor, like burn's
@@ -99,11 +127,14 @@ mod tests {
                 let conv = Conv2dConfig::new([3, 5], [3, 3]).init(&device);
                 let x = Tensor::<4>::random([batch, 3, 9, 8], Distribution::Default, &device)
                     .require_grad();
-                let probe =
-                    Tensor::<4>::random([batch, 5, 7, 6], Distribution::Default, &device);
+                let probe = Tensor::<4>::random([batch, 5, 7, 6], Distribution::Default, &device);
 
                 let reference = conv.forward(x.clone());
-                let reference = if fused_relu { relu(reference) } else { reference };
+                let reference = if fused_relu {
+                    relu(reference)
+                } else {
+                    reference
+                };
                 let ours = conv2d(
                     x.clone(),
                     conv.weight.val(),
@@ -142,11 +173,8 @@ mod tests {
             for [h, w] in [[13, 13], [8, 6], [7, 10]] {
                 let x = Tensor::<4>::random([5, 3, h, w], Distribution::Default, &device)
                     .require_grad();
-                let probe = Tensor::<4>::random(
-                    [5, 3, h / 2, w / 2],
-                    Distribution::Default,
-                    &device,
-                );
+                let probe =
+                    Tensor::<4>::random([5, 3, h / 2, w / 2], Distribution::Default, &device);
                 let reference = pool.forward(x.clone());
                 let ours = max_pool2x2(x.clone());
                 assert_eq!(ours.dims(), [5, 3, h / 2, w / 2]);
@@ -162,6 +190,41 @@ mod tests {
         }
     }
 
+    /// The fused op against burn's `Conv2d` + ReLU + `MaxPool2d` (odd convolution output: 11x10).
+    #[test]
+    fn fused_conv_relu_pool_matches_burn_on_both_backends() {
+        for device in devices() {
+            device.seed(5);
+            let conv = Conv2dConfig::new([3, 4], [3, 3]).init(&device);
+            let pool = MaxPool2dConfig::new([2, 2]).init();
+            let batch = 2 * CHUNK + 1;
+            let x = Tensor::<4>::random([batch, 3, 13, 12], Distribution::Default, &device)
+                .require_grad();
+            let probe = Tensor::<4>::random([batch, 4, 5, 5], Distribution::Default, &device);
+            let reference = pool.forward(relu(conv.forward(x.clone())));
+            let bias = conv.bias.as_ref().unwrap();
+            let ours = conv2d_relu_pool(x.clone(), conv.weight.val(), bias.val());
+            assert_close(ours.clone(), reference.clone(), "fused output");
+            let ref_grads = (reference * probe.clone()).sum().backward();
+            let grads = (ours * probe).sum().backward();
+            assert_close(
+                x.grad(&grads).unwrap(),
+                x.grad(&ref_grads).unwrap(),
+                "fused input gradient",
+            );
+            assert_close(
+                conv.weight.grad(&grads).unwrap(),
+                conv.weight.grad(&ref_grads).unwrap(),
+                "fused weight gradient",
+            );
+            assert_close(
+                bias.grad(&grads).unwrap(),
+                bias.grad(&ref_grads).unwrap(),
+                "fused bias gradient",
+            );
+        }
+    }
+
     /// Without autodiff the extension runs the backend implementation directly.
     #[test]
     fn inference_without_autodiff() {
@@ -169,14 +232,19 @@ mod tests {
             let device = device.without_autodiff();
             let conv = Conv2dConfig::new([2, 4], [3, 3]).init(&device);
             let x = Tensor::<4>::random([3, 2, 6, 6], Distribution::Default, &device);
-            let want = MaxPool2dConfig::new([2, 2]).init().forward(relu(conv.forward(x.clone())));
+            let want = MaxPool2dConfig::new([2, 2])
+                .init()
+                .forward(relu(conv.forward(x.clone())));
             let got = max_pool2x2(conv2d(
-                x,
+                x.clone(),
                 conv.weight.val(),
                 conv.bias.as_ref().unwrap().val(),
                 true,
             ));
-            assert_close(got, want, "conv-relu-pool without autodiff");
+            assert_close(got, want.clone(), "conv-relu-pool without autodiff");
+            let bias = conv.bias.as_ref().unwrap().val();
+            let fused = conv2d_relu_pool(x, conv.weight.val(), bias);
+            assert_close(fused, want, "fused without autodiff");
         }
     }
 
@@ -189,15 +257,10 @@ mod tests {
             let conv2 = Conv2dConfig::new([6, 8], [3, 3]).init(device);
             let x = Tensor::<4>::random([2 * CHUNK + 1, 2, 16, 15], Distribution::Default, device)
                 .require_grad();
-            let block = |conv: &burn::nn::conv::Conv2d, x| {
-                max_pool2x2(conv2d(
-                    x,
-                    conv.weight.val(),
-                    conv.bias.as_ref().unwrap().val(),
-                    true,
-                ))
-            };
-            let y = block(&conv2, block(&conv1, x.clone()));
+            // The first block on the separate kernels, the second fused.
+            let bias = |conv: &burn::nn::conv::Conv2d| conv.bias.as_ref().unwrap().val();
+            let y = max_pool2x2(conv2d(x.clone(), conv1.weight.val(), bias(&conv1), true));
+            let y = conv2d_relu_pool(y, conv2.weight.val(), bias(&conv2));
             let probe = Tensor::<4>::random(y.dims(), Distribution::Default, device);
             let grads = (y.clone() * probe).sum().backward();
             let bits = |t: Tensor<4>| -> Vec<u32> {
@@ -213,7 +276,24 @@ mod tests {
                 bits(x.grad(&grads).unwrap()),
                 bits(conv1.weight.grad(&grads).unwrap()),
                 bits(conv2.weight.grad(&grads).unwrap()),
-                bits(conv2.bias.as_ref().unwrap().grad(&grads).unwrap().unsqueeze()),
+                bits(
+                    conv1
+                        .bias
+                        .as_ref()
+                        .unwrap()
+                        .grad(&grads)
+                        .unwrap()
+                        .unsqueeze(),
+                ),
+                bits(
+                    conv2
+                        .bias
+                        .as_ref()
+                        .unwrap()
+                        .grad(&grads)
+                        .unwrap()
+                        .unsqueeze(),
+                ),
             ]
         };
         for device in devices() {

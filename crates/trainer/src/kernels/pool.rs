@@ -13,25 +13,25 @@ use rayon::prelude::*;
 /// Planes per rayon task: enough work per task to amortise scheduling.
 const PLANES_PER_TASK: usize = 16;
 
-/// Index (0..4) of the first maximum of a window `[top-left, top-right, bottom-left,
-/// bottom-right]`.
-#[inline]
-fn argmax4(window: [f32; 4]) -> usize {
-    let mut best = 0;
-    for (i, &v) in window.iter().enumerate().skip(1) {
-        let b = window[best];
-        if v > b || (v.is_nan() && !b.is_nan()) {
-            best = i;
-        }
-    }
-    best
+/// Whether `v` takes the place of `best` as a window's maximum: strictly larger, or the first
+/// NaN. Written without short-circuits so that it compiles to selects, not branches (random data
+/// would mispredict every other one).
+#[inline(always)]
+fn beats(v: f32, best: f32) -> bool {
+    (v > best) | (v.is_nan() & !best.is_nan())
 }
 
-#[inline]
-fn window(plane: &[f32], width: usize, i: usize, j: usize) -> [f32; 4] {
-    let top = 2 * i * width + 2 * j;
-    let bottom = top + width;
-    [plane[top], plane[top + 1], plane[bottom], plane[bottom + 1]]
+/// Index (0..4) and value of the first maximum of a window `[top-left, top-right, bottom-left,
+/// bottom-right]`: a tournament in which a tie keeps the earlier element.
+#[inline(always)]
+fn argmax4([a, b, c, d]: [f32; 4]) -> (usize, f32) {
+    let (i01, m01) = if beats(b, a) { (1, b) } else { (0, a) };
+    let (i23, m23) = if beats(d, c) { (3, d) } else { (2, c) };
+    if beats(m23, m01) {
+        (i23, m23)
+    } else {
+        (i01, m01)
+    }
 }
 
 /// `x` is `planes` planes of `height x width`; returns `planes` planes of `height/2 x width/2`.
@@ -46,10 +46,13 @@ pub fn forward(x: &[f32], planes: usize, height: usize, width: usize) -> Vec<f32
         .zip(x.par_chunks(height * width))
         .with_min_len(PLANES_PER_TASK)
         .for_each(|(y, x)| {
-            for i in 0..oh {
+            for (i, y) in y.chunks_exact_mut(ow).enumerate() {
+                let top = &x[2 * i * width..][..2 * ow];
+                let bottom = &x[(2 * i + 1) * width..][..2 * ow];
+                // Plain indexing over exact lengths: the loop vectorises (stride-2 loads).
                 for j in 0..ow {
-                    let w = window(x, width, i, j);
-                    y[i * ow + j] = w[argmax4(w)];
+                    y[j] =
+                        argmax4([top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]]).1;
                 }
             }
         });
@@ -59,9 +62,17 @@ pub fn forward(x: &[f32], planes: usize, height: usize, width: usize) -> Vec<f32
 /// The input gradient of [`forward`]: `dy` goes to the maximum of each window (found again in
 /// `x`, the forward input), zero elsewhere.
 pub fn backward(x: &[f32], dy: &[f32], planes: usize, height: usize, width: usize) -> Vec<f32> {
-    assert_eq!(x.len(), planes * height * width, "max_pool2x2 backward: input size");
+    assert_eq!(
+        x.len(),
+        planes * height * width,
+        "max_pool2x2 backward: input size"
+    );
     let (oh, ow) = (height / 2, width / 2);
-    assert_eq!(dy.len(), planes * oh * ow, "max_pool2x2 backward: gradient size");
+    assert_eq!(
+        dy.len(),
+        planes * oh * ow,
+        "max_pool2x2 backward: gradient size"
+    );
     let mut dx = vec![0.0f32; x.len()];
     if oh * ow == 0 {
         return dx;
@@ -71,15 +82,90 @@ pub fn backward(x: &[f32], dy: &[f32], planes: usize, height: usize, width: usiz
         .zip(dy.par_chunks(oh * ow))
         .with_min_len(PLANES_PER_TASK)
         .for_each(|((dx, x), dy)| {
-            for i in 0..oh {
+            for (i, dy) in dy.chunks_exact(ow).enumerate() {
+                let top = &x[2 * i * width..][..2 * ow];
+                let bottom = &x[(2 * i + 1) * width..][..2 * ow];
+                let (dtop, dbottom) = dx[2 * i * width..].split_at_mut(width);
+                let (dtop, dbottom) = (&mut dtop[..2 * ow], &mut dbottom[..2 * ow]);
                 for j in 0..ow {
-                    let a = argmax4(window(x, width, i, j));
-                    let at = (2 * i + a / 2) * width + 2 * j + a % 2;
-                    dx[at] = dy[i * ow + j];
+                    let window = [top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]];
+                    let (at, _) = argmax4(window);
+                    let g = dy[j];
+                    dtop[2 * j] = if at == 0 { g } else { 0.0 };
+                    dtop[2 * j + 1] = if at == 1 { g } else { 0.0 };
+                    dbottom[2 * j] = if at == 2 { g } else { 0.0 };
+                    dbottom[2 * j + 1] = if at == 3 { g } else { 0.0 };
                 }
             }
         });
     dx
+}
+
+/// Pools one `height x width` plane into `y` (`height/2 x width/2`) and writes the index (0..4)
+/// of each window's maximum into `argmax`; with `relu`, the outputs are clamped at zero (the max
+/// of a ReLU is the ReLU of the max).
+pub(crate) fn plane_forward(
+    x: &[f32],
+    height: usize,
+    width: usize,
+    y: &mut [f32],
+    argmax: &mut [u8],
+    relu: bool,
+) {
+    let (oh, ow) = (height / 2, width / 2);
+    for i in 0..oh {
+        let top = &x[2 * i * width..][..2 * ow];
+        let bottom = &x[(2 * i + 1) * width..][..2 * ow];
+        let (y, argmax) = (&mut y[i * ow..][..ow], &mut argmax[i * ow..][..ow]);
+        for j in 0..ow {
+            let (at, max) = argmax4([top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]]);
+            y[j] = if relu && max < 0.0 { 0.0 } else { max };
+            argmax[j] = at as u8;
+        }
+    }
+}
+
+/// The adjoint of [`plane_forward`]: writes the whole `height x width` plane `dx`, with `dy` at
+/// each window's maximum and zero elsewhere. With `relu_output` (the pooled, ReLU-clamped output
+/// `y`), a window whose output is not positive passes nothing.
+pub(crate) fn plane_backward(
+    dy: &[f32],
+    argmax: &[u8],
+    relu_output: Option<&[f32]>,
+    height: usize,
+    width: usize,
+    dx: &mut [f32],
+) {
+    let (oh, ow) = (height / 2, width / 2);
+    if height % 2 == 1 || width % 2 == 1 {
+        dx.fill(0.0);
+    }
+    for i in 0..oh {
+        let (dtop, dbottom) = dx[2 * i * width..].split_at_mut(width);
+        let (dtop, dbottom) = (&mut dtop[..2 * ow], &mut dbottom[..2 * ow]);
+        let (dy, argmax) = (&dy[i * ow..][..ow], &argmax[i * ow..][..ow]);
+        match relu_output {
+            Some(y) => {
+                let y = &y[i * ow..][..ow];
+                for j in 0..ow {
+                    let (at, g) = (argmax[j], if y[j] > 0.0 { dy[j] } else { 0.0 });
+                    dtop[2 * j] = if at == 0 { g } else { 0.0 };
+                    dtop[2 * j + 1] = if at == 1 { g } else { 0.0 };
+                    dbottom[2 * j] = if at == 2 { g } else { 0.0 };
+                    dbottom[2 * j + 1] = if at == 3 { g } else { 0.0 };
+                }
+            }
+            None => {
+                for j in 0..ow {
+                    let (at, g) = (argmax[j], dy[j]);
+                    dtop[2 * j] = if at == 0 { g } else { 0.0 };
+                    dtop[2 * j + 1] = if at == 1 { g } else { 0.0 };
+                    dbottom[2 * j] = if at == 2 { g } else { 0.0 };
+                    dbottom[2 * j + 1] = if at == 3 { g } else { 0.0 };
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -116,7 +202,10 @@ mod tests {
 
     #[test]
     fn nan_wins_the_window() {
-        assert_eq!(argmax4([1.0, f32::NAN, 3.0, f32::NAN]), 1);
+        assert_eq!(argmax4([1.0, f32::NAN, 3.0, f32::NAN]).0, 1);
+        assert_eq!(argmax4([1.0, 3.0, f32::NAN, 2.0]).0, 2);
+        assert_eq!(argmax4([3.0, 3.0, 1.0, 3.0]).0, 0);
+        assert_eq!(argmax4([1.0, 2.0, 3.0, 3.0]).0, 2);
         assert!(forward(&[1.0, f32::NAN, 3.0, 2.0], 1, 2, 2)[0].is_nan());
     }
 }
