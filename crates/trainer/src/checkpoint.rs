@@ -163,7 +163,7 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
         }
     }
     let mut steps = list(root)?;
-    steps.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    steps.sort_unstable_by_key(|(step, _)| std::cmp::Reverse(*step));
     for (_, folder) in steps.into_iter().skip(keep) {
         fs::remove_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
     }
@@ -193,7 +193,7 @@ fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
 /// not (it is left in place, untouched). `Ok(None)` when there is none at all.
 pub fn newest_valid(run_dir: &Path) -> Result<(Option<Checkpoint>, Vec<String>)> {
     let mut steps = list(&run_dir.join(CHECKPOINTS_DIR))?;
-    steps.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    steps.sort_unstable_by_key(|(step, _)| std::cmp::Reverse(*step));
     let mut refused = Vec::new();
     for (_, folder) in steps {
         match read(&folder) {

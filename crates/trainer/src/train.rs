@@ -356,10 +356,13 @@ impl Trainer {
     /// After the step just done: is a checkpoint due? (`epoch_done`: it ended an epoch.)
     fn checkpoint_due(&self, state: &LoopState, epoch_done: bool, plan: &StepPlan) -> bool {
         let policy = &self.settings.checkpoint;
-        let by_steps = policy.every_steps.is_some_and(|n| state.step % n == 0);
+        let by_steps = policy
+            .every_steps
+            .is_some_and(|n| state.step.is_multiple_of(n));
         let finished_epoch = state.epoch - 1;
-        let by_epochs =
-            epoch_done && policy.every_epochs > 0 && finished_epoch % policy.every_epochs == 0;
+        let by_epochs = epoch_done
+            && policy.every_epochs > 0
+            && finished_epoch.is_multiple_of(policy.every_epochs);
         let last = state.step == plan.total_steps;
         by_steps || by_epochs || (last && (policy.every_steps.is_some() || policy.every_epochs > 0))
     }
