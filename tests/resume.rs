@@ -125,7 +125,10 @@ fn ctrl_c_saves_a_checkpoint_and_the_resume_matches() {
     args.push("--resume");
     let output = allcores(&args);
     assert!(output.status.success(), "{}", stderr(&output));
-    assert_eq!(last_json(&output)["weights_sha256"], reference["weights_sha256"]);
+    assert_eq!(
+        last_json(&output)["weights_sha256"],
+        reference["weights_sha256"]
+    );
 }
 
 #[test]
@@ -141,7 +144,12 @@ fn twenty_kills_lose_nothing_and_change_nothing() {
         let summary: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap())
                 .unwrap();
-        assert_eq!(summary["weights_sha256"], reference["weights_sha256"], "{}", run.display());
+        assert_eq!(
+            summary["weights_sha256"],
+            reference["weights_sha256"],
+            "{}",
+            run.display()
+        );
         assert_eq!(metrics(run), metrics(&whole), "{}", run.display());
     };
 
@@ -196,7 +204,11 @@ fn twenty_kills_lose_nothing_and_change_nothing() {
     let mut args = train_args(&config, &run, &[]);
     args.push("--resume");
     let output = allcores(&args);
-    assert!(output.status.success(), "the last resume failed: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "the last resume failed: {}",
+        stderr(&output)
+    );
     check_finished(&run);
     eprintln!(
         "{kills} kills ({mid_write} during a checkpoint write), {} runs finished, 0 lost runs, \
@@ -234,8 +246,14 @@ fn resume_refuses_changes_and_broken_checkpoints_and_touches_nothing() {
         let err = stderr(&output);
         assert_eq!(output.status.code(), Some(2), "{sets:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains(expected), "{sets:?}: expected '{expected}' in {err}");
-        assert!(snapshot() == before, "{sets:?}: the failed resume changed the run folder");
+        assert!(
+            err.contains(expected),
+            "{sets:?}: expected '{expected}' in {err}"
+        );
+        assert!(
+            snapshot() == before,
+            "{sets:?}: the failed resume changed the run folder"
+        );
     };
     refused(
         &["training.batch_size=16"],
@@ -265,13 +283,33 @@ fn resume_refuses_changes_and_broken_checkpoints_and_touches_nothing() {
     let elsewhere = dir.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
     write(&elsewhere, "notes.txt", "mine");
-    let output = allcores(&["train", config.to_str().unwrap(), "--out", elsewhere.to_str().unwrap(), "--resume"]);
+    let output = allcores(&[
+        "train",
+        config.to_str().unwrap(),
+        "--out",
+        elsewhere.to_str().unwrap(),
+        "--resume",
+    ]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("holds no run to resume"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("holds no run to resume"),
+        "{}",
+        stderr(&output)
+    );
     let missing = dir.path().join("missing");
-    let output = allcores(&["train", config.to_str().unwrap(), "--out", missing.to_str().unwrap(), "--resume"]);
+    let output = allcores(&[
+        "train",
+        config.to_str().unwrap(),
+        "--out",
+        missing.to_str().unwrap(),
+        "--resume",
+    ]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("no such run folder"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("no such run folder"),
+        "{}",
+        stderr(&output)
+    );
     assert!(!missing.exists());
 }
 
@@ -292,7 +330,13 @@ fn a_corrupted_newest_checkpoint_falls_back_to_the_previous_one() {
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     let err = stderr(&output);
-    assert!(err.contains("skipping a checkpoint that does not verify"), "{err}");
+    assert!(
+        err.contains("skipping a checkpoint that does not verify"),
+        "{err}"
+    );
     assert!(err.contains("step-0000000018"), "{err}");
-    assert_eq!(last_json(&output)["weights_sha256"], reference["weights_sha256"]);
+    assert_eq!(
+        last_json(&output)["weights_sha256"],
+        reference["weights_sha256"]
+    );
 }

@@ -47,18 +47,16 @@ impl BurnCnn {
 
 impl Classifier for BurnCnn {
     fn forward(&self, inputs: Tensor<4>) -> Tensor<2> {
-        let block = |conv: &Conv2d, x| {
-            self.pool
-                .forward(self.activation.forward(conv.forward(x)))
-        };
+        let block = |conv: &Conv2d, x| self.pool.forward(self.activation.forward(conv.forward(x)));
         let x = block(&self.conv2, block(&self.conv1, inputs));
         self.output
             .forward(self.activation.forward(self.dense.forward(x.flatten(1, 3))))
     }
 }
 
-/// Milliseconds per step and the last loss, after 3 untimed steps.
-fn time_steps<M>(mut model: M, device: &Device, batch: usize, steps: usize) -> (f64, f32)
+/// Milliseconds per step, per phase (forward + loss, backward, optimizer), and the last loss,
+/// after 3 untimed steps.
+fn time_steps<M>(mut model: M, device: &Device, batch: usize, steps: usize) -> (f64, [f64; 3], f32)
 where
     M: Classifier,
 {
@@ -68,17 +66,26 @@ where
     let labels: Vec<i64> = (0..batch as i64).map(|i| (i * 7) % 10).collect();
     let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), device);
     let mut started = Instant::now();
-    let mut loss = 0.0;
+    let (mut loss, mut phases) = (0.0, [0.0f64; 3]);
     for step in 0..steps + 3 {
         if step == 3 {
             started = Instant::now();
+            phases = [0.0; 3];
         }
+        let t0 = Instant::now();
         let l = loss_fn.forward(model.forward(x.clone()), y.clone());
+        let t1 = Instant::now();
         let grads = GradientsParams::from_grads(l.backward(), &model);
+        let t2 = Instant::now();
         model = optimizer.step(1e-3, model, grads);
+        let t3 = Instant::now();
+        for (phase, (a, b)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
+            *phase += (b - a).as_secs_f64() * 1e3 / steps as f64;
+        }
         loss = l.into_scalar::<f32>();
     }
-    (started.elapsed().as_secs_f64() * 1e3 / steps as f64, loss)
+    let ms = started.elapsed().as_secs_f64() * 1e3 / steps as f64;
+    (ms, phases, loss)
 }
 
 fn main() {
@@ -100,7 +107,7 @@ fn main() {
 
     let plan = ThreadPlan::new(Threads::Count(NonZeroUsize::new(threads).expect(usage)));
     let pool = plan.install().expect("a rayon pool");
-    let (ms, loss) = pool.install(|| {
+    let (ms, [forward, backward, update], loss) = pool.install(|| {
         let device = device(backend);
         device.seed(42);
         if kernels {
@@ -124,7 +131,8 @@ fn main() {
     });
     println!(
         "burn backend={backend} variant={} threads={threads} batch={batch} step_ms={ms:.3} \
-         samples_per_s={:.0} loss={loss:.6}",
+         samples_per_s={:.0} loss={loss:.6} forward_ms={forward:.2} backward_ms={backward:.2} \
+         optimizer_ms={update:.2}",
         if kernels { "kernels" } else { "burn" },
         batch as f64 * 1e3 / ms
     );

@@ -123,6 +123,7 @@ impl Classifier for Cnn {
 
 /// The networks a config file can name with `model.kind`.
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // one value per run: its size does not matter
 pub enum BuiltinModel {
     Mlp(Mlp),
     Cnn(Cnn),

@@ -10,11 +10,12 @@
 //! what a checkpoint saves, and a resumed run continues bit for bit where it stopped.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
+use burn::module::{ModuleVisitor, Param};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
@@ -140,8 +141,7 @@ impl Trainer {
         let train = &self.data.train;
         let plan = StepPlan::new(train.len(), training);
         let device = device(training.backend);
-        device.seed(training.seed);
-        let model = init(&device)?;
+        let model = seeded_init(&device, training.seed, init)?;
         let optimizer = optimizer(&self.settings.optimizer);
         let scheduler = schedule(&self.settings.optimizer, plan.total_steps)?;
         let loss_fn = CrossEntropyLossConfig::new().init(&device);
@@ -447,6 +447,28 @@ fn accumulate_gradients<M: Classifier>(
         grads.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
     }
     (grads.grads(), loss_sum)
+}
+
+/// Seeds the device's generator and builds the model, one run at a time: burn's generator is
+/// shared by the whole process, so two runs initialising at once would mix their draws. burn
+/// initialises parameters lazily, at first use: they are materialised here, under the lock.
+fn seeded_init<M, F>(device: &Device, seed: u64, init: F) -> Result<M>
+where
+    M: Module,
+    F: FnOnce(&Device) -> Result<M>,
+{
+    static INIT: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(seed);
+    let model = init(device)?;
+    struct Touch;
+    impl ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    model.visit(&mut Touch);
+    Ok(model)
 }
 
 /// Where the loop starts.

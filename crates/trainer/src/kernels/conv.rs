@@ -6,10 +6,12 @@
 //! each chunk sums its own samples in order, and the chunk partials are added in chunk order, so
 //! every sum is taken in the same order at any thread count.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
-use super::CHUNK;
 use super::matmul::{Mat, matmul};
+use super::{CHUNK, assume_init, init, uninit};
 
 /// The sizes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,13 +122,14 @@ pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: ConvShape, relu: bool
     assert_eq!(bias.len(), s.c_out, "conv2d: bias size");
     let (kk, p) = (s.patch(), s.positions());
     let (in_len, out_len) = (s.in_len(), s.out_len());
-    let mut y = vec![0.0f32; s.batch * out_len];
-    if y.is_empty() {
-        return y;
+    if out_len == 0 {
+        return Vec::new();
     }
+    let mut y = uninit(s.batch * out_len);
     y.par_chunks_mut(CHUNK * out_len)
         .zip(x.par_chunks(CHUNK * in_len))
         .for_each(|(y, x)| {
+            let y = init(y, 0.0);
             let mut cols = vec![0.0f32; kk * p];
             for (y, x) in y.chunks_mut(out_len).zip(x.chunks(in_len)) {
                 sample_forward(x, weight, bias, &s, &mut cols, y);
@@ -135,7 +138,9 @@ pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: ConvShape, relu: bool
                 }
             }
         });
-    y
+    // SAFETY: one chunk of `y` per chunk of `x` (`s.check` verified the sizes), each through
+    // `init`.
+    unsafe { assume_init(y) }
 }
 
 /// `y = conv(x, weight) + bias` for one sample, `cols` a scratch buffer of the im2col size.
@@ -221,16 +226,18 @@ where
     let (in_len, out_len) = (s.in_len(), s.out_len());
 
     let chunks = s.batch.div_ceil(CHUNK);
-    let mut dx = input_grad.then(|| vec![0.0f32; s.batch * in_len]);
-    let dx_chunks: Vec<Option<&mut [f32]>> = match dx.as_mut() {
-        Some(dx) if in_len > 0 => dx.chunks_mut(CHUNK * in_len).map(Some).collect(),
-        _ => (0..chunks).map(|_| None).collect(),
+    let mut dx = input_grad.then(|| uninit(s.batch * in_len));
+    let dx_chunks: Vec<Option<&mut [MaybeUninit<f32>]>> = match dx.as_mut() {
+        Some(dx) => dx.chunks_mut(CHUNK * in_len).map(Some).collect(),
+        None => (0..chunks).map(|_| None).collect(),
     };
+    assert_eq!(dx_chunks.len(), chunks);
 
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx_chunks
         .into_par_iter()
         .enumerate()
-        .map(|(chunk, mut dx)| {
+        .map(|(chunk, dx)| {
+            let mut dx = dx.map(|dx| init(dx, 0.0));
             let mut dw = vec![0.0f32; o * kk];
             let mut db = vec![0.0f32; o];
             let mut cols = vec![0.0f32; kk * p];
@@ -267,16 +274,14 @@ where
         })
         .collect();
 
-    let mut partials = partials.into_iter();
-    let (mut weight_grad, mut bias_grad) = partials
-        .next()
-        .unwrap_or_else(|| (vec![0.0; o * kk], vec![0.0; o]));
-    for (dw, db) in partials {
-        add_assign(&mut weight_grad, &dw);
-        add_assign(&mut bias_grad, &db);
-    }
+    let (weight_parts, bias_parts): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+    let (weight_grad, bias_grad) = (
+        sum_in_order(&weight_parts, o * kk),
+        sum_in_order(&bias_parts, o),
+    );
     ConvGrads {
-        x: dx,
+        // SAFETY: every chunk of `dx` went to one task, which initialised it.
+        x: dx.map(|dx| unsafe { assume_init(dx) }),
         weight: weight_grad,
         bias: bias_grad,
     }
@@ -299,10 +304,24 @@ fn lane_sum(values: &[f32]) -> f32 {
     ((a + b) + (c + d)) + ((e + f) + (g + h))
 }
 
-fn add_assign(sum: &mut [f32], part: &[f32]) {
-    for (s, p) in sum.iter_mut().zip(part) {
-        *s += p;
-    }
+/// The element-wise sum of `parts` (each of `len` elements), taken in the order of `parts` for
+/// every element; elements are spread over the threads, which does not change any sum.
+fn sum_in_order(parts: &[Vec<f32>], len: usize) -> Vec<f32> {
+    const BLOCK: usize = 4096;
+    let Some((first, rest)) = parts.split_first() else {
+        return vec![0.0; len];
+    };
+    let mut sum = first.clone();
+    sum.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(block, sum)| {
+            for part in rest {
+                for (s, p) in sum.iter_mut().zip(&part[block * BLOCK..]) {
+                    *s += p;
+                }
+            }
+        });
+    sum
 }
 
 /// Direct definition, for tests: `y[n, o, i, j] = b[o] + Σ w[o, c, ki, kj] x[n, c, i+ki, j+kj]`.

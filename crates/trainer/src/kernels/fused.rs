@@ -8,9 +8,9 @@
 
 use rayon::prelude::*;
 
-use super::CHUNK;
 use super::conv::{self, ConvGrads, ConvShape};
 use super::pool;
+use super::{CHUNK, assume_init, init, uninit};
 
 /// The output of [`forward`].
 #[derive(Debug, Clone, PartialEq)]
@@ -32,15 +32,18 @@ pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) -> Pooled 
     let (oh, ow) = (s.out_height(), s.out_width());
     let (in_len, conv_len, out_len) = (s.in_len(), s.out_len(), pooled_len(&s));
     let plane = (oh / 2) * (ow / 2);
-    let mut y = vec![0.0f32; s.batch * out_len];
-    let mut argmax = vec![0u8; s.batch * out_len];
     if out_len == 0 {
-        return Pooled { y, argmax };
+        return Pooled {
+            y: Vec::new(),
+            argmax: Vec::new(),
+        };
     }
+    let (mut y, mut argmax) = (uninit(s.batch * out_len), uninit(s.batch * out_len));
     y.par_chunks_mut(CHUNK * out_len)
         .zip(argmax.par_chunks_mut(CHUNK * out_len))
         .zip(x.par_chunks(CHUNK * in_len))
         .for_each(|((y, argmax), x)| {
+            let (y, argmax) = (init(y, 0.0), init(argmax, 0));
             let mut cols = vec![0.0f32; s.patch() * s.positions()];
             let mut conv_out = vec![0.0f32; conv_len];
             let samples = y.chunks_mut(out_len).zip(argmax.chunks_mut(out_len));
@@ -52,7 +55,14 @@ pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) -> Pooled 
                 }
             }
         });
-    Pooled { y, argmax }
+    // SAFETY: the chunks of `y` and `argmax` pair up with those of `x` (one per CHUNK samples,
+    // `s.check` verified the sizes), so every chunk went through `init`.
+    unsafe {
+        Pooled {
+            y: assume_init(y),
+            argmax: assume_init(argmax),
+        }
+    }
 }
 
 /// The gradients of [`forward`] given the gradient `dy` of its pooled output `y` (with the

@@ -18,6 +18,8 @@ mod fused;
 mod matmul;
 mod pool;
 
+use std::mem::MaybeUninit;
+
 use burn::backend::Dispatch;
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -27,6 +29,27 @@ use extension::CnnBackend;
 /// Samples per rayon task, and per partial sum of the weight and bias gradients. A constant: the
 /// order of every sum must not depend on the thread count.
 pub const CHUNK: usize = 4;
+
+/// Large outputs are allocated uninitialised and each rayon task initialises its own chunk
+/// ([`init`]) right before writing it: zeroing them first on the calling thread would be serial
+/// work, with all the page faults on one thread.
+fn uninit<T>(len: usize) -> Box<[MaybeUninit<T>]> {
+    Box::new_uninit_slice(len)
+}
+
+/// Fills `chunk` with `value` and hands it back initialised.
+fn init<T: Copy>(chunk: &mut [MaybeUninit<T>], value: T) -> &mut [T] {
+    chunk.fill(MaybeUninit::new(value));
+    // SAFETY: every element was just written; `MaybeUninit<T>` has the layout of `T`.
+    unsafe { &mut *(chunk as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// # Safety
+/// Every element of `buffer` must have been initialised (by [`init`]).
+unsafe fn assume_init<T>(buffer: Box<[MaybeUninit<T>]>) -> Vec<T> {
+    // SAFETY: the caller guarantees that every element is initialised.
+    unsafe { buffer.assume_init() }.into_vec()
+}
 
 /// Whether the kernels run for tensors of this dtype on this device (f32 on burn-ndarray or
 /// burn-flex, with or without autodiff).
@@ -54,7 +77,8 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, relu: bool) -> T
 
 /// `max_pool2x2(conv2d(x, weight, bias, true))` in one pass per sample: the convolution's output
 /// never becomes a tensor, and the backward pass needs only the pooled output and one byte per
-/// pooled element. Same results as the two operations, bit for bit.
+/// pooled element. The same values and gradients as the two operations (the same GEMMs and sums;
+/// only the sign of a zero output can differ).
 pub fn conv2d_relu_pool(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4> {
     check_conv(&x, &weight, &bias);
     Tensor::from_dispatch(<Dispatch as CnnBackend>::conv2d_relu_pool(

@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use super::{assume_init, init, uninit};
+
 /// Planes per rayon task: enough work per task to amortise scheduling.
 const PLANES_PER_TASK: usize = 16;
 
@@ -38,14 +40,15 @@ fn argmax4([a, b, c, d]: [f32; 4]) -> (usize, f32) {
 pub fn forward(x: &[f32], planes: usize, height: usize, width: usize) -> Vec<f32> {
     assert_eq!(x.len(), planes * height * width, "max_pool2x2: input size");
     let (oh, ow) = (height / 2, width / 2);
-    let mut y = vec![0.0f32; planes * oh * ow];
-    if y.is_empty() {
-        return y;
+    if planes * oh * ow == 0 {
+        return Vec::new();
     }
+    let mut y = uninit(planes * oh * ow);
     y.par_chunks_mut(oh * ow)
         .zip(x.par_chunks(height * width))
         .with_min_len(PLANES_PER_TASK)
         .for_each(|(y, x)| {
+            let y = init(y, 0.0);
             for (i, y) in y.chunks_exact_mut(ow).enumerate() {
                 let top = &x[2 * i * width..][..2 * ow];
                 let bottom = &x[(2 * i + 1) * width..][..2 * ow];
@@ -56,7 +59,8 @@ pub fn forward(x: &[f32], planes: usize, height: usize, width: usize) -> Vec<f32
                 }
             }
         });
-    y
+    // SAFETY: one chunk of `y` per plane of `x` (sizes asserted above), each through `init`.
+    unsafe { assume_init(y) }
 }
 
 /// The input gradient of [`forward`]: `dy` goes to the maximum of each window (found again in
@@ -73,15 +77,16 @@ pub fn backward(x: &[f32], dy: &[f32], planes: usize, height: usize, width: usiz
         planes * oh * ow,
         "max_pool2x2 backward: gradient size"
     );
-    let mut dx = vec![0.0f32; x.len()];
     if oh * ow == 0 {
-        return dx;
+        return vec![0.0; x.len()];
     }
+    let mut dx = uninit(x.len());
     dx.par_chunks_mut(height * width)
         .zip(x.par_chunks(height * width))
         .zip(dy.par_chunks(oh * ow))
         .with_min_len(PLANES_PER_TASK)
         .for_each(|((dx, x), dy)| {
+            let dx = init(dx, 0.0);
             for (i, dy) in dy.chunks_exact(ow).enumerate() {
                 let top = &x[2 * i * width..][..2 * ow];
                 let bottom = &x[(2 * i + 1) * width..][..2 * ow];
@@ -98,7 +103,9 @@ pub fn backward(x: &[f32], dy: &[f32], planes: usize, height: usize, width: usiz
                 }
             }
         });
-    dx
+    // SAFETY: one chunk of `dx` per plane of `x` and of `dy` (sizes asserted above), each
+    // through `init`.
+    unsafe { assume_init(dx) }
 }
 
 /// Pools one `height x width` plane into `y` (`height/2 x width/2`) and writes the index (0..4)
@@ -117,7 +124,11 @@ pub(crate) fn plane_forward(
         let top = &x[2 * i * width..][..2 * ow];
         let bottom = &x[(2 * i + 1) * width..][..2 * ow];
         let (y, argmax) = (&mut y[i * ow..][..ow], &mut argmax[i * ow..][..ow]);
-        for j in 0..ow {
+        #[cfg(target_arch = "x86_64")]
+        let done = sse::row_forward(top, bottom, y, argmax, relu);
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = 0;
+        for j in done..ow {
             let (at, max) = argmax4([top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]]);
             y[j] = if relu && max < 0.0 { 0.0 } else { max };
             argmax[j] = at as u8;
@@ -144,27 +155,146 @@ pub(crate) fn plane_backward(
         let (dtop, dbottom) = dx[2 * i * width..].split_at_mut(width);
         let (dtop, dbottom) = (&mut dtop[..2 * ow], &mut dbottom[..2 * ow]);
         let (dy, argmax) = (&dy[i * ow..][..ow], &argmax[i * ow..][..ow]);
-        match relu_output {
-            Some(y) => {
-                let y = &y[i * ow..][..ow];
-                for j in 0..ow {
-                    let (at, g) = (argmax[j], if y[j] > 0.0 { dy[j] } else { 0.0 });
-                    dtop[2 * j] = if at == 0 { g } else { 0.0 };
-                    dtop[2 * j + 1] = if at == 1 { g } else { 0.0 };
-                    dbottom[2 * j] = if at == 2 { g } else { 0.0 };
-                    dbottom[2 * j + 1] = if at == 3 { g } else { 0.0 };
-                }
-            }
-            None => {
-                for j in 0..ow {
-                    let (at, g) = (argmax[j], dy[j]);
-                    dtop[2 * j] = if at == 0 { g } else { 0.0 };
-                    dtop[2 * j + 1] = if at == 1 { g } else { 0.0 };
-                    dbottom[2 * j] = if at == 2 { g } else { 0.0 };
-                    dbottom[2 * j + 1] = if at == 3 { g } else { 0.0 };
-                }
-            }
+        let y = relu_output.map(|y| &y[i * ow..][..ow]);
+        #[cfg(target_arch = "x86_64")]
+        let done = sse::row_backward(dy, argmax, y, dtop, dbottom);
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = 0;
+        for j in done..ow {
+            let at = argmax[j];
+            // Without a positive ReLU output (NaN included), no gradient.
+            let g = if y.is_none_or(|y| y[j] > 0.0) {
+                dy[j]
+            } else {
+                0.0
+            };
+            dtop[2 * j] = if at == 0 { g } else { 0.0 };
+            dtop[2 * j + 1] = if at == 1 { g } else { 0.0 };
+            dbottom[2 * j] = if at == 2 { g } else { 0.0 };
+            dbottom[2 * j + 1] = if at == 3 { g } else { 0.0 };
         }
+    }
+}
+
+/// Four windows at a time with SSE2, which every x86-64 CPU has; the same comparisons, in the
+/// same order, as [`argmax4`], so the results are those of the scalar code.
+#[cfg(target_arch = "x86_64")]
+mod sse {
+    use std::arch::x86_64::*;
+
+    /// [`super::beats`], lane by lane: all ones where `v` takes the place of `best`.
+    #[inline(always)]
+    fn beats(v: __m128, best: __m128) -> __m128 {
+        // SAFETY (every intrinsic of this module): SSE and SSE2 are part of x86-64.
+        // !(v <= best) is `v > best` or either is NaN; a NaN `best` is never replaced.
+        unsafe { _mm_andnot_ps(_mm_cmpunord_ps(best, best), _mm_cmpnle_ps(v, best)) }
+    }
+
+    /// `mask ? a : b`, lane by lane.
+    #[inline(always)]
+    fn select(mask: __m128, a: __m128, b: __m128) -> __m128 {
+        // SAFETY: SSE.
+        unsafe { _mm_or_ps(_mm_and_ps(mask, a), _mm_andnot_ps(mask, b)) }
+    }
+
+    /// Loads 8 consecutive values and splits them into even and odd positions.
+    #[inline(always)]
+    fn deinterleave(row: &[f32]) -> (__m128, __m128) {
+        assert!(row.len() >= 8);
+        // SAFETY: SSE; `row` holds at least 8 values, read by unaligned loads.
+        unsafe {
+            let lo = _mm_loadu_ps(row.as_ptr());
+            let hi = _mm_loadu_ps(row.as_ptr().add(4));
+            (
+                _mm_shuffle_ps::<0b10_00_10_00>(lo, hi),
+                _mm_shuffle_ps::<0b11_01_11_01>(lo, hi),
+            )
+        }
+    }
+
+    /// Stores `even` and `odd` interleaved into 8 consecutive values.
+    #[inline(always)]
+    fn interleave(even: __m128, odd: __m128, row: &mut [f32]) {
+        assert!(row.len() >= 8);
+        // SAFETY: SSE; `row` holds at least 8 values, written by unaligned stores.
+        unsafe {
+            _mm_storeu_ps(row.as_mut_ptr(), _mm_unpacklo_ps(even, odd));
+            _mm_storeu_ps(row.as_mut_ptr().add(4), _mm_unpackhi_ps(even, odd));
+        }
+    }
+
+    /// The forward pass over the first multiple of 4 windows of a row; returns how many.
+    pub(super) fn row_forward(
+        top: &[f32],
+        bottom: &[f32],
+        y: &mut [f32],
+        argmax: &mut [u8],
+        relu: bool,
+    ) -> usize {
+        let done = y.len() / 4 * 4;
+        for j in (0..done).step_by(4) {
+            let (a, b) = deinterleave(&top[2 * j..]);
+            let (c, d) = deinterleave(&bottom[2 * j..]);
+            // The tournament of `argmax4`: a tie keeps the earlier element.
+            let m01 = beats(b, a);
+            let m23 = beats(d, c);
+            let (max01, max23) = (select(m01, b, a), select(m23, d, c));
+            let m = beats(max23, max01);
+            let max = select(m, max23, max01);
+            // SAFETY: SSE2; `j + 4 <= done <= y.len()`, an unaligned store.
+            let at = unsafe {
+                let negative = _mm_cmplt_ps(max, _mm_setzero_ps());
+                let max = if relu {
+                    _mm_andnot_ps(negative, max)
+                } else {
+                    max
+                };
+                _mm_storeu_ps(y[j..j + 4].as_mut_ptr(), max);
+                // Index = m ? 2 + m23 : m01, with the masks (0 or -1) turned into 0 or 1.
+                let zero = _mm_setzero_si128();
+                let bit01 = _mm_sub_epi32(zero, _mm_castps_si128(m01));
+                let bit23 = _mm_sub_epi32(zero, _mm_castps_si128(m23));
+                let bottom = _mm_add_epi32(bit23, _mm_set1_epi32(2));
+                let m = _mm_castps_si128(m);
+                let at = _mm_or_si128(_mm_and_si128(m, bottom), _mm_andnot_si128(m, bit01));
+                // Four 32-bit lanes of 0..4 -> four bytes, lane 0 first.
+                let at = _mm_packus_epi16(_mm_packs_epi32(at, zero), zero);
+                _mm_cvtsi128_si32(at).to_le_bytes()
+            };
+            argmax[j..j + 4].copy_from_slice(&at);
+        }
+        done
+    }
+
+    /// The backward pass over the first multiple of 4 windows of a row; returns how many.
+    pub(super) fn row_backward(
+        dy: &[f32],
+        argmax: &[u8],
+        relu_output: Option<&[f32]>,
+        dtop: &mut [f32],
+        dbottom: &mut [f32],
+    ) -> usize {
+        let done = dy.len() / 4 * 4;
+        for j in (0..done).step_by(4) {
+            let at: [u8; 4] = argmax[j..j + 4].try_into().expect("4 indices");
+            // SAFETY: SSE2; unaligned loads of 4 values at `j + 4 <= done <= dy.len()`, and
+            // `relu_output` has the length of `dy`.
+            let [g0, g1, g2, g3] = unsafe {
+                let mut g = _mm_loadu_ps(dy[j..j + 4].as_ptr());
+                if let Some(y) = relu_output {
+                    let y = _mm_loadu_ps(y[j..j + 4].as_ptr());
+                    g = _mm_and_ps(_mm_cmpgt_ps(y, _mm_setzero_ps()), g);
+                }
+                let at = _mm_set_epi32(at[3].into(), at[2].into(), at[1].into(), at[0].into());
+                [0, 1, 2, 3].map(|k| {
+                    let hit = _mm_castsi128_ps(_mm_cmpeq_epi32(at, _mm_set1_epi32(k)));
+                    _mm_and_ps(hit, g)
+                })
+            };
+            interleave(g0, g1, &mut dtop[2 * j..]);
+            interleave(g2, g3, &mut dbottom[2 * j..]);
+        }
+        done
     }
 }
 
@@ -198,6 +328,63 @@ mod tests {
         assert_eq!(forward(&x, 1, 2, 4), vec![2.0, 7.0]);
         let dx = backward(&x, &[1.0, 1.0], 1, 2, 4);
         assert_eq!(dx, vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+    }
+
+    /// The SSE path and the scalar tail agree window for window (widths of 4k and 4k + r).
+    #[test]
+    fn every_window_follows_the_scalar_rule() {
+        let values = [
+            0.5,
+            -1.0,
+            0.5,
+            2.0,
+            f32::NAN,
+            -0.0,
+            0.0,
+            3.0,
+            2.0,
+            2.0,
+            -4.0,
+            1.5,
+        ];
+        for width in [2, 8, 10, 16, 22] {
+            let height = 6;
+            let x: Vec<f32> = (0..height * width)
+                .map(|i| values[(i * 7 + i / 5) % values.len()])
+                .collect();
+            let (oh, ow) = (height / 2, width / 2);
+            for relu in [false, true] {
+                let (mut y, mut argmax) = (vec![0.0; oh * ow], vec![0u8; oh * ow]);
+                plane_forward(&x, height, width, &mut y, &mut argmax, relu);
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let top = 2 * i * width + 2 * j;
+                        let window = [x[top], x[top + 1], x[top + width], x[top + width + 1]];
+                        let (at, max) = argmax4(window);
+                        let max = if relu && max < 0.0 { 0.0 } else { max };
+                        assert_eq!(argmax[i * ow + j] as usize, at, "{window:?}");
+                        assert_eq!(y[i * ow + j].to_bits(), max.to_bits(), "{window:?}");
+                    }
+                }
+                let dy: Vec<f32> = (0..oh * ow).map(|k| k as f32 + 1.0).collect();
+                let mut dx = vec![f32::NAN; height * width];
+                plane_backward(&dy, &argmax, relu.then_some(&y[..]), height, width, &mut dx);
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let pass = !relu || y[i * ow + j] > 0.0;
+                        for k in 0..4 {
+                            let at = (2 * i + k / 2) * width + 2 * j + k % 2;
+                            let want = if pass && argmax[i * ow + j] as usize == k {
+                                dy[i * ow + j]
+                            } else {
+                                0.0
+                            };
+                            assert_eq!(dx[at], want);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
