@@ -379,18 +379,8 @@ fn verdict(rows: &[ReportRow], baseline_threads: usize) -> Verdict {
     verdict
 }
 
-/// `12345.6` as `12,346`.
-pub(crate) fn thousands(value: f64) -> String {
-    let digits = format!("{:.0}", value.max(0.0));
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+/// `12345.6` as `12,346`: the trainer's formatting, so both speak alike.
+pub(crate) use allcores_trainer::thousands;
 
 fn opt(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
     value.map_or_else(|| "-".to_string(), show)
