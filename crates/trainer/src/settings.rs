@@ -465,8 +465,12 @@ impl Settings {
         let mut settings: Settings = merged
             .try_deserialize()
             .map_err(|e| config_error(one_line(&e.to_string())))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        settings.data.resolve_paths(base);
+        // Absolute, so that the copy saved in a run folder still finds the data from there.
+        let folder = path.parent().unwrap_or(Path::new("."));
+        let base = folder
+            .canonicalize()
+            .unwrap_or_else(|_| folder.to_path_buf());
+        settings.data.resolve_paths(&base);
         settings.validate()?;
         Ok(settings)
     }
@@ -774,6 +778,28 @@ mod tests {
         let s = Settings::load(file.path(), &Layers::default()).unwrap();
         let expected = file.path().parent().unwrap().join("digits.csv");
         assert_eq!(s.data.train_csv, Some(expected));
+    }
+
+    #[test]
+    fn data_paths_become_absolute_even_from_a_relative_config_path() {
+        let file = write_config(MINIMAL);
+        let cwd = std::env::current_dir().unwrap();
+        let relative = pathdiff(file.path(), &cwd);
+        let s = Settings::load(&relative, &Layers::default()).unwrap();
+        let csv = s.data.train_csv.unwrap();
+        assert!(csv.is_absolute(), "{}", csv.display());
+        assert_eq!(
+            csv.parent().unwrap().canonicalize().unwrap(),
+            file.path().parent().unwrap().canonicalize().unwrap()
+        );
+    }
+
+    /// `path` written relative to `base` with `..` steps (both absolute).
+    fn pathdiff(path: &Path, base: &Path) -> PathBuf {
+        let ups = base.components().count() - 1;
+        let mut relative: PathBuf = std::iter::repeat_n("..", ups).collect();
+        relative.push(path.strip_prefix("/").unwrap());
+        relative
     }
 
     #[test]
