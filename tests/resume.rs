@@ -26,21 +26,6 @@ fn config(dir: &Path) -> PathBuf {
     )
 }
 
-fn train_args<'a>(config: &'a Path, run: &'a Path, sets: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "train",
-        config.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--json",
-        "--quiet",
-    ];
-    for set in sets {
-        args.extend(["--set", set]);
-    }
-    args
-}
-
 /// (train loss, test loss, test accuracy) of every epoch, from metrics.jsonl.
 fn metrics(run: &Path) -> Vec<(f64, f64, f64)> {
     std::fs::read_to_string(run.join("metrics.jsonl"))

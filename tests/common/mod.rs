@@ -71,21 +71,25 @@ pub fn last_json(output: &Output) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
-/// Trains `config` into `dir/run` with `--json --quiet` and extra `--set`s; panics on failure.
-pub fn train_json(config: &Path, out: &Path, sets: &[&str]) -> serde_json::Value {
+/// `train CONFIG --out RUN --json --quiet` with a `--set` for each of `sets`.
+pub fn train_args<'a>(config: &'a Path, run: &'a Path, sets: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "train",
         config.to_str().unwrap(),
         "--out",
-        out.to_str().unwrap(),
+        run.to_str().unwrap(),
         "--json",
         "--quiet",
     ];
     for set in sets {
-        args.push("--set");
-        args.push(set);
+        args.extend(["--set", set]);
     }
-    let output = allcores(&args);
+    args
+}
+
+/// Trains `config` into `out` with `--json --quiet` and extra `--set`s; panics on failure.
+pub fn train_json(config: &Path, out: &Path, sets: &[&str]) -> serde_json::Value {
+    let output = allcores(&train_args(config, out, sets));
     assert!(output.status.success(), "train failed: {}", stderr(&output));
     last_json(&output)
 }

@@ -557,6 +557,17 @@ mod tests {
         }
     }
 
+    /// A config that loads (its data file need not exist) in `dir`.
+    fn minimal_config(dir: &std::path::Path) -> PathBuf {
+        let config = dir.join("c.toml");
+        std::fs::write(
+            &config,
+            "[data]\nformat = \"csv\"\ntrain_csv = \"d.csv\"\ntest_fraction = 0.2\n",
+        )
+        .unwrap();
+        config
+    }
+
     fn request(config: PathBuf) -> SweepRequest {
         SweepRequest {
             config,
@@ -592,12 +603,7 @@ mod tests {
     #[test]
     fn a_sweep_folder_that_holds_files_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("c.toml");
-        std::fs::write(
-            &config,
-            "[data]\nformat = \"csv\"\ntrain_csv = \"d.csv\"\ntest_fraction = 0.2\n",
-        )
-        .unwrap();
+        let config = minimal_config(dir.path());
         std::fs::write(dir.path().join("x"), "").unwrap();
         let mut r = request(config);
         r.out = Some(dir.path().to_path_buf());
@@ -609,12 +615,7 @@ mod tests {
     #[test]
     fn a_run_that_cannot_start_is_a_failure_in_the_report() {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("c.toml");
-        std::fs::write(
-            &config,
-            "[data]\nformat = \"csv\"\ntrain_csv = \"d.csv\"\ntest_fraction = 0.2\n",
-        )
-        .unwrap();
+        let config = minimal_config(dir.path());
         let mut r = request(config);
         r.out = Some(dir.path().join("sweep"));
         let outcome = run_sweep(&r).unwrap();

@@ -55,10 +55,7 @@ pub fn score<M: Classifier>(
         let mean: f32 = loss_fn.forward(logits.clone(), y).into_scalar();
         loss_sum += mean as f64 * chunk.len() as f64;
         let predictions = logits.argmax(1).into_data().convert::<i64>();
-        for (&i, &p) in chunk
-            .iter()
-            .zip(predictions.iter::<i64>().collect::<Vec<_>>().iter())
-        {
+        for (&i, p) in chunk.iter().zip(predictions.iter::<i64>()) {
             confusion[data.labels()[i] as usize][p as usize] += 1;
         }
     }

@@ -76,11 +76,7 @@ impl Dataset {
     /// The samples at `indices`, in that order, as a `[n, channels, height, width]` tensor and
     /// their labels.
     pub fn batch(&self, indices: &[usize], device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
-        let width = self.shape.len();
-        let mut features = Vec::with_capacity(indices.len() * width);
-        for &i in indices {
-            features.extend_from_slice(&self.features[i * width..(i + 1) * width]);
-        }
+        let features = self.gather(indices);
         let labels: Vec<i64> = indices.iter().map(|&i| self.labels[i] as i64).collect();
         let SampleShape {
             channels,
@@ -97,13 +93,18 @@ impl Dataset {
 
     /// Keeps the rows at `indices`, in that order.
     fn select(&self, indices: &[usize]) -> Dataset {
+        let labels = indices.iter().map(|&i| self.labels[i]).collect();
+        Dataset::new(self.gather(indices), labels, self.shape)
+    }
+
+    /// The features of the samples at `indices`, in that order, one after another.
+    fn gather(&self, indices: &[usize]) -> Vec<f32> {
         let width = self.shape.len();
         let mut features = Vec::with_capacity(indices.len() * width);
         for &i in indices {
             features.extend_from_slice(&self.features[i * width..(i + 1) * width]);
         }
-        let labels = indices.iter().map(|&i| self.labels[i]).collect();
-        Dataset::new(features, labels, self.shape)
+        features
     }
 
     fn check_labels(&self, classes: usize, source: &Path) -> Result<()> {
