@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::precision::ScalerState;
 use crate::summary::EpochMetrics;
 use crate::weights::hex;
 
@@ -56,6 +57,9 @@ pub struct LoopState {
     pub epoch_seconds: f64,
     /// Metrics of the finished epochs.
     pub metrics: Vec<EpochMetrics>,
+    /// The loss scaler (checkpoints written before mixed precision have none: no scaling).
+    #[serde(default)]
+    pub scaler: ScalerState,
 }
 
 /// A checkpoint on disk: its state, its settings and the paths of its binary parts.
@@ -275,6 +279,7 @@ mod tests {
             train_seconds: 1.5,
             epoch_seconds: 1.5,
             metrics: Vec::new(),
+            scaler: ScalerState::default(),
         }
     }
 

@@ -59,9 +59,9 @@ pub enum Error {
     )]
     Interrupted { step: u64, run_dir: PathBuf },
 
-    /// The loss became NaN or infinite.
-    #[error("training diverged at step {step}: the loss is {loss}")]
-    Diverged { step: u64, loss: f32 },
+    /// The loss, a gradient or a weight became NaN or infinite. No checkpoint holds it.
+    #[error("training diverged at step {step}: {what}")]
+    Diverged { step: u64, what: String },
 }
 
 impl Error {

@@ -5,10 +5,12 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::prelude::*;
+use burn::tensor::DType;
 
 use crate::data::SampleShape;
 use crate::error::{Error, Result};
 use crate::kernels;
+use crate::precision::round_activations;
 use crate::settings::{ModelKind, ModelSettings};
 
 /// A burn module that maps a batch of samples to class logits.
@@ -51,7 +53,7 @@ impl Classifier for Mlp {
     fn forward(&self, inputs: Tensor<4>) -> Tensor<2> {
         let mut x: Tensor<2> = inputs.flatten(1, 3);
         for layer in &self.hidden {
-            x = self.activation.forward(layer.forward(x));
+            x = round_activations(self.activation.forward(layer.forward(x)));
         }
         self.output.forward(x)
     }
@@ -99,12 +101,30 @@ impl Cnn {
         })
     }
 
-    /// Convolution, ReLU and 2x2 max-pool. f32 on burn-ndarray and burn-flex runs the crate's
+    /// Convolution, ReLU and 2x2 max-pool. On burn-ndarray and burn-flex this runs the crate's
     /// [`kernels`] (the `Conv2d` module only holds the parameters); anything else, burn's modules.
+    /// Half-precision tensors go through the f32 kernels and come back rounded to their format:
+    /// half storage, f32 arithmetic inside, as CPU half-precision convolutions compute (burn-flex's
+    /// own half convolution is several times slower than its f32 one).
     fn block(&self, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+        let dtype = x.dtype();
         match &conv.bias {
-            Some(bias) if kernels::supported(&x.device(), x.dtype()) => {
-                kernels::conv2d_relu_pool(x, conv.weight.val(), bias.val())
+            Some(bias) if kernels::supported(&x.device(), DType::F32) => {
+                let f32 = |t: Tensor<4>| {
+                    if dtype == DType::F32 {
+                        t
+                    } else {
+                        t.cast(DType::F32)
+                    }
+                };
+                let weight = conv.weight.val();
+                let bias = bias.val().cast(DType::F32);
+                let y = kernels::conv2d_relu_pool(f32(x), f32(weight), bias);
+                if dtype == DType::F32 {
+                    y
+                } else {
+                    y.cast(dtype)
+                }
             }
             _ => self.pool.forward(self.activation.forward(conv.forward(x))),
         }
@@ -113,11 +133,11 @@ impl Cnn {
 
 impl Classifier for Cnn {
     fn forward(&self, inputs: Tensor<4>) -> Tensor<2> {
-        let x = self.block(&self.conv1, inputs);
-        let x = self.block(&self.conv2, x);
+        let x = round_activations(self.block(&self.conv1, inputs));
+        let x = round_activations(self.block(&self.conv2, x));
         let x: Tensor<2> = x.flatten(1, 3);
-        self.output
-            .forward(self.activation.forward(self.dense.forward(x)))
+        let x = round_activations(self.activation.forward(self.dense.forward(x)));
+        self.output.forward(x)
     }
 }
 

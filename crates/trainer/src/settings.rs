@@ -30,6 +30,76 @@ pub struct Settings {
     pub training: TrainingSettings,
     #[serde(default)]
     pub checkpoint: CheckpointSettings,
+    #[serde(default)]
+    pub precision: PrecisionSettings,
+}
+
+/// Dynamic loss scaling of half-precision training (`training.precision`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrecisionSettings {
+    /// Whether the loss is scaled: `auto` scales for f16 only (bf16 has f32's exponent range).
+    #[serde(default)]
+    pub loss_scaling: LossScaling,
+    /// The first loss scale.
+    #[serde(default = "defaults::init_scale")]
+    pub init_scale: f64,
+    /// Clean steps in a row after which the scale grows.
+    #[serde(
+        default = "defaults::growth_interval",
+        deserialize_with = "whole::number"
+    )]
+    pub growth_interval: u64,
+    /// What the scale is multiplied by when it grows (> 1).
+    #[serde(default = "defaults::growth_factor")]
+    pub growth_factor: f64,
+    /// What the scale is multiplied by after a step with inf or NaN gradients (in (0, 1)).
+    #[serde(default = "defaults::backoff_factor")]
+    pub backoff_factor: f64,
+}
+
+impl Default for PrecisionSettings {
+    fn default() -> Self {
+        Self {
+            loss_scaling: LossScaling::Auto,
+            init_scale: defaults::init_scale(),
+            growth_interval: defaults::growth_interval(),
+            growth_factor: defaults::growth_factor(),
+            backoff_factor: defaults::backoff_factor(),
+        }
+    }
+}
+
+/// `precision.loss_scaling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossScaling {
+    /// Dynamic scaling for f16, none for bf16 and f32.
+    #[default]
+    Auto,
+    Dynamic,
+    Off,
+}
+
+/// `training.precision`: the format of the forward and backward passes. The master weights and
+/// the optimizer state are f32 whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        })
+    }
 }
 
 /// When the run saves checkpoints, and how many it keeps.
@@ -201,6 +271,9 @@ pub struct TrainingSettings {
     pub threads: Threads,
     #[serde(default)]
     pub backend: Backend,
+    /// Forward and backward in f32, f16 or bf16 (f32 master weights in every case).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// The compute backend: one config key apart, both CPU.
@@ -382,6 +455,18 @@ mod defaults {
     pub fn keep() -> usize {
         3
     }
+    pub fn init_scale() -> f64 {
+        65536.0
+    }
+    pub fn growth_interval() -> u64 {
+        2000
+    }
+    pub fn growth_factor() -> f64 {
+        2.0
+    }
+    pub fn backoff_factor() -> f64 {
+        0.5
+    }
 }
 
 impl Default for ModelSettings {
@@ -420,6 +505,7 @@ impl Default for TrainingSettings {
             seed: 0,
             threads: Threads::Auto,
             backend: Backend::Ndarray,
+            precision: Precision::F32,
         }
     }
 }
@@ -481,7 +567,8 @@ impl Settings {
         self.model.validate()?;
         self.optimizer.validate()?;
         self.training.validate()?;
-        self.checkpoint.validate()
+        self.checkpoint.validate()?;
+        self.precision.validate()
     }
 
     /// The settings as TOML, as saved in a run folder.
@@ -647,6 +734,52 @@ impl CheckpointSettings {
             return Err(Error::setting("checkpoint.keep", "must be at least 1"));
         }
         Ok(())
+    }
+}
+
+impl PrecisionSettings {
+    fn validate(&self) -> Result<()> {
+        // The scale must stay a normal f32 number: it multiplies an f32 loss.
+        if !(self.init_scale.is_finite() && self.init_scale > 0.0 && self.init_scale <= 1e38) {
+            return Err(Error::setting(
+                "precision.init_scale",
+                format!(
+                    "must be a positive number of at most 1e38, got {}",
+                    self.init_scale
+                ),
+            ));
+        }
+        if self.growth_interval == 0 {
+            return Err(Error::setting(
+                "precision.growth_interval",
+                "must be at least 1",
+            ));
+        }
+        if !(self.growth_factor.is_finite() && self.growth_factor > 1.0) {
+            return Err(Error::setting(
+                "precision.growth_factor",
+                format!("must be greater than 1, got {}", self.growth_factor),
+            ));
+        }
+        if !(self.backoff_factor > 0.0 && self.backoff_factor < 1.0) {
+            return Err(Error::setting(
+                "precision.backoff_factor",
+                format!(
+                    "must lie strictly between 0 and 1, got {}",
+                    self.backoff_factor
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a run in `precision` scales its loss.
+    pub fn scales(&self, precision: Precision) -> bool {
+        match self.loss_scaling {
+            LossScaling::Auto => precision == Precision::F16,
+            LossScaling::Dynamic => true,
+            LossScaling::Off => false,
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::precision::PrecisionMode;
+
 /// Metrics after one epoch (one JSON line of `metrics.jsonl`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
@@ -51,6 +53,14 @@ pub struct Summary {
     pub accumulation_steps: usize,
     pub effective_batch_size: usize,
     pub seed: u64,
+    /// `training.precision` of the forward and backward passes: "f32", "f16" or "bf16".
+    pub precision: String,
+    /// "native" (tensors of that format) or "emulated" (f32 tensors rounded to it).
+    pub precision_mode: PrecisionMode,
+    /// Steps whose gradients overflowed: counted, their update not applied.
+    pub skipped_steps: u64,
+    /// The loss scale at the end of the run; `None` when the run did not scale its loss.
+    pub loss_scale: Option<f64>,
     pub peak_rss_bytes: u64,
     /// SHA-256 of the final f32 weights in a fixed parameter order.
     pub weights_sha256: String,

@@ -27,6 +27,7 @@ use crate::data::{Dataset, Splits, epoch_order};
 use crate::error::{Error, Result};
 use crate::model::{BuiltinModel, Classifier};
 use crate::optim::{optimizer, schedule};
+use crate::precision::{self, Compute, LossScaler, ScalerState};
 use crate::progress::{Progress, thousands};
 use crate::resume::check_resumable;
 use crate::run_dir::RunDir;
@@ -145,6 +146,9 @@ impl Trainer {
         let optimizer = optimizer(&self.settings.optimizer);
         let scheduler = schedule(&self.settings.optimizer, plan.total_steps)?;
         let loss_fn = CrossEntropyLossConfig::new().init(&device);
+        let compute = Compute::new(training.precision, training.backend);
+        let scaling = &self.settings.precision;
+        let scales = scaling.scales(training.precision);
         let (resume_from, notes) = self.resume_point()?;
         let Restored {
             mut model,
@@ -152,7 +156,17 @@ impl Trainer {
             mut scheduler,
             mut state,
             mut lr,
-        } = restore(resume_from.as_ref(), model, optimizer, scheduler)?;
+        } = restore(
+            resume_from.as_ref(),
+            model,
+            optimizer,
+            scheduler,
+            || match scales {
+                true => LossScaler::new(scaling).state,
+                false => ScalerState::default(),
+            },
+        )?;
+        let mut scaler = scales.then(|| LossScaler::resume(scaling, state.scaler));
         // Every check of the input is behind us: only now is the run folder written.
         let run_dir = self.prepare_run_dir(&state)?;
 
@@ -163,6 +177,16 @@ impl Trainer {
             training.backend,
             threads.describe(training.backend)
         ));
+        if training.precision != crate::settings::Precision::F32 {
+            progress.log(format!(
+                "precision: {} ({:?}), f32 master weights{}",
+                training.precision,
+                compute.mode(),
+                scaler
+                    .as_ref()
+                    .map_or(String::new(), |s| format!(", loss scale {}", s.scale()))
+            ));
+        }
         for note in notes {
             progress.log(note);
         }
@@ -204,17 +228,38 @@ impl Trainer {
 
             // One optimizer step: the summed gradients of the group's micro-batches.
             let step_started = Instant::now();
-            let (grads, loss) =
-                accumulate_gradients(&model, train, group, &plan, &loss_fn, &device);
+            let loss_scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
+            let pass = Pass {
+                data: train,
+                plan: &plan,
+                loss_fn: &loss_fn,
+                device: &device,
+                compute,
+                loss_scale,
+            };
+            let (mut grads, loss) = pass.accumulate_gradients(&model, group);
             if !loss.is_finite() {
                 return Err(Error::Diverged {
                     step: state.step + 1,
-                    loss,
+                    what: format!("the loss is {loss}"),
                 });
             }
+            // A step with inf or NaN gradients is skipped (and counted): the scale shrinks.
+            let apply = match &mut scaler {
+                Some(scaler) => {
+                    let finite = precision::unscale(&mut grads, &model, loss_scale);
+                    let apply = scaler.update(finite);
+                    state.scaler = scaler.state;
+                    apply
+                }
+                None => true,
+            };
+            // The schedule advances on skipped steps too: it is a function of the step.
             let rate = scheduler.step();
             lr = rate.base();
-            model = optimizer.step(rate, model, grads);
+            if apply {
+                model = optimizer.step(rate, model, grads);
+            }
             let seconds = step_started.elapsed().as_secs_f64();
 
             state.record_step(group.len(), loss, seconds);
@@ -237,6 +282,8 @@ impl Trainer {
             if let Some(run_dir) = &run_dir
                 && (stopping || self.checkpoint_due(&state, epoch_done, &plan))
             {
+                // Never replace the last good checkpoint with broken weights.
+                ensure_finite(&model, state.step)?;
                 let writing = Instant::now();
                 save_checkpoint(run_dir, &state, &self.settings, &model, &optimizer)?;
                 checkpoint_seconds += writing.elapsed().as_secs_f64();
@@ -263,6 +310,7 @@ impl Trainer {
         let last = partial_epoch
             .or_else(|| state.metrics.last().cloned())
             .expect("a finished run has scored at least one epoch");
+        ensure_finite(&model, state.step)?;
         if let Some(run_dir) = &run_dir {
             weights::save(&model.valid(), &run_dir.weights_path())?;
         }
@@ -286,6 +334,10 @@ impl Trainer {
             accumulation_steps: training.accumulation_steps,
             effective_batch_size: plan.step_size,
             seed: training.seed,
+            precision: training.precision.to_string(),
+            precision_mode: compute.mode(),
+            skipped_steps: state.scaler.skipped_steps,
+            loss_scale: scaler.map(|s| s.state.scale),
             peak_rss_bytes: peak_rss_bytes(),
             weights_sha256: weights_sha256(&model),
             run_dir: run_dir.as_ref().map(|d| d.path().display().to_string()),
@@ -392,7 +444,7 @@ impl Trainer {
 
 impl LoopState {
     /// The state of a run that has not taken a step.
-    fn start() -> Self {
+    fn start(scaler: ScalerState) -> Self {
         Self {
             epoch: 1,
             groups_done: 0,
@@ -403,6 +455,7 @@ impl LoopState {
             train_seconds: 0.0,
             epoch_seconds: 0.0,
             metrics: Vec::new(),
+            scaler,
         }
     }
 
@@ -427,26 +480,55 @@ impl LoopState {
     }
 }
 
-/// Forward and backward over the micro-batches of one step; returns the summed gradients and
-/// the step's loss (mean over its samples).
-fn accumulate_gradients<M: Classifier>(
-    model: &M,
-    data: &Dataset,
-    group: &[usize],
-    plan: &StepPlan,
-    loss_fn: &CrossEntropyLoss,
-    device: &Device,
-) -> (GradientsParams, f32) {
-    let mut grads = GradientsAccumulator::new();
-    let mut loss_sum = 0.0f32;
-    for micro in group.chunks(plan.batch_size) {
-        let (x, y) = data.batch(micro, device);
-        let share = micro.len() as f32 / group.len() as f32;
-        let loss = loss_fn.forward(model.forward(x), y).mul_scalar(share);
-        loss_sum += loss.clone().into_scalar::<f32>();
-        grads.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
+/// What the forward and backward passes of a step need.
+struct Pass<'a> {
+    data: &'a Dataset,
+    plan: &'a StepPlan,
+    loss_fn: &'a CrossEntropyLoss,
+    device: &'a Device,
+    compute: Compute,
+    /// The loss is multiplied by this before backward (1 without loss scaling).
+    loss_scale: f32,
+}
+
+impl Pass<'_> {
+    /// Forward and backward over the micro-batches of one step, on the step's working copy of
+    /// `model` (half precision or the f32 master itself); returns the summed f32 gradients, still
+    /// multiplied by the loss scale, and the step's loss (mean over its samples).
+    fn accumulate_gradients<M: Classifier>(
+        &self,
+        model: &M,
+        group: &[usize],
+    ) -> (GradientsParams, f32) {
+        let working = self.compute.working_copy(model);
+        let mut grads = GradientsAccumulator::new();
+        let mut loss_sum = 0.0f32;
+        for micro in group.chunks(self.plan.batch_size) {
+            let (x, y) = self.data.batch(micro, self.device);
+            let share = micro.len() as f32 / group.len() as f32;
+            let logits = self.compute.forward(&working, x);
+            let loss = self.loss_fn.forward(logits, y).mul_scalar(share);
+            loss_sum += loss.clone().into_scalar::<f32>();
+            let loss = match self.loss_scale {
+                1.0 => loss,
+                scale => loss.mul_scalar(scale),
+            };
+            let micro_grads = GradientsParams::from_grads(loss.backward(), &working);
+            grads.accumulate(model, self.compute.gradients_to_f32(micro_grads, model));
+        }
+        (grads.grads(), loss_sum)
     }
-    (grads.grads(), loss_sum)
+}
+
+/// Stops the run, naming the step, when a weight is inf or NaN.
+fn ensure_finite<M: Module>(model: &M, step: u64) -> Result<()> {
+    match precision::weights_finite(model) {
+        true => Ok(()),
+        false => Err(Error::Diverged {
+            step,
+            what: "a weight is inf or NaN; no checkpoint was written from it".into(),
+        }),
+    }
 }
 
 /// Seeds the device's generator and builds the model, one run at a time: burn's generator is
@@ -482,18 +564,20 @@ struct Restored<M> {
 }
 
 /// The starting point of the loop: fresh, or what `checkpoint` saved.
+/// `fresh_scaler` is the loss scaler of a run that starts afresh.
 fn restore<M: Classifier + ModuleSnapshot>(
     checkpoint: Option<&Checkpoint>,
     model: M,
     optimizer: ModuleOptimizer,
     mut scheduler: ModuleLrScheduler,
+    fresh_scaler: impl FnOnce() -> ScalerState,
 ) -> Result<Restored<M>> {
     let Some(checkpoint) = checkpoint else {
         return Ok(Restored {
             model,
             optimizer,
             scheduler,
-            state: LoopState::start(),
+            state: LoopState::start(fresh_scaler()),
             lr: 0.0,
         });
     };

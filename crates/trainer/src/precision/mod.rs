@@ -1,0 +1,231 @@
+//! Mixed precision: forward and backward in f16 or bf16, over f32 master weights.
+//!
+//! Each step the trainer makes a half-precision working copy of the master weights
+//! ([`Compute::working_copy`]: the same parameter ids, so its gradients are keyed like the
+//! master's), runs forward and backward on it, brings the gradients back to f32
+//! ([`Compute::gradients_to_f32`]) and the optimizer updates the f32 master with its f32 state.
+//! The loss and its softmax run in f32, on logits cast up, as PyTorch's autocast does.
+//!
+//! - burn-flex has F16 and BF16 tensors: there the working copy, the inputs and every activation
+//!   are real half precision ("native").
+//! - burn-ndarray has f32 only: there the working copy, the inputs, the activations between
+//!   layers ([`round_activations`]) and the gradients are rounded to the half format and computed
+//!   in f32 ("emulated"): half precision's rounding and range, f32's speed and memory.
+
+mod round;
+mod scaler;
+
+use std::cell::Cell;
+
+use burn::module::{ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::DType;
+use serde::{Deserialize, Serialize};
+
+pub use round::round_to_half;
+pub use scaler::{LossScaler, ScalerState};
+
+use crate::model::Classifier;
+use crate::settings::{Backend, Precision};
+
+/// A 16-bit floating-point format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfFormat {
+    /// IEEE half: 5 exponent bits, 10 fraction bits (largest 65504).
+    F16,
+    /// bfloat16: f32's 8 exponent bits, 7 fraction bits.
+    Bf16,
+}
+
+impl HalfFormat {
+    fn dtype(self) -> DType {
+        match self {
+            HalfFormat::F16 => DType::F16,
+            HalfFormat::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// How the half precision of a run is obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionMode {
+    /// Tensors of the format itself (and f32 runs).
+    Native,
+    /// f32 tensors rounded to the format's values.
+    Emulated,
+}
+
+/// The precision of a run's forward and backward passes on its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compute {
+    /// `None`: f32 throughout.
+    half: Option<HalfFormat>,
+    mode: PrecisionMode,
+}
+
+impl Compute {
+    pub fn new(precision: Precision, backend: Backend) -> Self {
+        let half = match precision {
+            Precision::F32 => None,
+            Precision::F16 => Some(HalfFormat::F16),
+            Precision::Bf16 => Some(HalfFormat::Bf16),
+        };
+        let mode = match (half, backend) {
+            (Some(_), Backend::Ndarray) => PrecisionMode::Emulated,
+            _ => PrecisionMode::Native,
+        };
+        Self { half, mode }
+    }
+
+    pub fn mode(&self) -> PrecisionMode {
+        self.mode
+    }
+
+    /// The weights the step's forward and backward run on. In f32, the master itself.
+    pub fn working_copy<M: Module>(&self, master: &M) -> M {
+        match self.half {
+            None => master.clone(),
+            Some(format) => master.clone().map(&mut WorkingCopy {
+                format,
+                mode: self.mode,
+            }),
+        }
+    }
+
+    /// The model's logits for `inputs`, in f32, computed in this precision on `working`.
+    pub fn forward<M: Classifier>(&self, working: &M, inputs: Tensor<4>) -> Tensor<2> {
+        let Some(format) = self.half else {
+            return working.forward(inputs);
+        };
+        match self.mode {
+            PrecisionMode::Native => working
+                .forward(inputs.cast(format.dtype()))
+                .cast(DType::F32),
+            PrecisionMode::Emulated => {
+                let _scope = EmulationScope::enter(format);
+                round_activations(working.forward(round_to_half(inputs, format)))
+            }
+        }
+    }
+
+    /// The gradients of the working copy as f32 gradients of the master (`master` names the
+    /// parameters): cast up (native) or rounded to the format, as its gradients would be
+    /// (emulated).
+    pub fn gradients_to_f32<M: Module>(
+        &self,
+        mut grads: GradientsParams,
+        master: &M,
+    ) -> GradientsParams {
+        if let Some(format) = self.half {
+            master.visit(&mut EachGradient {
+                grads: &mut grads,
+                map: |g: Tensor<1>| match self.mode {
+                    PrecisionMode::Native => g.cast(DType::F32),
+                    PrecisionMode::Emulated => round_to_half(g, format),
+                },
+            });
+        }
+        grads
+    }
+}
+
+/// Divides the (summed) gradients of a step by the loss scale, in f32, and says whether every
+/// one of them is finite.
+pub fn unscale<M: Module>(grads: &mut GradientsParams, master: &M, scale: f32) -> bool {
+    let inverse = 1.0 / scale;
+    let mut finite = true;
+    master.visit(&mut EachGradient {
+        grads,
+        map: |g: Tensor<1>| {
+            let g = g.mul_scalar(inverse);
+            // An inf or NaN anywhere makes the sum inf or NaN.
+            finite &= g.clone().sum().into_scalar::<f32>().is_finite();
+            g
+        },
+    });
+    finite
+}
+
+/// Whether every weight of `model` is finite.
+pub fn weights_finite<M: Module>(model: &M) -> bool {
+    struct Check(bool);
+    impl ModuleVisitor for Check {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0 &= param.val().sum().into_scalar::<f32>().is_finite();
+        }
+    }
+    let mut check = Check(true);
+    model.visit(&mut check);
+    check.0
+}
+
+/// Rounds activations between layers to the half format of an emulated half-precision run, and
+/// leaves them unchanged anywhere else (f32 runs, native half tensors, outside the trainer).
+///
+/// The built-in models call it after each layer; a model of your own can too, so that burn-ndarray
+/// rounds where a half-precision backend would store.
+pub fn round_activations<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    match EMULATED.get() {
+        Some(format) if x.dtype() == DType::F32 => round_to_half(x, format),
+        _ => x,
+    }
+}
+
+thread_local! {
+    /// The half format being emulated by the forward pass running on this thread, like
+    /// PyTorch's thread-local autocast state.
+    static EMULATED: Cell<Option<HalfFormat>> = const { Cell::new(None) };
+}
+
+/// Emulation on for this thread until dropped.
+struct EmulationScope(Option<HalfFormat>);
+
+impl EmulationScope {
+    fn enter(format: HalfFormat) -> Self {
+        Self(EMULATED.replace(Some(format)))
+    }
+}
+
+impl Drop for EmulationScope {
+    fn drop(&mut self) {
+        EMULATED.set(self.0);
+    }
+}
+
+/// Makes the half-precision working copy of master weights: fresh leaves that keep the ids.
+struct WorkingCopy {
+    format: HalfFormat,
+    mode: PrecisionMode,
+}
+
+impl ModuleMapper for WorkingCopy {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (format, mode) = (self.format, self.mode);
+        param.map(|t| {
+            let half = match mode {
+                PrecisionMode::Native => t.detach().cast(format.dtype()),
+                PrecisionMode::Emulated => round_to_half(t.detach(), format),
+            };
+            // The second detach makes the copy a leaf: burn refuses to track a non-leaf.
+            half.detach().require_grad()
+        })
+    }
+}
+
+/// Replaces each parameter's gradient by `map` of it.
+struct EachGradient<'a, F> {
+    grads: &'a mut GradientsParams,
+    map: F,
+}
+
+impl<F: FnMut(Tensor<1>) -> Tensor<1>> ModuleVisitor for EachGradient<'_, F> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(grad) = self.grads.remove::<D>(param.id) {
+            let shape = grad.shape();
+            let flat = (self.map)(grad.reshape([shape.num_elements()]));
+            self.grads.register::<D>(param.id, flat.reshape(shape));
+        }
+    }
+}

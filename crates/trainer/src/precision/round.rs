@@ -1,0 +1,182 @@
+//! Rounding f32 tensors to the values of a half format: how burn-ndarray, which has no half
+//! dtypes, emulates half-precision training.
+//!
+//! An autodiff operation of its own, because the rounding must apply in both directions: the
+//! forward value, and the gradient that flows back through it (in real half precision the
+//! gradient of a half activation is itself half). A straight-through `x + (round(x) - x).detach()`
+//! would round only the forward value.
+#![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::ndarray::NdArrayTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{
+    Autodiff, Backend, Dispatch, Flex, NdArray, TensorMetadata, backend_extension,
+};
+use burn::prelude::*;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use super::HalfFormat;
+use crate::kernels::extension::HostF32;
+
+/// Elements per rayon task: rounding is element-wise, so the split changes no result.
+const CHUNK: usize = 1 << 14;
+
+/// Rounding to a half format, values kept in f32.
+#[backend_extension(NdArray, Flex, Autodiff)]
+pub trait RoundBackend: Backend {
+    /// Every element of an f32 tensor rounded to the nearest f16 value (`bf16 = false`) or bf16
+    /// value (round to nearest, ties to even), as f32.
+    fn round_to_half(x: FloatTensor<Self>, bf16: bool) -> FloatTensor<Self>;
+}
+
+/// `x` with every element rounded to `format` (to nearest, ties to even), still f32.
+pub fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as RoundBackend>::round_to_half(
+        x.into_dispatch(),
+        format == HalfFormat::Bf16,
+    ))
+}
+
+fn round_slice(values: &[f32], bf16: bool) -> Vec<f32> {
+    let mut out = vec![0.0f32; values.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(values.par_chunks(CHUNK))
+        .for_each(|(out, values)| {
+            if bf16 {
+                for (o, &v) in out.iter_mut().zip(values) {
+                    *o = round_bf16(v);
+                }
+            } else {
+                // The slice conversions use the CPU's F16C instructions, 8 lanes at a time.
+                let mut half = vec![f16::ZERO; values.len()];
+                half.convert_from_f32_slice(values);
+                half.convert_to_f32_slice(out);
+            }
+        });
+    out
+}
+
+/// `bf16::from_f32(v).to_f32()` without branches, so that the loop vectorises: round the
+/// 16 low bits away, to nearest, ties to even (a NaN stays a NaN).
+fn round_bf16(v: f32) -> f32 {
+    let bits = v.to_bits();
+    let rounded = f32::from_bits(bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000);
+    if v.is_nan() { v } else { rounded }
+}
+
+fn round_tensor<B: HostF32>(x: FloatTensor<B>, bf16: bool) -> FloatTensor<B> {
+    let shape = x.shape().to_vec();
+    B::write_f32(round_slice(&B::read_f32(&x), bf16), shape)
+}
+
+impl RoundBackend for NdArray {
+    fn round_to_half(x: NdArrayTensor, bf16: bool) -> NdArrayTensor {
+        round_tensor::<Self>(x, bf16)
+    }
+}
+
+impl RoundBackend for Flex {
+    fn round_to_half(x: FlexTensor, bf16: bool) -> FlexTensor {
+        round_tensor::<Self>(x, bf16)
+    }
+}
+
+/// Backward step of [`RoundBackend::round_to_half`]: the gradient, rounded the same way.
+#[derive(Debug)]
+struct RoundBackward;
+
+impl<B: RoundBackend> Backward<B, 1> for RoundBackward {
+    type State = bool;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::round_to_half(grad, ops.state));
+        }
+    }
+}
+
+impl<B: RoundBackend, C: CheckpointStrategy> RoundBackend for Autodiff<B, C> {
+    fn round_to_half(x: FloatTensor<Self>, bf16: bool) -> FloatTensor<Self> {
+        let (x, x_node) = x.into_parts();
+        match RoundBackward
+            .prepare::<C>([x_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(bf16, B::round_to_half(x, bf16)),
+            OpsKind::UnTracked(prep) => prep.finish(B::round_to_half(x, bf16)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    #[test]
+    fn rounds_like_the_half_crate_and_passes_rounded_gradients_back() {
+        let device = Device::ndarray().autodiff();
+        // 1 + 2^-12 is between two f16 values (spacing 2^-10) and rounds down to 1; 70000 is past
+        // f16's largest value (65504) and becomes inf; 1e-8 is below f16's smallest subnormal.
+        let x = Tensor::<1>::from_floats([1.0 + 2f32.powi(-12), 70000.0, 1e-8, -3.3], &device)
+            .require_grad();
+        let y = round_to_half(x.clone(), HalfFormat::F16);
+        let values: Vec<f32> = y.to_data().to_vec().unwrap();
+        assert_eq!(values[0], 1.0);
+        assert!(values[1].is_infinite());
+        assert_eq!(values[2], 0.0);
+        assert_eq!(values[3], f16::from_f32(-3.3).to_f32());
+        // d(sum(y * w))/dx = round(w): w = 1e-8 underflows to 0 in f16, 1/3 is rounded.
+        let w = Tensor::<1>::from_floats([1e-8, 1.0 / 3.0, 1.0, 1.0], &device);
+        let grads = y.mul(w).sum().backward();
+        let g: Vec<f32> = x.grad(&grads).unwrap().to_data().to_vec().unwrap();
+        assert_eq!(g[0], 0.0);
+        assert_eq!(g[1], f16::from_f32(1.0 / 3.0).to_f32());
+        assert_ne!(g[1], 1.0 / 3.0);
+    }
+
+    #[test]
+    fn bf16_rounding_matches_the_half_crate() {
+        let mut x = 0x1234_5678u32;
+        let mut samples: Vec<f32> = (0..100_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                f32::from_bits(x)
+            })
+            .collect();
+        samples.extend([f32::MAX, f32::MIN, f32::INFINITY, -0.0, 1.0 + 2f32.powi(-8)]);
+        for v in samples {
+            let expected = bf16::from_f32(v).to_f32();
+            let got = round_bf16(v);
+            assert!(
+                got.to_bits() == expected.to_bits() || (got.is_nan() && expected.is_nan()),
+                "{v:e}: {got:e} != {expected:e}"
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_keeps_the_f32_range() {
+        let device = Device::flex();
+        let x = Tensor::<1>::from_floats([70000.0, 1e-30, 1.0 + 2f32.powi(-9)], &device);
+        let values: Vec<f32> = round_to_half(x, HalfFormat::Bf16)
+            .to_data()
+            .to_vec()
+            .unwrap();
+        assert_eq!(values[0], bf16::from_f32(70000.0).to_f32());
+        assert!(values[1] > 0.0);
+        assert_eq!(values[2], 1.0); // bf16 keeps 7 fraction bits
+    }
+}
