@@ -219,3 +219,40 @@ fn run_folders_are_never_overwritten_and_eval_needs_a_run() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("holds no run"));
 }
+
+#[test]
+fn bad_precision_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = digits_config(dir.path());
+    refused(dir.path(), &config, &["training.precision=f8"], "precision");
+    refused(
+        dir.path(),
+        &config,
+        &["training.precision=f16", "precision.init_scale=0"],
+        "precision.init_scale: must be a positive number",
+    );
+    refused(
+        dir.path(),
+        &config,
+        &["precision.init_scale=-65536"],
+        "precision.init_scale",
+    );
+    refused(
+        dir.path(),
+        &config,
+        &["precision.growth_interval=0"],
+        "precision.growth_interval: must be at least 1",
+    );
+    refused(
+        dir.path(),
+        &config,
+        &["precision.backoff_factor=1.5"],
+        "precision.backoff_factor",
+    );
+    refused(
+        dir.path(),
+        &config,
+        &["precision.loss_scaling=sometimes"],
+        "loss_scaling",
+    );
+}
