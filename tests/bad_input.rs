@@ -256,3 +256,27 @@ fn bad_precision_settings() {
         "loss_scaling",
     );
 }
+
+#[test]
+fn bad_shards_and_execution() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = digits_config(dir.path());
+    refused(
+        dir.path(),
+        &config,
+        &["training.shards=0"],
+        "training.shards: must be at least 1",
+    );
+    refused(
+        dir.path(),
+        &config,
+        &["training.batch_size=8", "training.shards=9"],
+        "training.shards: must be at most training.batch_size (8), got 9",
+    );
+    refused(
+        dir.path(),
+        &config,
+        &["training.execution=parallel"],
+        "execution",
+    );
+}

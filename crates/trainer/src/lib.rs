@@ -13,6 +13,7 @@
 //! To train a model of your own, implement [`Classifier`] for your burn `Module` and call
 //! [`Trainer::fit`] (see `examples/custom_model.rs`).
 
+pub mod calibrate;
 pub mod checkpoint;
 pub mod data;
 mod error;

@@ -17,7 +17,7 @@ use crate::settings::{ModelKind, ModelSettings};
 ///
 /// Implement it for your own module and hand it to [`crate::Trainer::fit`]: the trainer
 /// supplies data, optimizer, threads and run folder.
-pub trait Classifier: Module {
+pub trait Classifier: Module + Sync {
     /// `inputs` is `[batch, channels, height, width]`; the result is `[batch, classes]` logits.
     fn forward(&self, inputs: Tensor<4>) -> Tensor<2>;
 }

@@ -10,7 +10,12 @@ use crate::run_dir::CONFIG_FILE;
 use crate::settings::Settings;
 
 /// Settings that may change on resume: they alter speed or length, never the steps taken.
-const MAY_CHANGE: [&str; 3] = ["training.threads", "training.epochs", "training.max_steps"];
+const MAY_CHANGE: [&str; 4] = [
+    "training.threads",
+    "training.execution",
+    "training.epochs",
+    "training.max_steps",
+];
 /// Sections that may change on resume.
 const MAY_CHANGE_SECTIONS: [&str; 1] = ["checkpoint."];
 

@@ -274,6 +274,39 @@ pub struct TrainingSettings {
     /// Forward and backward in f32, f16 or bf16 (f32 master weights in every case).
     #[serde(default)]
     pub precision: Precision,
+    /// Each micro-batch is split into this many shards, each its own forward and backward, their
+    /// gradients summed in order. Part of the result (a different split rounds differently); the
+    /// thread count is not.
+    #[serde(default = "defaults::shards", deserialize_with = "whole::number")]
+    pub shards: usize,
+    /// How the step's micro-batches and shards use the threads. Never changes the result.
+    #[serde(default)]
+    pub execution: Execution,
+}
+
+/// `training.execution`: how the pieces of a step (micro-batches x shards) share the threads.
+/// Both orders sum the same gradients in the same order: the same result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Execution {
+    /// Concurrent when a step has several pieces and the run several threads; with
+    /// `threads = "auto"`, what a short calibration finds fastest.
+    #[default]
+    Auto,
+    /// Each piece on its own thread (its own copy of the autodiff graph), all at once.
+    Concurrent,
+    /// One piece after the other, each using every thread inside its operations.
+    Sequential,
+}
+
+impl fmt::Display for Execution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Execution::Auto => "auto",
+            Execution::Concurrent => "concurrent",
+            Execution::Sequential => "sequential",
+        })
+    }
 }
 
 /// The compute backend: one config key apart, both CPU.
@@ -449,6 +482,9 @@ mod defaults {
     pub fn accumulation_steps() -> usize {
         1
     }
+    pub fn shards() -> usize {
+        1
+    }
     pub fn every_epochs() -> u64 {
         1
     }
@@ -506,6 +542,8 @@ impl Default for TrainingSettings {
             threads: Threads::Auto,
             backend: Backend::Ndarray,
             precision: Precision::F32,
+            shards: defaults::shards(),
+            execution: Execution::Auto,
         }
     }
 }
@@ -798,6 +836,18 @@ impl TrainingSettings {
             return Err(Error::setting(
                 "training.accumulation_steps",
                 "must be at least 1",
+            ));
+        }
+        if self.shards == 0 {
+            return Err(Error::setting("training.shards", "must be at least 1"));
+        }
+        if self.shards > self.batch_size {
+            return Err(Error::setting(
+                "training.shards",
+                format!(
+                    "must be at most training.batch_size ({}), got {}",
+                    self.batch_size, self.shards
+                ),
             ));
         }
         Ok(())

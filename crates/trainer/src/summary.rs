@@ -45,6 +45,10 @@ pub struct Summary {
     pub samples_per_second: f64,
     pub threads: usize,
     pub threads_available: usize,
+    /// How the pieces of a step (micro-batches x shards) ran: "concurrent" or "sequential".
+    pub execution: String,
+    /// `training.shards`: pieces each micro-batch is split into.
+    pub shards: usize,
     /// Process CPU time / (wall time x threads) over the run.
     pub cpu_utilization: f64,
     pub backend: String,

@@ -39,6 +39,17 @@ impl ThreadPlan {
         }
     }
 
+    /// `threads` threads, where `threads = "auto"` chose them: matrixmultiply then has what the
+    /// process may use (it was fixed before the calibration's first matrix product).
+    pub fn chosen(threads: usize) -> Self {
+        let available = available_threads();
+        Self {
+            threads,
+            available,
+            matmul_threads: available.min(MATMUL_MAX_THREADS),
+        }
+    }
+
     /// The line a run prints when it starts.
     pub fn describe(&self, backend: Backend) -> String {
         let mut line = format!(
@@ -64,12 +75,19 @@ impl ThreadPlan {
     /// matrixmultiply reads its count once per process: a second plan with another count in the
     /// same process keeps the first (results are equal at any count; only speed differs).
     pub fn install(&self) -> Result<rayon::ThreadPool> {
-        set_matmul_threads(self.matmul_threads);
+        self.fix_matmul_threads();
         rayon::ThreadPoolBuilder::new()
             .num_threads(self.threads)
             .thread_name(|i| format!("allcores-{i}"))
             .build()
             .map_err(|e| Error::setting("training.threads", format!("cannot start the pool: {e}")))
+    }
+}
+
+impl ThreadPlan {
+    /// Sets matrixmultiply's thread count, if no earlier plan in this process did.
+    pub fn fix_matmul_threads(&self) {
+        set_matmul_threads(self.matmul_threads);
     }
 }
 

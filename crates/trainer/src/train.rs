@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::module::{ModuleVisitor, Param};
@@ -21,7 +21,9 @@ use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::store::ModuleSnapshot;
 use burn::tensor::Bytes;
+use rayon::prelude::*;
 
+use crate::calibrate::{Calibration, Candidate, calibrate, candidates};
 use crate::checkpoint::{self, Checkpoint, LoopState};
 use crate::data::{Dataset, Splits, epoch_order};
 use crate::error::{Error, Result};
@@ -32,7 +34,7 @@ use crate::progress::{Progress, thousands};
 use crate::resume::check_resumable;
 use crate::run_dir::RunDir;
 use crate::score::score;
-use crate::settings::{Backend, Settings, TrainingSettings};
+use crate::settings::{Backend, Execution, Settings, Threads, TrainingSettings};
 use crate::summary::{EpochMetrics, Summary};
 use crate::threads::ThreadPlan;
 use crate::usage::{CpuMeter, peak_rss_bytes};
@@ -73,6 +75,8 @@ pub struct Outcome<M> {
 #[derive(Debug, Clone, Copy)]
 struct StepPlan {
     batch_size: usize,
+    /// Shards per micro-batch.
+    shards: usize,
     /// Samples per optimizer step: `batch_size x accumulation_steps`.
     step_size: usize,
     steps_per_epoch: u64,
@@ -88,11 +92,34 @@ impl StepPlan {
         let total_steps = training.max_steps.map_or(all, |max| max.min(all));
         Self {
             batch_size: training.batch_size,
+            shards: training.shards,
             step_size,
             steps_per_epoch,
             total_steps,
             epochs: total_steps.div_ceil(steps_per_epoch),
         }
+    }
+
+    /// The pieces of a step, in the order their gradients are summed: its micro-batches of
+    /// `batch_size`, each split into `shards` contiguous shards whose sizes differ by at most one
+    /// (a micro-batch shorter than `shards` has fewer, none empty).
+    fn pieces<'a>(&self, group: &'a [usize]) -> Vec<&'a [usize]> {
+        let mut pieces = Vec::with_capacity(group.len().div_ceil(self.batch_size) * self.shards);
+        for micro in group.chunks(self.batch_size) {
+            let (size, longer) = (micro.len() / self.shards, micro.len() % self.shards);
+            let mut start = 0;
+            for shard in 0..self.shards.min(micro.len()) {
+                let end = start + size + usize::from(shard < longer);
+                pieces.push(&micro[start..end]);
+                start = end;
+            }
+        }
+        pieces
+    }
+
+    /// Pieces in a full step.
+    fn pieces_per_step(&self) -> usize {
+        self.step_size.div_ceil(self.batch_size) * self.shards
     }
 }
 
@@ -121,20 +148,77 @@ impl Trainer {
     }
 
     /// Trains the model that `init` builds on the run's device (seeded from `training.seed`).
+    /// With `threads = "auto"`, `init` is called twice: once for a throwaway copy that the
+    /// calibration times.
     pub fn fit<M, F>(&self, init: F) -> Result<Outcome<M>>
     where
         M: Classifier + ModuleSnapshot,
-        F: FnOnce(&Device) -> Result<M> + Send,
+        F: Fn(&Device) -> Result<M> + Send + Sync,
     {
-        let plan = ThreadPlan::new(self.settings.training.threads);
+        let (plan, calibration) = match self.settings.training.threads {
+            Threads::Count(_) => (ThreadPlan::new(self.settings.training.threads), None),
+            Threads::Auto => {
+                let calibration = self.calibrate(&init)?;
+                (
+                    ThreadPlan::chosen(calibration.chosen.threads),
+                    Some(calibration),
+                )
+            }
+        };
         let pool = plan.install()?;
-        pool.install(|| self.run(plan, init))
+        pool.install(|| self.run(plan, calibration, init))
     }
 
-    fn run<M, F>(&self, threads: ThreadPlan, init: F) -> Result<Outcome<M>>
+    /// Times a few steps of a throwaway copy of the model under each way of spending the
+    /// machine (`training.execution` restricts the ways), and picks the fastest.
+    fn calibrate<M, F>(&self, init: &F) -> Result<Calibration>
+    where
+        M: Classifier,
+        F: Fn(&Device) -> Result<M> + Sync,
+    {
+        const BUDGET: Duration = Duration::from_secs(2);
+        let training = &self.settings.training;
+        let available = ThreadPlan::new(Threads::Auto);
+        available.fix_matmul_threads();
+        let device = device(training.backend);
+        let model = seeded_init(&device, training.seed, init)?;
+        let train = &self.data.train;
+        let plan = StepPlan::new(train.len(), training);
+        let order = epoch_order(train.len(), training.seed, 1);
+        let group = &order[..plan.step_size.min(train.len())];
+        let loss_fn = CrossEntropyLossConfig::new().init(&device);
+        let wanted = |c: &Candidate| match training.execution {
+            Execution::Auto => true,
+            Execution::Concurrent => c.concurrent || c.threads == 1,
+            Execution::Sequential => !c.concurrent,
+        };
+        let candidates: Vec<Candidate> = candidates(available.threads, plan.pieces_per_step())
+            .into_iter()
+            .filter(wanted)
+            .collect();
+        calibrate(&candidates, BUDGET, |candidate| {
+            let pass = Pass {
+                data: train,
+                plan: &plan,
+                loss_fn: &loss_fn,
+                device: &device,
+                compute: Compute::new(training.precision, training.backend),
+                loss_scale: 1.0,
+                concurrent: candidate.concurrent,
+            };
+            drop(pass.accumulate_gradients(&model, group));
+        })
+    }
+
+    fn run<M, F>(
+        &self,
+        threads: ThreadPlan,
+        calibration: Option<Calibration>,
+        init: F,
+    ) -> Result<Outcome<M>>
     where
         M: Classifier + ModuleSnapshot,
-        F: FnOnce(&Device) -> Result<M>,
+        F: Fn(&Device) -> Result<M>,
     {
         let started = Instant::now();
         let cpu = CpuMeter::start();
@@ -142,11 +226,17 @@ impl Trainer {
         let train = &self.data.train;
         let plan = StepPlan::new(train.len(), training);
         let device = device(training.backend);
-        let model = seeded_init(&device, training.seed, init)?;
+        let model = seeded_init(&device, training.seed, &init)?;
         let optimizer = optimizer(&self.settings.optimizer);
         let scheduler = schedule(&self.settings.optimizer, plan.total_steps)?;
         let loss_fn = CrossEntropyLossConfig::new().init(&device);
         let compute = Compute::new(training.precision, training.backend);
+        let concurrent = match (&calibration, training.execution) {
+            (Some(calibration), _) => calibration.chosen.concurrent,
+            (None, Execution::Concurrent) => true,
+            (None, Execution::Sequential) => false,
+            (None, Execution::Auto) => threads.threads > 1 && plan.pieces_per_step() > 1,
+        };
         let scaling = &self.settings.precision;
         let scales = scaling.scales(training.precision);
         let (resume_from, notes) = self.resume_point()?;
@@ -172,10 +262,15 @@ impl Trainer {
 
         let progress = Progress::new(plan.total_steps, self.options.quiet);
         progress.log(format!(
-            "allcores: training {} on {} with {}",
+            "allcores: training {} on {} with {}{}",
             self.settings.model.kind,
             training.backend,
-            threads.describe(training.backend)
+            threads.describe(training.backend),
+            match (plan.pieces_per_step(), concurrent) {
+                (1, _) => String::new(),
+                (n, true) => format!("; the {n} pieces of a step run concurrently"),
+                (n, false) => format!("; the {n} pieces of a step run one after the other"),
+            }
         ));
         if training.precision != crate::settings::Precision::F32 {
             progress.log(format!(
@@ -186,6 +281,9 @@ impl Trainer {
                     .as_ref()
                     .map_or(String::new(), |s| format!(", loss scale {}", s.scale()))
             ));
+        }
+        if let Some(calibration) = &calibration {
+            progress.log(calibration.describe());
         }
         for note in notes {
             progress.log(note);
@@ -236,6 +334,7 @@ impl Trainer {
                 device: &device,
                 compute,
                 loss_scale,
+                concurrent,
             };
             let (mut grads, loss) = pass.accumulate_gradients(&model, group);
             if !loss.is_finite() {
@@ -327,6 +426,11 @@ impl Trainer {
             samples_per_second: state.samples as f64 / state.train_seconds,
             threads: threads.threads,
             threads_available: threads.available,
+            execution: match concurrent {
+                true => "concurrent".into(),
+                false => "sequential".into(),
+            },
+            shards: training.shards,
             cpu_utilization: cpu.utilization(threads.threads),
             backend: training.backend.to_string(),
             model: self.settings.model.kind.to_string(),
@@ -489,34 +593,70 @@ struct Pass<'a> {
     compute: Compute,
     /// The loss is multiplied by this before backward (1 without loss scaling).
     loss_scale: f32,
+    /// Run the step's pieces at once, one per thread, rather than one after the other.
+    concurrent: bool,
 }
 
 impl Pass<'_> {
-    /// Forward and backward over the micro-batches of one step, on the step's working copy of
-    /// `model` (half precision or the f32 master itself); returns the summed f32 gradients, still
-    /// multiplied by the loss scale, and the step's loss (mean over its samples).
+    /// Forward and backward over the pieces of one step (micro-batches x shards), on the step's
+    /// working copy of `model` (half precision or the f32 master itself); returns the summed f32
+    /// gradients, still multiplied by the loss scale, and the step's loss (mean over its
+    /// samples).
+    ///
+    /// Concurrent or not, every piece computes the same gradients and they are summed in the
+    /// pieces' order: the result does not depend on how the threads were spent.
     fn accumulate_gradients<M: Classifier>(
         &self,
         model: &M,
         group: &[usize],
     ) -> (GradientsParams, f32) {
         let working = self.compute.working_copy(model);
+        let pieces = self.plan.pieces(group);
         let mut grads = GradientsAccumulator::new();
         let mut loss_sum = 0.0f32;
-        for micro in group.chunks(self.plan.batch_size) {
-            let (x, y) = self.data.batch(micro, self.device);
-            let share = micro.len() as f32 / group.len() as f32;
-            let logits = self.compute.forward(&working, x);
-            let loss = self.loss_fn.forward(logits, y).mul_scalar(share);
-            loss_sum += loss.clone().into_scalar::<f32>();
-            let loss = match self.loss_scale {
-                1.0 => loss,
-                scale => loss.mul_scalar(scale),
-            };
-            let micro_grads = GradientsParams::from_grads(loss.backward(), &working);
-            grads.accumulate(model, self.compute.gradients_to_f32(micro_grads, model));
+        let mut add = |(piece_grads, loss): (GradientsParams, f32)| {
+            grads.accumulate(model, piece_grads);
+            loss_sum += loss;
+        };
+        if self.concurrent && pieces.len() > 1 {
+            // Each piece on a fork: its own autodiff graph (clones would share one graph and its
+            // lock, and deadlock inside the pool).
+            let results: Vec<_> = pieces
+                .par_iter()
+                .map(|piece| {
+                    let fork = working.clone().fork(self.device);
+                    self.piece_gradients(&fork, model, piece, group.len())
+                })
+                .collect();
+            results.into_iter().for_each(&mut add);
+        } else {
+            for piece in pieces {
+                add(self.piece_gradients(&working, model, piece, group.len()));
+            }
         }
         (grads.grads(), loss_sum)
+    }
+
+    /// The f32 gradients (keyed by `master`'s parameters) and the loss of one piece, its mean
+    /// loss weighted by its share of the step's `step_samples`.
+    fn piece_gradients<M: Classifier>(
+        &self,
+        working: &M,
+        master: &M,
+        piece: &[usize],
+        step_samples: usize,
+    ) -> (GradientsParams, f32) {
+        let (x, y) = self.data.batch(piece, self.device);
+        let share = piece.len() as f32 / step_samples as f32;
+        let logits = self.compute.forward(working, x);
+        let loss = self.loss_fn.forward(logits, y).mul_scalar(share);
+        let value = loss.clone().into_scalar::<f32>();
+        let loss = match self.loss_scale {
+            1.0 => loss,
+            scale => loss.mul_scalar(scale),
+        };
+        let grads = GradientsParams::from_grads(loss.backward(), working);
+        (self.compute.gradients_to_f32(grads, master), value)
     }
 }
 
@@ -534,10 +674,10 @@ fn ensure_finite<M: Module>(model: &M, step: u64) -> Result<()> {
 /// Seeds the device's generator and builds the model, one run at a time: burn's generator is
 /// shared by the whole process, so two runs initialising at once would mix their draws. burn
 /// initialises parameters lazily, at first use: they are materialised here, under the lock.
-fn seeded_init<M, F>(device: &Device, seed: u64, init: F) -> Result<M>
+fn seeded_init<M, F>(device: &Device, seed: u64, init: &F) -> Result<M>
 where
     M: Module,
-    F: FnOnce(&Device) -> Result<M>,
+    F: Fn(&Device) -> Result<M>,
 {
     static INIT: Mutex<()> = Mutex::new(());
     let _one_at_a_time = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -647,4 +787,39 @@ pub fn default_run_dir(config: &Path) -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     Path::new("runs").join(format!("{stem}-{stamp}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(batch_size: usize, accumulation_steps: usize, shards: usize) -> StepPlan {
+        StepPlan::new(
+            1000,
+            &TrainingSettings {
+                batch_size,
+                accumulation_steps,
+                shards,
+                ..TrainingSettings::default()
+            },
+        )
+    }
+
+    #[test]
+    fn pieces_split_micro_batches_into_near_equal_shards_in_order() {
+        let group: Vec<usize> = (0..23).collect();
+        // Micro-batches of 10, 10 and 3; 3 shards each: 4+3+3, 4+3+3, then 1+1+1.
+        let pieces = plan(10, 3, 3).pieces(&group);
+        let sizes: Vec<usize> = pieces.iter().map(|p| p.len()).collect();
+        assert_eq!(sizes, [4, 3, 3, 4, 3, 3, 1, 1, 1]);
+        assert_eq!(pieces.concat(), group, "every sample once, in order");
+        // A micro-batch shorter than the shard count gives no empty piece.
+        let sizes: Vec<usize> = plan(4, 1, 4)
+            .pieces(&group[..2])
+            .iter()
+            .map(|p| p.len())
+            .collect();
+        assert_eq!(sizes, [1, 1]);
+        assert_eq!(plan(10, 3, 3).pieces_per_step(), 9);
+    }
 }

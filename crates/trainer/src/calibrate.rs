@@ -1,0 +1,177 @@
+//! `training.threads = "auto"`: a short measurement picks the thread count, and whether the
+//! pieces of a step (micro-batches x shards) run concurrently or one after the other.
+//!
+//! Neither choice changes a result: every piece computes the same gradients at any thread count
+//! and they are summed in the same order. The calibration only times forward and backward passes
+//! on a throwaway copy of the model; the run's weights, data order and generator are untouched.
+
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// A way to spend the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub threads: usize,
+    /// The step's pieces at once, one per thread (else one after the other).
+    pub concurrent: bool,
+}
+
+impl Candidate {
+    pub fn describe(&self) -> String {
+        format!(
+            "{} thread{}{}",
+            self.threads,
+            if self.threads == 1 { "" } else { "s" },
+            if self.concurrent {
+                ", pieces concurrent"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// What the calibration measured and chose.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    pub chosen: Candidate,
+    /// Each candidate's median seconds per step, in the order tried.
+    pub timings: Vec<(Candidate, f64)>,
+    /// The calibration's own wall time.
+    pub seconds: f64,
+}
+
+impl Calibration {
+    /// One line for the run's log.
+    pub fn describe(&self) -> String {
+        let timings: Vec<String> = self
+            .timings
+            .iter()
+            .map(|(c, s)| format!("{}: {:.1} ms", c.describe(), s * 1e3))
+            .collect();
+        format!(
+            "threads = \"auto\": calibrated in {:.1} s ({}); chose {}",
+            self.seconds,
+            timings.join(", "),
+            self.chosen.describe()
+        )
+    }
+}
+
+/// Thread counts worth trying on a machine with `available` threads: powers of two, and all of
+/// them; concurrent pieces only where a step has several and there is more than one thread.
+pub fn candidates(available: usize, pieces_per_step: usize) -> Vec<Candidate> {
+    let mut counts: Vec<usize> = std::iter::successors(Some(1usize), |n| n.checked_mul(2))
+        .take_while(|&n| n < available)
+        .collect();
+    counts.push(available.max(1));
+    let mut all = Vec::new();
+    for threads in counts {
+        all.push(Candidate {
+            threads,
+            concurrent: false,
+        });
+        if threads > 1 && pieces_per_step > 1 {
+            all.push(Candidate {
+                threads,
+                concurrent: true,
+            });
+        }
+    }
+    all
+}
+
+/// Runs `step` under each candidate (in a pool of its thread count): one warm-up call, then
+/// timed calls until the candidate's share of `budget` is spent (at least one, at most
+/// `MAX_TIMED`), and picks the fastest median. Ties go to fewer threads.
+pub fn calibrate(
+    candidates: &[Candidate],
+    budget: Duration,
+    step: impl Fn(Candidate) + Sync,
+) -> Result<Calibration> {
+    const MAX_TIMED: usize = 5;
+    let started = Instant::now();
+    let share = budget / candidates.len().max(1) as u32;
+    let mut timings = Vec::with_capacity(candidates.len());
+    for &candidate in candidates {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(candidate.threads)
+            .thread_name(|i| format!("allcores-calibrate-{i}"))
+            .build()
+            .map_err(|e| Error::setting("training.threads", format!("cannot start a pool: {e}")))?;
+        let mut seconds = pool.install(|| {
+            let began = Instant::now();
+            step(candidate);
+            let mut times = Vec::new();
+            while times.is_empty() || (began.elapsed() < share && times.len() < MAX_TIMED) {
+                let timer = Instant::now();
+                step(candidate);
+                times.push(timer.elapsed().as_secs_f64());
+            }
+            times
+        });
+        seconds.sort_by(f64::total_cmp);
+        timings.push((candidate, seconds[seconds.len() / 2]));
+    }
+    let chosen = timings
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.threads.cmp(&b.0.threads)))
+        .map(|(c, _)| *c)
+        .ok_or_else(|| Error::setting("training.threads", "no thread count to try"))?;
+    Ok(Calibration {
+        chosen,
+        timings,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_are_powers_of_two_and_every_thread() {
+        let threads = |c: Vec<Candidate>| -> Vec<(usize, bool)> {
+            c.iter().map(|c| (c.threads, c.concurrent)).collect()
+        };
+        assert_eq!(threads(candidates(1, 4)), [(1, false)]);
+        assert_eq!(
+            threads(candidates(6, 1)),
+            [(1, false), (2, false), (4, false), (6, false)]
+        );
+        assert_eq!(
+            threads(candidates(2, 4)),
+            [(1, false), (2, false), (2, true)]
+        );
+    }
+
+    #[test]
+    fn picks_the_fastest_and_stays_within_budget() {
+        // A step that is fastest with 2 threads, concurrent.
+        let step = |c: Candidate| {
+            let ms = match (c.threads, c.concurrent) {
+                (2, true) => 1,
+                _ => 4,
+            };
+            std::thread::sleep(Duration::from_millis(ms));
+        };
+        let all = candidates(2, 2);
+        let calibration = calibrate(&all, Duration::from_millis(60), step).unwrap();
+        assert_eq!(
+            calibration.chosen,
+            Candidate {
+                threads: 2,
+                concurrent: true
+            }
+        );
+        assert_eq!(calibration.timings.len(), 3);
+        // Warm-up plus at most five timed steps of at most 4 ms each, per candidate.
+        assert!(calibration.seconds < 1.0, "{}", calibration.seconds);
+        assert!(
+            calibration
+                .describe()
+                .contains("chose 2 threads, pieces concurrent")
+        );
+    }
+}
