@@ -125,6 +125,7 @@ def main():
             base = None
             for threads in args.threads:
                 done += 1
+                load = os.getloadavg()[0]
                 ours = allcores(args.bin, config, batch, backend, threads, args.steps, args.warmup)
                 theirs = pytorch(model, batch, threads, args.steps, args.warmup)
                 a, p = ours["samples_per_second"], theirs["samples_per_second"]
@@ -140,16 +141,21 @@ def main():
                     "allcores_cpu_utilization": ours["cpu_utilization"],
                     "pytorch_cpu_utilization": theirs["cpu_utilization"],
                     "allcores_weights_sha256": ours["weights_sha256"],
+                    "load_average_1min": load,
                 }
                 cells.append(cell)
                 print(f"[{done}/{total}] {model} batch {batch} {backend} {threads} threads: "
-                      f"allcores {a:,.0f} · PyTorch {p:,.0f} samples/s · {a / p:.2f}x",
+                      f"allcores {a:,.0f} · PyTorch {p:,.0f} samples/s · {a / p:.2f}x "
+                      f"(load average {load:.1f})",
                       file=sys.stderr)
 
     print(table(cells))
     print(f"\n{len(cells)} cells in {time.time() - started:.0f} s; efficiency: samples/s at n "
           f"threads / (n / {args.threads[0]} x samples/s at {args.threads[0]}), per model, "
           "batch and backend")
+    loads = [c["load_average_1min"] for c in cells]
+    print(f"1-minute load average before each cell: {min(loads):.1f} to {max(loads):.1f} on "
+          f"{os.cpu_count()} CPUs (above the thread count, other processes shared the cores)")
     if args.out:
         result = {
             "machine": {"cpus": os.cpu_count(), "processor": cpu_model(),
