@@ -43,6 +43,13 @@ enum Command {
         /// Print the summary as one JSON object on the last line of stdout.
         #[arg(long)]
         json: bool,
+        /// Write no run folder (no checkpoints, no weights file): for `allcores bench`.
+        #[arg(long, hide = true, conflicts_with_all = ["out", "resume"])]
+        no_save: bool,
+        /// Record each optimizer step's wall and CPU seconds in the summary (`step_times`):
+        /// for `allcores bench`.
+        #[arg(long, hide = true)]
+        record_steps: bool,
     },
     /// Score a trained run's model on the test split of its config.
     Eval {
@@ -72,6 +79,27 @@ enum Command {
         /// The sweep folder [default: sweeps/<config name>-<unix time>].
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure steady-state training throughput at several thread counts (one process
+    /// each): samples/s, step-time spread, CPU use, peak memory, speed-up.
+    Bench {
+        /// The TOML config file.
+        config: PathBuf,
+        /// Thread counts to measure, comma-separated, e.g. 1,2,4.
+        #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
+        threads: String,
+        /// Timed steps per thread count (1 or more; warm-up + steps at most 100,000).
+        #[arg(long, value_name = "N", default_value_t = allcores_eval::bench::DEFAULT_STEPS.to_string(), allow_hyphen_values = true)]
+        steps: String,
+        /// Steps run before the timed ones, not timed (0 or more).
+        #[arg(long, value_name = "W", default_value_t = allcores_eval::bench::DEFAULT_WARMUP.to_string(), allow_hyphen_values = true)]
+        warmup: String,
+        /// Override a setting of every run, e.g. --set training.batch_size=128 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
         /// Print the report as one JSON object on the last line of stdout.
         #[arg(long)]
         json: bool,
@@ -130,14 +158,17 @@ fn run(command: Command) -> Result<(), Failure> {
             resume,
             quiet,
             json,
+            no_save,
+            record_steps,
         } => {
             let settings = Settings::load(&config, &layers(overrides))?;
-            let run_dir = out.unwrap_or_else(|| default_run_dir(&config));
+            let run_dir = (!no_save).then(|| out.unwrap_or_else(|| default_run_dir(&config)));
             let options = Options {
                 quiet,
-                run_dir: Some(run_dir),
+                run_dir,
                 resume,
                 stop: Some(stop_on_ctrl_c()),
+                record_steps,
             };
             let summary = train(&settings, options)?;
             print_summary(&summary, json);
@@ -180,6 +211,28 @@ fn run(command: Command) -> Result<(), Failure> {
                 println!("{}", outcome.to_text());
             }
             outcome.status()?;
+        }
+        Command::Bench {
+            config,
+            threads,
+            steps,
+            warmup,
+            overrides,
+            json,
+        } => {
+            let report = allcores_eval::run_bench(&allcores_eval::BenchRequest {
+                config,
+                threads,
+                steps: allcores_eval::bench::parse_count("--steps", &steps)?,
+                warmup: allcores_eval::bench::parse_count("--warmup", &warmup)?,
+                overrides,
+                program: None,
+            })?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                println!("{}", report.to_text());
+            }
         }
     }
     Ok(())

@@ -3,16 +3,22 @@
 //! [`evaluate_run`] scores a run's final model on the test split of its saved config (or of
 //! another, through overrides): loss, accuracy, accuracy per class and the confusion matrix.
 //!
+//! [`run_bench`] measures steady-state training throughput of one config at several thread
+//! counts, one process each: samples/s, step-time spread, CPU use and peak memory.
+//!
 //! [`run_sweep`] trains one config at several thread counts and seeds, each run in its own
 //! process, and reports whether the thread count changed the result or only the speed
 //! ([`build_report`] makes the report and its verdict from the runs' records).
 
+pub mod bench;
+mod child;
 pub mod diff;
 mod evaluate;
 mod plot;
 pub mod report;
 pub mod sweep;
 
+pub use bench::{BenchReport, BenchRequest, BenchRun, run_bench};
 pub use evaluate::{Evaluation, evaluate_run};
 pub use report::{Outcome, Report, RunRecord, Verdict, build_report};
 pub use sweep::{SweepOutcome, SweepRequest, parse_threads, run_sweep};
@@ -53,6 +59,14 @@ pub enum EvalError {
         message: String,
     },
 
+    /// A run of `allcores bench` failed: the bench stops (exit 2 when the run refused its input).
+    #[error("the run at threads {threads} failed: {message}")]
+    BenchRun {
+        threads: usize,
+        exit_status: Option<i32>,
+        message: String,
+    },
+
     /// Some runs of a sweep failed; the report holds the others.
     #[error(
         "{failed} of {total} runs failed (first: threads {threads}, seed {seed}: {message}); \
@@ -76,6 +90,7 @@ impl EvalError {
             EvalError::Argument { .. } | EvalError::OutDir { .. } | EvalError::RunInput { .. } => {
                 true
             }
+            EvalError::BenchRun { exit_status, .. } => *exit_status == Some(2),
             EvalError::Write { .. } | EvalError::Launch { .. } | EvalError::RunsFailed { .. } => {
                 false
             }

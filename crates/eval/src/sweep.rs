@@ -6,16 +6,16 @@
 //! would spoil the timings) into `DIR/runs/t{threads}-s{seed}`; the report goes into `DIR`.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use allcores_trainer::threads::available_threads;
 use allcores_trainer::{Layers, Settings, Summary};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::EvalError;
+use crate::child::{self, train_child};
 use crate::diff::{Weights, max_abs_diff, read_weights};
 use crate::plot;
 use crate::report::{Report, RunFailure, RunRecord, SweepPlan, Timing, build_report, thousands};
@@ -172,59 +172,20 @@ fn run_one(
     seed: u64,
     run_dir: &Path,
 ) -> RunResult {
-    let failure = |exit_status: Option<i32>, message: String| {
-        RunResult::Failed(RunFailure {
+    // The user's overrides first, the swept settings last, so that they win.
+    let sets = request.overrides.iter().cloned().chain([
+        format!("training.threads={threads}"),
+        format!("training.seed={seed}"),
+    ]);
+    let out = [OsStr::new("--out"), run_dir.as_os_str()];
+    match train_child(program, &request.config, sets, &out) {
+        Ok(summary) => RunResult::Done(Box::new(summary)),
+        Err(failure) => RunResult::Failed(RunFailure {
             threads,
             seed,
-            exit_status,
-            message,
-        })
-    };
-    let mut command = Command::new(program);
-    command.arg("train").arg(&request.config);
-    // The user's overrides first, the swept settings last, so that they win.
-    for item in &request.overrides {
-        command.arg("--set").arg(item);
-    }
-    command
-        .arg("--set")
-        .arg(format!("training.threads={threads}"))
-        .arg("--set")
-        .arg(format!("training.seed={seed}"))
-        .arg("--out")
-        .arg(run_dir)
-        .args(["--json", "--quiet"])
-        .stdin(Stdio::null());
-    let output = match command.output() {
-        Ok(output) => output,
-        Err(e) => {
-            return failure(None, format!("cannot start {}: {e}", program.display()));
-        }
-    };
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let last_line = |text: &str| {
-        text.lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .map(str::to_string)
-    };
-    if !output.status.success() {
-        let message = last_line(&stderr)
-            .map(|l| l.strip_prefix("error: ").unwrap_or(&l).to_string())
-            .unwrap_or_else(|| format!("the run stopped ({})", output.status));
-        return failure(output.status.code(), message);
-    }
-    let Some(line) = last_line(&stdout) else {
-        return failure(Some(0), "the run printed no summary".into());
-    };
-    match serde_json::from_str::<Summary>(&line) {
-        Ok(summary) => RunResult::Done(Box::new(summary)),
-        Err(e) => failure(
-            Some(0),
-            format!("the run's last line is not a summary ({e})"),
-        ),
+            exit_status: failure.exit_status,
+            message: failure.message,
+        }),
     }
 }
 
@@ -266,20 +227,8 @@ impl SweepProgress {
 pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
     let started = Instant::now();
     let (threads, dir) = check(request)?;
-    let program = match &request.program {
-        Some(program) => program.clone(),
-        None => std::env::current_exe().map_err(|source| EvalError::Launch {
-            program: "allcores".into(),
-            source,
-        })?,
-    };
-    let available = available_threads();
-    for &t in threads.iter().filter(|&&t| t > available) {
-        eprintln!(
-            "warning: --threads {t} is more than the {available} threads this machine allows: \
-             those runs share cores (expect no speed-up)"
-        );
-    }
+    let program = child::program(request.program.as_ref())?;
+    let available = child::warn_beyond_available(&threads);
 
     let total = threads.len() as u64 * request.seeds;
     let progress = SweepProgress::new(total);

@@ -40,7 +40,7 @@ pub use progress::thousands;
 pub use run_dir::RunDir;
 pub use score::{Score, score};
 pub use settings::{Layers, Precision, Settings};
-pub use summary::{EpochMetrics, Summary};
+pub use summary::{EpochMetrics, StepTime, Summary};
 pub use threads::ThreadPlan;
 pub use train::{Options, Outcome, Trainer, default_run_dir, device, train};
 

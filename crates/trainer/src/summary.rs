@@ -69,4 +69,20 @@ pub struct Summary {
     /// SHA-256 of the final f32 weights in a fixed parameter order.
     pub weights_sha256: String,
     pub run_dir: Option<String>,
+    /// Each optimizer step's times, in order, when [`Options::record_steps`] asked for them
+    /// (`allcores bench`); left out of the JSON when empty.
+    ///
+    /// [`Options::record_steps`]: crate::Options::record_steps
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub step_times: Vec<StepTime>,
+}
+
+/// The times of one optimizer step: batch gathering, forward, backward and optimizer update.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepTime {
+    /// Samples in the step (fewer than the effective batch at the end of an epoch).
+    pub samples: usize,
+    pub wall_seconds: f64,
+    /// Process CPU time (user + system, all threads) spent during the step.
+    pub cpu_seconds: f64,
 }

@@ -35,9 +35,9 @@ use crate::resume::check_resumable;
 use crate::run_dir::RunDir;
 use crate::score::score;
 use crate::settings::{Backend, Execution, Settings, Threads, TrainingSettings};
-use crate::summary::{EpochMetrics, Summary};
+use crate::summary::{EpochMetrics, StepTime, Summary};
 use crate::threads::ThreadPlan;
-use crate::usage::{CpuMeter, peak_rss_bytes};
+use crate::usage::{CpuMeter, peak_rss_bytes, process_cpu_time};
 use crate::weights::{self, weights_sha256};
 
 /// How a run talks, where it writes, and what can stop it.
@@ -52,6 +52,8 @@ pub struct Options {
     /// Set from another thread (a Ctrl-C handler) to stop at the next step boundary, after
     /// saving a checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Record each optimizer step's wall and CPU seconds in [`Summary::step_times`].
+    pub record_steps: bool,
 }
 
 /// The device of a backend, with gradients on.
@@ -312,6 +314,7 @@ impl Trainer {
         );
         let mut epoch_cpu = CpuMeter::start();
         let mut checkpoint_seconds = 0.0;
+        let mut step_times = Vec::new();
         while state.step < plan.total_steps {
             if order.0 != state.epoch {
                 order = (
@@ -326,6 +329,7 @@ impl Trainer {
 
             // One optimizer step: the summed gradients of the group's micro-batches.
             let step_started = Instant::now();
+            let step_cpu = self.options.record_steps.then(process_cpu_time);
             let loss_scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
             let pass = Pass {
                 data: train,
@@ -360,6 +364,13 @@ impl Trainer {
                 model = optimizer.step(rate, model, grads);
             }
             let seconds = step_started.elapsed().as_secs_f64();
+            if let Some(cpu_before) = step_cpu {
+                step_times.push(StepTime {
+                    samples: group.len(),
+                    wall_seconds: seconds,
+                    cpu_seconds: (process_cpu_time() - cpu_before).as_secs_f64(),
+                });
+            }
 
             state.record_step(group.len(), loss, seconds);
             progress.step(
@@ -445,6 +456,7 @@ impl Trainer {
             peak_rss_bytes: peak_rss_bytes(),
             weights_sha256: weights_sha256(&model),
             run_dir: run_dir.as_ref().map(|d| d.path().display().to_string()),
+            step_times,
         };
         if let Some(run_dir) = &run_dir {
             run_dir.write_summary(&summary)?;

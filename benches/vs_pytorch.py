@@ -1,0 +1,173 @@
+"""allcores against PyTorch, side by side: run by benches/vs_pytorch.sh (which finds a Python
+with torch), not by hand.
+
+For each cell (model, batch, backend, threads) it runs `allcores bench` (one thread count, so
+one process) and then benches/torch_steps.py, alternating, so that the two sides of a ratio
+meet the same machine load. Both train with Adam, lr 1e-3, f32, on batches gathered from the
+shipped MNIST digits, and both time steady-state steps after a warm-up.
+
+Cells: MLP 784-512-512-10 at batch 128 and 256 and the CNN of examples/mnist-cnn.toml at batch
+128, on backends ndarray and flex, at each thread count (PyTorch has no backend: it runs once
+per cell, so its figure beside each backend is its own measurement).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = [  # (name, config, batch)
+    ("mlp", "examples/mnist-mlp.toml", 128),
+    ("mlp", "examples/mnist-mlp.toml", 256),
+    ("cnn", "examples/mnist-cnn.toml", 128),
+]
+BACKENDS = ["ndarray", "flex"]
+
+
+def thread_list(text):
+    try:
+        threads = sorted({int(t) for t in text.split(",")})
+    except ValueError:
+        threads = []
+    if not threads or threads[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give thread counts like 1,2,4")
+    return threads
+
+
+def run_json(command, env=None):
+    """Runs `command`; returns the JSON object on its last stdout line."""
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def allcores(binary, config, batch, backend, threads, steps, warmup):
+    sets = [
+        f"training.batch_size={batch}",
+        "training.accumulation_steps=1",
+        f"training.backend={backend}",
+        'optimizer.kind="adam"',
+        "optimizer.lr=0.001",
+        'optimizer.schedule="constant"',
+    ]
+    command = [binary, "bench", config, "--threads", str(threads), "--steps", str(steps),
+               "--warmup", str(warmup), "--json"]
+    for s in sets:
+        command += ["--set", s]
+    return run_json(command)["runs"][0]
+
+
+def pytorch(model, batch, threads, steps, warmup):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    command = [sys.executable, os.path.join(REPO, "benches", "torch_steps.py"), "--model", model,
+               "--batch", str(batch), "--threads", str(threads), "--steps", str(steps),
+               "--warmup", str(warmup)]
+    return run_json(command, env)
+
+
+def cpu_model():
+    """The CPU's model name, from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def efficiency(sps, threads, base_sps, base_threads):
+    """Samples/s at `threads` over (threads / base_threads x samples/s at base_threads)."""
+    return sps * base_threads / (threads * base_sps) if base_sps > 0 else 0.0
+
+
+def table(cells):
+    head = ("| model | batch | backend | threads | allcores samples/s | PyTorch samples/s "
+            "| allcores / PyTorch | allcores efficiency | PyTorch efficiency |")
+    lines = [head, "|---|--:|---|--:|--:|--:|--:|--:|--:|"]
+    for c in cells:
+        lines.append(
+            f"| {c['model']} | {c['batch']} | {c['backend']} | {c['threads']} "
+            f"| {c['allcores_sps']:,.0f} | {c['pytorch_sps']:,.0f} | {c['ratio']:.2f}x "
+            f"| {c['allcores_efficiency']:.0%} | {c['pytorch_efficiency']:.0%} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="allcores / PyTorch samples/s, side by side.")
+    parser.add_argument("--bin", default=os.path.join(REPO, "target", "release", "allcores"))
+    parser.add_argument("--threads", type=thread_list,
+                        default=thread_list(os.environ.get("BENCH_THREADS", "1,2")),
+                        help="thread counts, e.g. 1,2,4,8,16 (default: $BENCH_THREADS or 1,2)")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps a run (200)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (20)")
+    parser.add_argument("--out", help="also write the cells and the machine as JSON here")
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be at least 1, --warmup at least 0")
+
+    import torch  # noqa: E402  (only its version; the runs import it in their own process)
+
+    started = time.time()
+    total = len(MODELS) * len(BACKENDS) * len(args.threads)
+    print(f"allcores vs PyTorch {torch.__version__}: {total} cells x 2 runs, "
+          f"{args.warmup} warm-up + {args.steps} timed steps each, threads "
+          f"{','.join(map(str, args.threads))}, {os.cpu_count()} CPUs ({cpu_model()})", file=sys.stderr)
+    cells, done = [], 0
+    for model, config, batch in MODELS:
+        for backend in BACKENDS:
+            base = None
+            for threads in args.threads:
+                done += 1
+                load = os.getloadavg()[0]
+                ours = allcores(args.bin, config, batch, backend, threads, args.steps, args.warmup)
+                theirs = pytorch(model, batch, threads, args.steps, args.warmup)
+                a, p = ours["samples_per_second"], theirs["samples_per_second"]
+                if base is None:
+                    base = (threads, a, p)
+                cell = {
+                    "model": model, "batch": batch, "backend": backend, "threads": threads,
+                    "allcores_sps": a, "pytorch_sps": p, "ratio": a / p,
+                    "allcores_efficiency": efficiency(a, threads, base[1], base[0]),
+                    "pytorch_efficiency": efficiency(p, threads, base[2], base[0]),
+                    "allcores_step_ms_median": ours["step_ms_median"],
+                    "pytorch_step_ms_median": theirs["step_ms_median"],
+                    "allcores_cpu_utilization": ours["cpu_utilization"],
+                    "pytorch_cpu_utilization": theirs["cpu_utilization"],
+                    "allcores_weights_sha256": ours["weights_sha256"],
+                    "load_average_1min": load,
+                }
+                cells.append(cell)
+                print(f"[{done}/{total}] {model} batch {batch} {backend} {threads} threads: "
+                      f"allcores {a:,.0f} · PyTorch {p:,.0f} samples/s · {a / p:.2f}x "
+                      f"(load average {load:.1f})",
+                      file=sys.stderr)
+
+    print(table(cells))
+    print(f"\n{len(cells)} cells in {time.time() - started:.0f} s; efficiency: samples/s at n "
+          f"threads / (n / {args.threads[0]} x samples/s at {args.threads[0]}), per model, "
+          "batch and backend")
+    loads = [c["load_average_1min"] for c in cells]
+    print(f"1-minute load average before each cell: {min(loads):.1f} to {max(loads):.1f} on "
+          f"{os.cpu_count()} CPUs (above the thread count, other processes shared the cores)")
+    if args.out:
+        result = {
+            "machine": {"cpus": os.cpu_count(), "processor": cpu_model(),
+                        "platform": platform.platform()},
+            "torch_version": torch.__version__,
+            "warmup_steps": args.warmup, "timed_steps": args.steps, "threads": args.threads,
+            "cells": cells,
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"results {args.out}")
+
+
+if __name__ == "__main__":
+    main()

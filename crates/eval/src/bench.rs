@@ -1,0 +1,598 @@
+//! `allcores bench`: steady-state training throughput of one config at several thread counts,
+//! one process a thread count.
+//!
+//! Each run is a fresh `allcores train` child (see [`crate::child`]) that writes no run folder
+//! (so no checkpoints) and records every optimizer step's wall and CPU seconds. The first
+//! `warmup` steps are dropped; the statistics cover the `steps` after them: samples/s, the
+//! step time's median and spread, and how busy the threads were. A step covers batch
+//! gathering, forward, backward and the optimizer update; the test scoring at epoch ends falls
+//! between steps and is not timed.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use allcores_trainer::{Layers, Settings, StepTime, Summary, thousands};
+use serde::{Deserialize, Serialize};
+
+use crate::EvalError;
+use crate::child::{self, train_child};
+use crate::sweep::parse_threads;
+
+/// Warm-up steps dropped from each run by default.
+pub const DEFAULT_WARMUP: u64 = 20;
+/// Timed steps of each run by default.
+pub const DEFAULT_STEPS: u64 = 200;
+/// At most this many steps (warm-up and timed) a run: each step's times travel in the child's
+/// summary.
+pub const MAX_TOTAL_STEPS: u64 = 100_000;
+
+/// What `allcores bench` was asked.
+#[derive(Debug, Clone)]
+pub struct BenchRequest {
+    /// The TOML config file.
+    pub config: PathBuf,
+    /// The thread counts as typed: `1,2,4`.
+    pub threads: String,
+    /// Timed steps per run (at least 1).
+    pub steps: u64,
+    /// Steps per run before the timed ones, not timed.
+    pub warmup: u64,
+    /// `--set key=value` overrides given to every run.
+    pub overrides: Vec<String>,
+    /// The `allcores` executable that runs each thread count; `None`: this process's own.
+    pub program: Option<PathBuf>,
+}
+
+/// One thread count's measurement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchRun {
+    pub threads: usize,
+    /// Timed steps (after the warm-up).
+    pub steps: usize,
+    /// Samples of the timed steps.
+    pub samples: u64,
+    /// Wall seconds of the timed steps, summed.
+    pub seconds: f64,
+    /// `samples / seconds`.
+    pub samples_per_second: f64,
+    pub step_ms_median: f64,
+    pub step_ms_p10: f64,
+    pub step_ms_p90: f64,
+    pub step_ms_min: f64,
+    pub step_ms_max: f64,
+    /// `(p90 - p10) / median`: how much the step time wanders.
+    pub step_spread: f64,
+    /// Process CPU seconds / (wall seconds x threads) over the timed steps.
+    pub cpu_utilization: f64,
+    /// Samples/s over that of the smallest thread count.
+    pub speedup: f64,
+    /// Samples/s over (threads / smallest thread count x its samples/s).
+    pub parallel_efficiency: f64,
+    /// The child process's peak resident memory (data, model, optimizer state).
+    pub peak_rss_bytes: u64,
+    /// SHA-256 of the final weights: equal across thread counts when the result does not
+    /// depend on them.
+    pub weights_sha256: String,
+}
+
+/// A finished benchmark (`--json`: this object on the last stdout line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// The config file, as given.
+    pub config: String,
+    pub overrides: Vec<String>,
+    pub model: String,
+    pub backend: String,
+    pub batch_size: usize,
+    pub effective_batch_size: usize,
+    pub warmup_steps: u64,
+    pub timed_steps: u64,
+    /// Threads this machine allows the process.
+    pub threads_available: usize,
+    /// One run per thread count, ascending; speed-ups are against the first.
+    pub runs: Vec<BenchRun>,
+    /// Every run trained the same weights.
+    pub identical_weights: bool,
+}
+
+/// Parses a whole number of steps given to `arg`.
+pub fn parse_count(arg: &str, text: &str) -> Result<u64, EvalError> {
+    text.trim().parse().map_err(|_| EvalError::Argument {
+        arg: arg.into(),
+        message: format!("\"{text}\" is not a number of steps (a whole number of 0 or more)"),
+    })
+}
+
+/// The settings that the bench sets itself, which `--set` must leave alone.
+const BENCH_KEYS: [(&str, &str); 3] = [
+    ("training.threads", "--threads"),
+    ("training.max_steps", "--steps and --warmup"),
+    ("training.epochs", "--steps and --warmup"),
+];
+
+/// The overrides of a run at `threads`: the user's, then the bench's own (last, so they win).
+/// `epochs` as large as the steps, since every epoch has at least one: `max_steps` ends it.
+fn run_sets(request: &BenchRequest, threads: usize) -> Vec<String> {
+    let total = request.warmup + request.steps;
+    let mut sets = request.overrides.clone();
+    sets.extend([
+        format!("training.threads={threads}"),
+        format!("training.max_steps={total}"),
+        format!("training.epochs={total}"),
+    ]);
+    sets
+}
+
+/// Checks everything the user gave before any run starts; returns the thread counts and the
+/// settings of the runs (at the first thread count).
+fn check(request: &BenchRequest) -> Result<(Vec<usize>, Settings), EvalError> {
+    let threads = parse_threads(&request.threads)?;
+    if request.steps == 0 {
+        return Err(EvalError::Argument {
+            arg: "--steps".into(),
+            message: "must be at least 1".into(),
+        });
+    }
+    if request.warmup.saturating_add(request.steps) > MAX_TOTAL_STEPS {
+        return Err(EvalError::Argument {
+            arg: "--steps".into(),
+            message: format!(
+                "--warmup {} + --steps {} is more than the {} steps a bench run allows",
+                request.warmup,
+                request.steps,
+                thousands(MAX_TOTAL_STEPS as f64)
+            ),
+        });
+    }
+    for item in &request.overrides {
+        let key = item
+            .split_once('=')
+            .map_or(item.as_str(), |(k, _)| k)
+            .trim();
+        if let Some((_, flag)) = BENCH_KEYS.iter().find(|(set, _)| *set == key) {
+            return Err(EvalError::Argument {
+                arg: format!("--set {key}"),
+                message: format!("the bench sets {key} for each run: use {flag} instead"),
+            });
+        }
+    }
+    // The config must load with every override a run gets: a config error stops here.
+    let settings = Settings::load(
+        &request.config,
+        &Layers {
+            overrides: run_sets(request, threads[0]),
+            environment: None,
+        },
+    )?;
+    Ok((threads, settings))
+}
+
+/// Step-time statistics, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct StepStats {
+    median: f64,
+    p10: f64,
+    p90: f64,
+    min: f64,
+    max: f64,
+}
+
+/// The `q`-quantile (0..=1) of ascending `sorted`, interpolated linearly between neighbours.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let last = sorted.len() - 1;
+    let at = q.clamp(0.0, 1.0) * last as f64;
+    let (low, high) = (at.floor() as usize, at.ceil() as usize);
+    sorted[low] + (sorted[high] - sorted[low]) * (at - low as f64)
+}
+
+impl StepStats {
+    /// Of `ms`, which must not be empty.
+    fn of(ms: &[f64]) -> Self {
+        let mut sorted = ms.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        Self {
+            median: quantile(&sorted, 0.5),
+            p10: quantile(&sorted, 0.1),
+            p90: quantile(&sorted, 0.9),
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+        }
+    }
+}
+
+impl BenchRun {
+    /// The measurement of a run at `threads` from its summary, the first `warmup` steps
+    /// dropped. Speed-up and efficiency stay 1 until [`relate`] sets them.
+    fn from_summary(threads: usize, warmup: u64, summary: &Summary) -> Result<Self, String> {
+        let timed: &[StepTime] = summary
+            .step_times
+            .get(warmup as usize..)
+            .unwrap_or_default();
+        if timed.is_empty() {
+            return Err(format!(
+                "the run recorded {} step times, none after the {warmup} warm-up steps",
+                summary.step_times.len()
+            ));
+        }
+        let samples: u64 = timed.iter().map(|s| s.samples as u64).sum();
+        let seconds: f64 = timed.iter().map(|s| s.wall_seconds).sum();
+        let cpu: f64 = timed.iter().map(|s| s.cpu_seconds).sum();
+        let ms: Vec<f64> = timed.iter().map(|s| s.wall_seconds * 1e3).collect();
+        let stats = StepStats::of(&ms);
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        Ok(Self {
+            threads,
+            steps: timed.len(),
+            samples,
+            seconds,
+            samples_per_second: ratio(samples as f64, seconds),
+            step_ms_median: stats.median,
+            step_ms_p10: stats.p10,
+            step_ms_p90: stats.p90,
+            step_ms_min: stats.min,
+            step_ms_max: stats.max,
+            step_spread: ratio(stats.p90 - stats.p10, stats.median),
+            cpu_utilization: ratio(cpu, seconds * threads as f64),
+            speedup: 1.0,
+            parallel_efficiency: 1.0,
+            peak_rss_bytes: summary.peak_rss_bytes,
+            weights_sha256: summary.weights_sha256.clone(),
+        })
+    }
+}
+
+/// Sets each run's speed-up and parallel efficiency against the first (smallest) thread count.
+fn relate(runs: &mut [BenchRun]) {
+    let Some(base) = runs.first().cloned() else {
+        return;
+    };
+    for run in runs {
+        run.speedup = if base.samples_per_second > 0.0 {
+            run.samples_per_second / base.samples_per_second
+        } else {
+            0.0
+        };
+        run.parallel_efficiency = run.speedup * base.threads as f64 / run.threads as f64;
+    }
+}
+
+/// Runs the benchmark: one child process per thread count, one after another (side by side
+/// they would spoil each other's timings). A run that fails stops the bench.
+pub fn run_bench(request: &BenchRequest) -> Result<BenchReport, EvalError> {
+    let (threads, settings) = check(request)?;
+    let program = child::program(request.program.as_ref())?;
+    let threads_available = child::warn_beyond_available(&threads);
+    eprintln!(
+        "allcores: benchmarking {} ({} on {}, batch {}) at threads {}: {} warm-up + {} timed \
+         steps, one process each",
+        request.config.display(),
+        settings.model.kind,
+        settings.training.backend,
+        settings.training.effective_batch_size(),
+        threads
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        request.warmup,
+        request.steps
+    );
+    let no_run_dir = ["--no-save", "--record-steps"];
+    let mut runs = Vec::new();
+    for (i, &t) in threads.iter().enumerate() {
+        let failed = |exit_status: Option<i32>, message: String| EvalError::BenchRun {
+            threads: t,
+            exit_status,
+            message,
+        };
+        let summary = train_child(&program, &request.config, run_sets(request, t), &no_run_dir)
+            .map_err(|f| failed(f.exit_status, f.message))?;
+        let run = BenchRun::from_summary(t, request.warmup, &summary)
+            .map_err(|message| failed(Some(0), message))?;
+        eprintln!(
+            "[{}/{}] threads {t}: {} samples/s · step {:.2} ms median · CPU {:.0}%",
+            i + 1,
+            threads.len(),
+            thousands(run.samples_per_second),
+            run.step_ms_median,
+            run.cpu_utilization * 100.0
+        );
+        runs.push(run);
+    }
+    relate(&mut runs);
+    let identical_weights = runs
+        .windows(2)
+        .all(|w| w[0].weights_sha256 == w[1].weights_sha256);
+    Ok(BenchReport {
+        config: request.config.display().to_string(),
+        overrides: request.overrides.clone(),
+        model: settings.model.kind.to_string(),
+        backend: settings.training.backend.to_string(),
+        batch_size: settings.training.batch_size,
+        effective_batch_size: settings.training.effective_batch_size(),
+        warmup_steps: request.warmup,
+        timed_steps: request.steps,
+        threads_available,
+        runs,
+        identical_weights,
+    })
+}
+
+impl BenchReport {
+    /// What `allcores bench` prints: a Markdown table, one row per thread count, and a line on
+    /// the weights.
+    pub fn to_text(&self) -> String {
+        let mut out = format!(
+            "{} on {}, batch {}: {} warm-up + {} timed steps per thread count, {} threads \
+             available\n\n",
+            self.model,
+            self.backend,
+            self.effective_batch_size,
+            self.warmup_steps,
+            self.timed_steps,
+            self.threads_available
+        );
+        out.push_str(
+            "| threads | samples/s | speed-up | parallel efficiency | step ms median | \
+             p10 - p90 | spread | CPU utilisation | peak RSS | weights (SHA-256) |\n\
+             |--:|--:|--:|--:|--:|--:|--:|--:|--:|:--|\n",
+        );
+        for r in &self.runs {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.2}x | {:.0}% | {:.2} | {:.2} - {:.2} | {:.0}% | {:.0}% | {:.1} \
+                 MiB | `{}` |",
+                r.threads,
+                thousands(r.samples_per_second),
+                r.speedup,
+                r.parallel_efficiency * 100.0,
+                r.step_ms_median,
+                r.step_ms_p10,
+                r.step_ms_p90,
+                r.step_spread * 100.0,
+                r.cpu_utilization * 100.0,
+                r.peak_rss_bytes as f64 / f64::from(1 << 20),
+                r.weights_sha256.get(..12).unwrap_or_default()
+            );
+        }
+        out.push('\n');
+        out.push_str(if self.runs.len() < 2 {
+            "weights: one thread count, nothing to compare"
+        } else if self.identical_weights {
+            "weights: identical at every thread count"
+        } else {
+            "weights: DIFFERENT across thread counts (the result depends on the thread count)"
+        });
+        out
+    }
+
+    /// The report as one line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("the report serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(times: &[(usize, f64, f64)]) -> Summary {
+        let text = r#"{"test_accuracy":0.9,"test_loss":0.3,"train_loss":0.2,"epochs":1,
+            "steps":0,"samples":0,"wall_seconds":1,"train_seconds":1,"checkpoint_seconds":0,
+            "samples_per_second":1,"threads":1,"threads_available":2,"cpu_utilization":1,
+            "backend":"ndarray","model":"mlp","batch_size":4,"accumulation_steps":1,
+            "effective_batch_size":4,"seed":0,"peak_rss_bytes":1048576,
+            "weights_sha256":"ab","run_dir":null}"#;
+        let mut summary: Summary = serde_json::from_str(text).unwrap();
+        summary.step_times = times
+            .iter()
+            .map(|&(samples, wall_seconds, cpu_seconds)| StepTime {
+                samples,
+                wall_seconds,
+                cpu_seconds,
+            })
+            .collect();
+        summary
+    }
+
+    #[test]
+    fn quantiles_interpolate_between_neighbours() {
+        let sorted = [1.0, 2.0, 3.0, 4.0, 5.0];
+        assert_eq!(quantile(&sorted, 0.5), 3.0);
+        assert_eq!(quantile(&sorted, 0.0), 1.0);
+        assert_eq!(quantile(&sorted, 1.0), 5.0);
+        assert!((quantile(&sorted, 0.1) - 1.4).abs() < 1e-12);
+        assert!((quantile(&sorted, 0.9) - 4.6).abs() < 1e-12);
+        assert_eq!(quantile(&[1.0, 2.0], 0.5), 1.5);
+        assert_eq!(quantile(&[7.0], 0.9), 7.0);
+        let stats = StepStats::of(&[5.0, 1.0, 3.0, 2.0, 4.0]);
+        assert_eq!((stats.min, stats.median, stats.max), (1.0, 3.0, 5.0));
+    }
+
+    #[test]
+    fn warm_up_steps_are_dropped_and_short_steps_weigh_their_samples() {
+        // 2 warm-up steps (slow), then 3 timed: 4 + 4 + 2 samples in 0.01 + 0.03 + 0.01 s.
+        let s = summary(&[
+            (4, 1.0, 1.0),
+            (4, 1.0, 1.0),
+            (4, 0.01, 0.02),
+            (4, 0.03, 0.03),
+            (2, 0.01, 0.01),
+        ]);
+        let run = BenchRun::from_summary(2, 2, &s).unwrap();
+        assert_eq!((run.steps, run.samples), (3, 10));
+        assert!((run.seconds - 0.05).abs() < 1e-12);
+        assert!((run.samples_per_second - 200.0).abs() < 1e-9);
+        assert!((run.step_ms_median - 10.0).abs() < 1e-9);
+        assert!((run.step_ms_min - 10.0).abs() < 1e-9);
+        assert!((run.step_ms_max - 30.0).abs() < 1e-9);
+        // p10 = 10, p90 = 10 + 0.8 x 20 = 26: spread (26 - 10) / 10.
+        assert!((run.step_ms_p90 - 26.0).abs() < 1e-9);
+        assert!((run.step_spread - 1.6).abs() < 1e-9);
+        // 0.06 CPU seconds over 0.05 wall seconds x 2 threads.
+        assert!((run.cpu_utilization - 0.6).abs() < 1e-9);
+        assert_eq!(run.peak_rss_bytes, 1 << 20);
+        assert_eq!(run.weights_sha256, "ab");
+
+        let err = BenchRun::from_summary(1, 5, &s).unwrap_err();
+        assert!(
+            err.contains("5 step times, none after the 5 warm-up"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn speed_ups_and_efficiency_are_against_the_smallest_thread_count() {
+        let s = summary(&[(10, 0.01, 0.01)]);
+        let mut runs: Vec<BenchRun> = [(1, 0.01), (2, 0.005), (4, 0.004)]
+            .iter()
+            .map(|&(t, wall)| {
+                let mut s = s.clone();
+                s.step_times[0].wall_seconds = wall;
+                BenchRun::from_summary(t, 0, &s).unwrap()
+            })
+            .collect();
+        relate(&mut runs);
+        let got: Vec<(f64, f64)> = runs
+            .iter()
+            .map(|r| (r.speedup, r.parallel_efficiency))
+            .collect();
+        for ((s, e), (want_s, want_e)) in
+            got.into_iter().zip([(1.0, 1.0), (2.0, 1.0), (2.5, 0.625)])
+        {
+            assert!(
+                (s - want_s).abs() < 1e-9 && (e - want_e).abs() < 1e-9,
+                "{s} {e}"
+            );
+        }
+        // Against a baseline of 2 threads, 4 threads at twice the speed is 100% efficient.
+        runs.remove(0);
+        runs[1].samples_per_second = 2.0 * runs[0].samples_per_second;
+        relate(&mut runs);
+        assert!((runs[1].parallel_efficiency - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn step_counts_parse_on_one_line() {
+        assert_eq!(parse_count("--steps", "200").unwrap(), 200);
+        assert_eq!(parse_count("--warmup", " 0 ").unwrap(), 0);
+        for text in ["", "a", "-1", "1.5", "1e3"] {
+            let err = parse_count("--steps", text).unwrap_err();
+            assert!(err.is_bad_input());
+            let message = err.to_string();
+            assert!(message.starts_with("--steps: "), "{message}");
+            assert!(message.contains("not a number of steps"), "{message}");
+        }
+    }
+
+    fn request(config: PathBuf) -> BenchRequest {
+        BenchRequest {
+            config,
+            threads: "1,2".into(),
+            steps: 5,
+            warmup: 1,
+            overrides: vec![],
+            program: Some("/nonexistent/allcores".into()),
+        }
+    }
+
+    #[test]
+    fn bad_requests_stop_before_any_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            "[data]\nformat = \"csv\"\ntrain_csv = \"d.csv\"\ntest_fraction = 0.2\n",
+        )
+        .unwrap();
+        let refused = |r: &BenchRequest, expected: &str| {
+            let err = run_bench(r).unwrap_err();
+            assert!(err.is_bad_input(), "{err}");
+            assert!(err.to_string().contains(expected), "{expected}: {err}");
+            assert!(!err.to_string().contains('\n'), "{err}");
+        };
+        let mut r = request(config.clone());
+        r.threads = "0".into();
+        refused(&r, "0 is not a thread count");
+        r.threads = "".into();
+        refused(&r, "comma-separated list");
+        r.threads = "1,x".into();
+        refused(&r, "\"x\" is not a thread count");
+
+        let mut r = request(config.clone());
+        r.steps = 0;
+        refused(&r, "--steps: must be at least 1");
+        r.steps = MAX_TOTAL_STEPS;
+        refused(&r, "more than the 100,000 steps");
+
+        for key in ["training.threads", "training.max_steps", "training.epochs"] {
+            let mut r = request(config.clone());
+            r.overrides = vec![format!("{key}=3")];
+            refused(&r, &format!("the bench sets {key}"));
+        }
+        let mut r = request(config.clone());
+        r.overrides = vec!["training.thread=3".into()];
+        refused(&r, "thread");
+        refused(
+            &request(dir.path().join("missing.toml")),
+            "config file not found",
+        );
+    }
+
+    #[test]
+    fn a_run_that_cannot_start_stops_the_bench_naming_its_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            "[data]\nformat = \"csv\"\ntrain_csv = \"d.csv\"\ntest_fraction = 0.2\n",
+        )
+        .unwrap();
+        let err = run_bench(&request(config)).unwrap_err();
+        assert!(!err.is_bad_input());
+        let message = err.to_string();
+        assert!(
+            message.starts_with("the run at threads 1 failed: cannot start"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_thread_count() {
+        let s = summary(&[(10, 0.01, 0.01)]);
+        let mut runs = vec![
+            BenchRun::from_summary(1, 0, &s).unwrap(),
+            BenchRun::from_summary(2, 0, &s).unwrap(),
+        ];
+        relate(&mut runs);
+        let report = BenchReport {
+            config: "c.toml".into(),
+            overrides: vec![],
+            model: "mlp".into(),
+            backend: "ndarray".into(),
+            batch_size: 10,
+            effective_batch_size: 10,
+            warmup_steps: 0,
+            timed_steps: 1,
+            threads_available: 2,
+            runs,
+            identical_weights: true,
+        };
+        let text = report.to_text();
+        assert!(
+            text.contains("| 1 | 1,000 | 1.00x | 100% | 10.00 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| 2 | 1,000 | 1.00x | 50% | 10.00 |"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("weights: identical at every thread count"),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(json["runs"][1]["threads"], 2);
+        assert_eq!(json["runs"][1]["parallel_efficiency"], 0.5);
+    }
+}

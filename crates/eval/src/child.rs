@@ -1,0 +1,98 @@
+//! One `allcores train ... --json --quiet` child process and its summary: what `sweep` and
+//! `bench` both run, one process a thread count, because matrixmultiply reads its thread
+//! count once per process.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use allcores_trainer::Summary;
+use allcores_trainer::threads::available_threads;
+
+use crate::EvalError;
+
+/// Why a child run gave no summary.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ChildFailure {
+    /// The child's exit status; `None` when it was killed by a signal or never started.
+    pub exit_status: Option<i32>,
+    /// The child's error line (without its `error: `), or why it could not be read.
+    pub message: String,
+}
+
+/// The `allcores` executable to run: `given`, or this process's own.
+pub(crate) fn program(given: Option<&PathBuf>) -> Result<PathBuf, EvalError> {
+    match given {
+        Some(program) => Ok(program.clone()),
+        None => std::env::current_exe().map_err(|source| EvalError::Launch {
+            program: "allcores".into(),
+            source,
+        }),
+    }
+}
+
+/// Warns (stderr) about each thread count above what this machine allows; returns that number.
+pub(crate) fn warn_beyond_available(threads: &[usize]) -> usize {
+    let available = available_threads();
+    for &t in threads.iter().filter(|&&t| t > available) {
+        eprintln!(
+            "warning: --threads {t} is more than the {available} threads this machine allows: \
+             those runs share cores (expect no speed-up)"
+        );
+    }
+    available
+}
+
+/// Runs `program train CONFIG [--set SET]... [ARGS]... --json --quiet` and reads the summary
+/// from its last stdout line. The `sets` come in order: a later one wins.
+pub(crate) fn train_child<S, A>(
+    program: &Path,
+    config: &Path,
+    sets: S,
+    args: &[A],
+) -> Result<Summary, ChildFailure>
+where
+    S: IntoIterator<Item = String>,
+    A: AsRef<OsStr>,
+{
+    let failure = |exit_status: Option<i32>, message: String| ChildFailure {
+        exit_status,
+        message,
+    };
+    let mut command = Command::new(program);
+    command.arg("train").arg(config);
+    for set in sets {
+        command.arg("--set").arg(set);
+    }
+    command
+        .args(args)
+        .args(["--json", "--quiet"])
+        .stdin(Stdio::null());
+    let output = command
+        .output()
+        .map_err(|e| failure(None, format!("cannot start {}: {e}", program.display())))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last_line = |text: &str| {
+        text.lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(str::to_string)
+    };
+    if !output.status.success() {
+        let message = last_line(&stderr)
+            .map(|l| l.strip_prefix("error: ").unwrap_or(&l).to_string())
+            .unwrap_or_else(|| format!("the run stopped ({})", output.status));
+        return Err(failure(output.status.code(), message));
+    }
+    let Some(line) = last_line(&stdout) else {
+        return Err(failure(Some(0), "the run printed no summary".into()));
+    };
+    serde_json::from_str::<Summary>(&line).map_err(|e| {
+        failure(
+            Some(0),
+            format!("the run's last line is not a summary ({e})"),
+        )
+    })
+}

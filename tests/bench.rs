@@ -1,0 +1,221 @@
+//! End to end: `allcores bench` runs one process per thread count and reports their
+//! throughput; bad input ends with one line and exit status 2. No timing is asserted.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+fn small_config(dir: &Path) -> PathBuf {
+    write(
+        dir,
+        "digits.toml",
+        format!(
+            "{}\n[model]\nhidden = [16]\n[training]\nbatch_size = 64\nepochs = 1\n",
+            digits_data()
+        ),
+    )
+}
+
+/// Runs `allcores` with `args` in `dir`, so that anything it writes lands there.
+fn allcores_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_allcores"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn a_bench_measures_each_thread_count_in_its_own_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path());
+    // 1,438 training rows in batches of 64: 23 steps an epoch, so 32 steps cross an epoch
+    // end (and its short step) although the config asks for one epoch.
+    let output = allcores_in(
+        dir.path(),
+        &[
+            "bench",
+            config.to_str().unwrap(),
+            "--threads",
+            "2,1",
+            "--steps",
+            "30",
+            "--warmup",
+            "2",
+            "--json",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = last_json(&output);
+    assert_eq!(report["model"], "mlp");
+    assert_eq!(report["backend"], "ndarray");
+    assert_eq!(report["batch_size"], 64);
+    assert_eq!(report["warmup_steps"], 2);
+    assert_eq!(report["timed_steps"], 30);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    let threads: Vec<u64> = runs
+        .iter()
+        .map(|r| r["threads"].as_u64().unwrap())
+        .collect();
+    assert_eq!(threads, [1, 2]);
+    for run in runs {
+        assert_eq!(run["steps"], 30, "{run}");
+        // Steps 3..=32 of 23-step epochs: step 23 holds the epoch's last 30 rows.
+        assert_eq!(run["samples"], 29 * 64 + 30, "{run}");
+        for key in [
+            "samples_per_second",
+            "seconds",
+            "step_ms_median",
+            "step_ms_p10",
+            "step_ms_p90",
+            "step_ms_min",
+            "step_ms_max",
+            "cpu_utilization",
+            "speedup",
+            "parallel_efficiency",
+        ] {
+            let value = run[key].as_f64().unwrap_or_else(|| panic!("{key}: {run}"));
+            assert!(value > 0.0, "{key}: {run}");
+        }
+        let ms = |key: &str| run[key].as_f64().unwrap();
+        assert!(ms("step_ms_min") <= ms("step_ms_p10"), "{run}");
+        assert!(ms("step_ms_p10") <= ms("step_ms_median"), "{run}");
+        assert!(ms("step_ms_median") <= ms("step_ms_p90"), "{run}");
+        assert!(ms("step_ms_p90") <= ms("step_ms_max"), "{run}");
+        assert!(run["step_spread"].as_f64().unwrap() >= 0.0, "{run}");
+        assert!(run["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{run}");
+        assert_eq!(run["weights_sha256"].as_str().unwrap().len(), 64, "{run}");
+    }
+    assert_eq!(runs[0]["speedup"], 1.0);
+    assert_eq!(runs[0]["parallel_efficiency"], 1.0);
+    assert_eq!(runs[0]["weights_sha256"], runs[1]["weights_sha256"]);
+    assert_eq!(report["identical_weights"], true);
+    // The runs wrote nothing: no run folder, no checkpoints.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["digits.toml"], "{left:?}");
+}
+
+#[test]
+fn text_output_is_a_table_with_a_row_per_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path());
+    let output = allcores_in(
+        dir.path(),
+        &[
+            "bench",
+            config.to_str().unwrap(),
+            "--threads",
+            "1,2",
+            "--steps",
+            "3",
+            "--warmup",
+            "0",
+            "--set",
+            "training.backend=flex",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(
+        text.starts_with("mlp on flex, batch 64: 0 warm-up + 3 timed steps"),
+        "{text}"
+    );
+    assert!(
+        text.contains("| threads | samples/s | speed-up | parallel efficiency |"),
+        "{text}"
+    );
+    assert!(text.contains("\n| 1 | "), "{text}");
+    assert!(text.contains("\n| 2 | "), "{text}");
+    assert!(text.contains("| 1.00x | 100% |"), "{text}");
+    assert!(
+        text.contains("weights: identical at every thread count"),
+        "{text}"
+    );
+    let err = stderr(&output);
+    assert!(err.contains("[2/2] threads 2: "), "{err}");
+}
+
+#[test]
+fn bad_input_exits_2_on_one_line_before_any_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path());
+    let config = config.to_str().unwrap();
+    let missing = dir.path().join("missing.toml");
+    for (args, expected) in [
+        (
+            vec!["--threads", ""],
+            "--threads: give a comma-separated list",
+        ),
+        (vec!["--threads", "0"], "0 is not a thread count"),
+        (vec!["--threads", "1,two"], "\"two\" is not a thread count"),
+        (
+            vec!["--threads", "1", "--steps", "0"],
+            "--steps: must be at least 1",
+        ),
+        (
+            vec!["--threads", "1", "--steps", "many"],
+            "--steps: \"many\" is not",
+        ),
+        (
+            vec!["--threads", "1", "--warmup", "-1"],
+            "--warmup: \"-1\" is not",
+        ),
+        (
+            vec!["--threads", "1", "--set", "training.threds=2"],
+            "unknown field `threds`",
+        ),
+        (
+            vec!["--threads", "1", "--set", "training.max_steps=2"],
+            "use --steps and --warmup instead",
+        ),
+    ] {
+        let mut all = vec!["bench", config];
+        all.extend(&args);
+        let output = allcores_in(dir.path(), &all);
+        let err = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{err}");
+        assert!(
+            err.contains(expected),
+            "{args:?}: expected '{expected}' in: {err}"
+        );
+        assert!(stdout(&output).is_empty(), "{args:?}");
+    }
+    let output = allcores(&["bench", missing.to_str().unwrap(), "--threads", "1"]);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(err.contains("config file not found"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_run_that_refuses_its_data_stops_the_bench_with_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path());
+    let output = allcores_in(
+        dir.path(),
+        &[
+            "bench",
+            config.to_str().unwrap(),
+            "--threads",
+            "1,2",
+            "--set",
+            "data.train_csv=\"nowhere.csv\"",
+        ],
+    );
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.starts_with("error: the run at threads 1 failed: ") && last.contains("nowhere.csv"),
+        "{err}"
+    );
+}
