@@ -4,15 +4,15 @@
     benches/precision.py [--threads N] [--rounds R] [--steps S]
 
 For each model (the MLP and the CNN of examples/), each backend (ndarray: emulated half
-precision; flex: native) and each precision, trains S steps (checkpoints off) and reads the
-run's summary: training seconds per step and peak RSS. The precisions of a cell run in turn,
+precision; flex: native) and each precision, runs `allcores bench` (5 warm-up steps, then S
+timed ones, one process): the median step time and the peak RSS. The precisions of a cell run in turn,
 round after round, so that drift of a shared machine falls on all of them; the medians are
 printed, with each half precision's ratio to f32. A last table repeats the memory comparison at
 a large batch, where activations outweigh the weights.
 
 Needs the release binary: cargo build --release
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile
+import argparse, json, os, statistics, subprocess, sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "allcores")
@@ -20,29 +20,27 @@ MODELS = {"mlp": "examples/mnist-mlp.toml", "cnn": "examples/mnist-cnn.toml"}
 PRECISIONS = ["f32", "f16", "bf16"]
 
 
-def train(config, backend, precision, batch, steps, threads, out):
-    command = [BIN, "train", os.path.join(ROOT, config), "--out", out, "--json", "--quiet",
+def bench(config, backend, precision, batch, steps, threads):
+    """(median step seconds, peak RSS bytes) of one `allcores bench` process."""
+    command = [BIN, "bench", os.path.join(ROOT, config), "--threads", str(threads),
+               "--steps", str(steps), "--warmup", "5", "--json",
                "--set", f"training.backend={backend}", "--set", f"training.precision={precision}",
-               "--set", f"training.batch_size={batch}", "--set", f"training.max_steps={steps}",
-               "--set", f"training.threads={threads}", "--set", "training.epochs=1000",
-               "--set", "checkpoint.every_epochs=0"]
+               "--set", f"training.batch_size={batch}"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)}: {done.stderr.strip()}")
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    return summary["train_seconds"] / summary["steps"], summary["peak_rss_bytes"]
+    run = json.loads(done.stdout.strip().splitlines()[-1])["runs"][0]
+    return run["step_ms_median"] / 1e3, run["peak_rss_bytes"]
 
 
 def measure(cells, rounds, threads):
     """{(model, backend, batch): {precision: [(step seconds, rss), ...]}}"""
     results = {cell: {p: [] for p in PRECISIONS} for cell in cells}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(rounds):
-            for (model, backend, batch, steps) in cells:
-                for precision in PRECISIONS:
-                    out = os.path.join(tmp, f"{model}-{backend}-{batch}-{precision}-{r}")
-                    results[(model, backend, batch, steps)][precision].append(
-                        train(MODELS[model], backend, precision, batch, steps, threads, out))
+    for _ in range(rounds):
+        for (model, backend, batch, steps) in cells:
+            for precision in PRECISIONS:
+                results[(model, backend, batch, steps)][precision].append(
+                    bench(MODELS[model], backend, precision, batch, steps, threads))
     return results
 
 
@@ -77,9 +75,9 @@ def main():
     memory = [(m, b, batch, 6) for m, batch in [("mlp", 4096), ("cnn", 1024)]
               for b in ["ndarray", "flex"]]
     print(f"threads {args.threads}, {args.rounds} rounds, medians")
-    table(f"Step time, batch 128, {args.steps} steps", measure(speed, args.rounds, args.threads), step,
+    table(f"Median step time, batch 128, {args.steps} timed steps", measure(speed, args.rounds, args.threads), step,
           lambda seconds: f"{seconds * 1e3:.2f} ms")
-    table("Peak RSS at a large batch (6 steps)", measure(memory, args.rounds, args.threads), rss,
+    table("Peak RSS at a large batch (6 timed steps)", measure(memory, args.rounds, args.threads), rss,
           lambda size: f"{size / 2**20:.0f} MiB")
 
 
