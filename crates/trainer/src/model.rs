@@ -5,7 +5,6 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::prelude::*;
-use burn::tensor::DType;
 
 use crate::data::SampleShape;
 use crate::error::{Error, Result};
@@ -103,28 +102,10 @@ impl Cnn {
 
     /// Convolution, ReLU and 2x2 max-pool. On burn-ndarray and burn-flex this runs the crate's
     /// [`kernels`] (the `Conv2d` module only holds the parameters); anything else, burn's modules.
-    /// Half-precision tensors go through the f32 kernels and come back rounded to their format:
-    /// half storage, f32 arithmetic inside, as CPU half-precision convolutions compute (burn-flex's
-    /// own half convolution is several times slower than its f32 one).
     fn block(&self, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-        let dtype = x.dtype();
         match &conv.bias {
-            Some(bias) if kernels::supported(&x.device(), DType::F32) => {
-                let f32 = |t: Tensor<4>| {
-                    if dtype == DType::F32 {
-                        t
-                    } else {
-                        t.cast(DType::F32)
-                    }
-                };
-                let weight = conv.weight.val();
-                let bias = bias.val().cast(DType::F32);
-                let y = kernels::conv2d_relu_pool(f32(x), f32(weight), bias);
-                if dtype == DType::F32 {
-                    y
-                } else {
-                    y.cast(dtype)
-                }
+            Some(bias) if kernels::supported(&x.device(), x.dtype()) => {
+                kernels::conv2d_relu_pool(x, conv.weight.val(), bias.val())
             }
             _ => self.pool.forward(self.activation.forward(conv.forward(x))),
         }

@@ -18,6 +18,9 @@ use burn::backend::ndarray::NdArrayTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, NdArray, TensorMetadata, backend_extension};
 use burn::tensor::{DType, TensorData};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
 
 use super::conv::{self, ConvGrads, ConvShape};
 use super::{fused, pool};
@@ -46,16 +49,65 @@ pub trait CnnBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// Backends whose f32 tensors the kernels can read as a slice and build from a `Vec`.
+/// Backends whose tensors the kernels can read as an f32 slice and build from an f32 `Vec`.
+///
+/// The kernels compute in f32. Half-precision tensors (burn-flex's F16 and BF16) are converted
+/// on the way in and rounded back to their format on the way out, so that what a kernel keeps
+/// for its backward pass stays half precision: the arithmetic of CPU half-precision kernels
+/// (this CPU has no half arithmetic in AVX2), the memory of half storage.
 pub trait HostF32: Backend {
-    /// The elements in row-major order.
+    /// The elements in row-major order, as f32.
     fn read_f32(tensor: &FloatTensor<Self>) -> Cow<'_, [f32]>;
-    /// A tensor owning `data` (no copy).
+    /// An f32 tensor owning `data` (no copy).
     fn write_f32(data: Vec<f32>, shape: Vec<usize>) -> FloatTensor<Self>;
+    /// A tensor of `dtype` holding `data`, rounded to it when it is a half format.
+    fn write_as(data: Vec<f32>, shape: Vec<usize>, dtype: DType) -> FloatTensor<Self> {
+        match dtype {
+            DType::F32 => Self::write_f32(data, shape),
+            other => not_f32(other),
+        }
+    }
+    /// A tensor holding `data` in the dtype of `like`.
+    fn write_like(
+        data: Vec<f32>,
+        shape: Vec<usize>,
+        like: &FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::write_as(data, shape, like.dtype())
+    }
 }
 
 fn not_f32(dtype: DType) -> ! {
-    panic!("the CNN kernels run on f32 tensors only, got {dtype:?}")
+    panic!("the CPU kernels run on f32 (or, on burn-flex, f16 and bf16) tensors, got {dtype:?}")
+}
+
+/// Elements per rayon task when converting between f32 and a half format (element-wise: the
+/// split changes no value).
+const CONVERT_CHUNK: usize = 1 << 15;
+
+/// `values` widened to f32.
+fn widen<E: Sync>(values: &[E]) -> Vec<f32>
+where
+    [E]: HalfFloatSliceExt,
+{
+    let mut out = vec![0.0f32; values.len()];
+    out.par_chunks_mut(CONVERT_CHUNK)
+        .zip(values.par_chunks(CONVERT_CHUNK))
+        .for_each(|(out, values)| values.convert_to_f32_slice(out));
+    out
+}
+
+/// `values` rounded to a half format (to nearest, ties to even).
+fn narrow<E>(values: &[f32]) -> Vec<E>
+where
+    E: Copy + Default + Send + Sync,
+    [E]: HalfFloatSliceExt,
+{
+    let mut out = vec![E::default(); values.len()];
+    out.par_chunks_mut(CONVERT_CHUNK)
+        .zip(values.par_chunks(CONVERT_CHUNK))
+        .for_each(|(out, values)| out.convert_from_f32_slice(values));
+    out
 }
 
 impl HostF32 for NdArray {
@@ -79,8 +131,31 @@ impl HostF32 for NdArray {
 
 impl HostF32 for Flex {
     fn read_f32(tensor: &FlexTensor) -> Cow<'_, [f32]> {
-        if tensor.dtype() != DType::F32 {
-            not_f32(tensor.dtype());
+        match tensor.dtype() {
+            DType::F32 => {}
+            DType::F16 => {
+                return Cow::Owned(match tensor.as_slice::<f16>() {
+                    Some(values) => widen(values),
+                    None => widen(
+                        tensor
+                            .to_contiguous()
+                            .as_slice::<f16>()
+                            .expect("contiguous"),
+                    ),
+                });
+            }
+            DType::BF16 => {
+                return Cow::Owned(match tensor.as_slice::<bf16>() {
+                    Some(values) => widen(values),
+                    None => widen(
+                        tensor
+                            .to_contiguous()
+                            .as_slice::<bf16>()
+                            .expect("contiguous"),
+                    ),
+                });
+            }
+            other => not_f32(other),
         }
         match tensor.as_slice::<f32>() {
             Some(slice) => Cow::Borrowed(slice),
@@ -96,6 +171,15 @@ impl HostF32 for Flex {
 
     fn write_f32(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
         FlexTensor::from_data(TensorData::new(data, shape))
+    }
+
+    fn write_as(data: Vec<f32>, shape: Vec<usize>, dtype: DType) -> FlexTensor {
+        match dtype {
+            DType::F32 => Self::write_f32(data, shape),
+            DType::F16 => FlexTensor::from_data(TensorData::new(narrow::<f16>(&data), shape)),
+            DType::BF16 => FlexTensor::from_data(TensorData::new(narrow::<bf16>(&data), shape)),
+            other => not_f32(other),
+        }
     }
 }
 
@@ -134,7 +218,7 @@ fn conv_forward<B: HostF32>(
         s,
         relu,
     );
-    B::write_f32(y, vec![s.batch, s.c_out, s.out_height(), s.out_width()])
+    B::write_like(y, vec![s.batch, s.c_out, s.out_height(), s.out_width()], &x)
 }
 
 /// The fused forward pass: pooled output and the index of each window's maximum.
@@ -146,13 +230,13 @@ fn fused_forward<B: HostF32>(
     let s = conv_shape::<B>(x, weight);
     let pooled = fused::forward(&B::read_f32(x), &B::read_f32(weight), &B::read_f32(bias), s);
     let shape = vec![s.batch, s.c_out, s.out_height() / 2, s.out_width() / 2];
-    (B::write_f32(pooled.y, shape), pooled.argmax)
+    (B::write_like(pooled.y, shape, x), pooled.argmax)
 }
 
 fn pool_forward<B: HostF32>(x: FloatTensor<B>) -> FloatTensor<B> {
     let [n, c, h, w] = dims4(&x);
     let y = pool::forward(&B::read_f32(&x), n * c, h, w);
-    B::write_f32(y, vec![n, c, h / 2, w / 2])
+    B::write_like(y, vec![n, c, h / 2, w / 2], &x)
 }
 
 impl CnnBackend for NdArray {
@@ -217,27 +301,29 @@ impl<B: HostF32> Backward<B, 3> for ConvBackward {
             node_x.is_some(),
         );
         let ids = [node_x, node_weight, node_bias].map(|node| node.map(|node| node.id));
-        register_conv_grads::<B>(grads, ids, g, &s);
+        register_conv_grads::<B>(grads, ids, g, &s, [x.dtype(), weight.dtype()]);
     }
 }
 
 /// Hands the convolution's gradients to the parents that want them.
+/// `dtypes`: those of the input and of the parameters.
 fn register_conv_grads<B: HostF32>(
     grads: &mut Gradients,
     [node_x, node_weight, node_bias]: [Option<NodeId>; 3],
     g: ConvGrads,
     s: &ConvShape,
+    [x_dtype, param_dtype]: [DType; 2],
 ) {
     if let (Some(node), Some(dx)) = (node_x, g.x) {
         let shape = vec![s.batch, s.c_in, s.height, s.width];
-        grads.register::<B>(node, B::write_f32(dx, shape));
+        grads.register::<B>(node, B::write_as(dx, shape, x_dtype));
     }
     if let Some(node) = node_weight {
         let shape = vec![s.c_out, s.c_in, s.kernel, s.kernel];
-        grads.register::<B>(node, B::write_f32(g.weight, shape));
+        grads.register::<B>(node, B::write_as(g.weight, shape, param_dtype));
     }
     if let Some(node) = node_bias {
-        grads.register::<B>(node, B::write_f32(g.bias, vec![s.c_out]));
+        grads.register::<B>(node, B::write_as(g.bias, vec![s.c_out], param_dtype));
     }
 }
 
@@ -266,7 +352,7 @@ impl<B: HostF32> Backward<B, 3> for ConvReluPoolBackward {
             node_x.is_some(),
         );
         let ids = [node_x, node_weight, node_bias].map(|node| node.map(|node| node.id));
-        register_conv_grads::<B>(grads, ids, g, &s);
+        register_conv_grads::<B>(grads, ids, g, &s, [x.dtype(), weight.dtype()]);
     }
 }
 
@@ -284,7 +370,7 @@ impl<B: HostF32> Backward<B, 1> for PoolBackward {
             let x = ops.state;
             let [n, c, h, w] = dims4(&x);
             let dx = pool::backward(&B::read_f32(&x), &B::read_f32(&grad), n * c, h, w);
-            grads.register::<B>(node.id, B::write_f32(dx, vec![n, c, h, w]));
+            grads.register::<B>(node.id, B::write_like(dx, vec![n, c, h, w], &x));
         }
     }
 }

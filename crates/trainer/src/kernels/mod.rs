@@ -51,11 +51,15 @@ unsafe fn assume_init<T>(buffer: Box<[MaybeUninit<T>]>) -> Vec<T> {
     unsafe { buffer.assume_init() }.into_vec()
 }
 
-/// Whether the kernels run for tensors of this dtype on this device (f32 on burn-ndarray or
-/// burn-flex, with or without autodiff).
+/// Whether the kernels run for tensors of this dtype on this device (f32 on burn-ndarray; f32,
+/// f16 and bf16 on burn-flex; with or without autodiff).
 #[allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
 pub fn supported(device: &Device, dtype: DType) -> bool {
-    dtype == DType::F32 && (*device == Device::ndarray() || *device == Device::flex())
+    match dtype {
+        DType::F32 => *device == Device::ndarray() || *device == Device::flex(),
+        DType::F16 | DType::BF16 => *device == Device::flex(),
+        _ => false,
+    }
 }
 
 /// Valid (no padding), stride-1 2-D convolution of `x: [n, c_in, h, w]` by a square kernel
@@ -201,6 +205,63 @@ mod tests {
                     "bias gradient",
                 );
             }
+        }
+    }
+
+    /// Half-precision tensors on flex: the f32 kernel on the widened values, every result rounded
+    /// back to the input's format, and the gradients in the format of their tensor.
+    #[test]
+    fn half_tensors_compute_in_f32_and_come_back_in_their_format() {
+        let device = Device::flex().autodiff();
+        device.seed(9);
+        for dtype in [DType::F16, DType::BF16] {
+            let half = |t: Tensor<4>| t.cast(dtype).detach().require_grad();
+            let x = half(Tensor::random([5, 2, 8, 8], Distribution::Default, &device));
+            let weight = half(Tensor::random([3, 2, 3, 3], Distribution::Default, &device));
+            let bias = Tensor::<1>::random([3], Distribution::Default, &device)
+                .cast(dtype)
+                .detach()
+                .require_grad();
+            let ours = conv2d_relu_pool(x.clone(), weight.clone(), bias.clone());
+            assert_eq!(ours.dtype(), dtype);
+
+            let wide = |t: &Tensor<4>| t.clone().detach().cast(DType::F32).detach().require_grad();
+            let (x32, weight32) = (wide(&x), wide(&weight));
+            let bias32 = bias
+                .clone()
+                .detach()
+                .cast(DType::F32)
+                .detach()
+                .require_grad();
+            let reference = conv2d_relu_pool(x32.clone(), weight32.clone(), bias32.clone());
+            let same = |a: Tensor<4>, b: Tensor<4>, what: &str| {
+                assert_eq!(a.dtype(), dtype, "{what}");
+                let a = a.cast(DType::F32).into_data().to_vec::<f32>().unwrap();
+                let b = b
+                    .cast(dtype)
+                    .cast(DType::F32)
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap();
+                assert_eq!(a, b, "{what}");
+            };
+            // Values of the format, so that the incoming gradient is the same in both passes.
+            let probe = Tensor::<4>::random(ours.dims(), Distribution::Default, &device)
+                .cast(dtype)
+                .cast(DType::F32);
+            let grads = (ours.clone().cast(DType::F32) * probe.clone())
+                .sum()
+                .backward();
+            let ref_grads = (reference.clone() * probe).sum().backward();
+            same(ours, reference, "output");
+            same(x.grad(&grads).unwrap(), x32.grad(&ref_grads).unwrap(), "dx");
+            same(
+                weight.grad(&grads).unwrap(),
+                weight32.grad(&ref_grads).unwrap(),
+                "dw",
+            );
+            let db = bias.grad(&grads).unwrap();
+            assert_eq!(db.dtype(), dtype);
         }
     }
 
