@@ -52,9 +52,22 @@ impl Classifier for Mlp {
     fn forward(&self, inputs: Tensor<4>) -> Tensor<2> {
         let mut x: Tensor<2> = inputs.flatten(1, 3);
         for layer in &self.hidden {
-            x = round_activations(self.activation.forward(layer.forward(x)));
+            x = round_activations(dense(layer, &self.activation, x, true));
         }
-        self.output.forward(x)
+        dense(&self.output, &self.activation, x, false)
+    }
+}
+
+/// A dense layer, followed by ReLU when `relu`. f32 on burn-ndarray and burn-flex runs the
+/// crate's [`kernels::linear`] (the `Linear` module only holds the parameters, so names, shapes
+/// and checkpoints stay burn's); anything else, burn's modules.
+fn dense(layer: &Linear, activation: &Relu, x: Tensor<2>, relu: bool) -> Tensor<2> {
+    match &layer.bias {
+        Some(bias) if kernels::supported(&x.device(), x.dtype()) => {
+            kernels::linear(x, layer.weight.val(), bias.val(), relu)
+        }
+        _ if relu => activation.forward(layer.forward(x)),
+        _ => layer.forward(x),
     }
 }
 
@@ -117,8 +130,8 @@ impl Classifier for Cnn {
         let x = round_activations(self.block(&self.conv1, inputs));
         let x = round_activations(self.block(&self.conv2, x));
         let x: Tensor<2> = x.flatten(1, 3);
-        let x = round_activations(self.activation.forward(self.dense.forward(x)));
-        self.output.forward(x)
+        let x = round_activations(dense(&self.dense, &self.activation, x, true));
+        dense(&self.output, &self.activation, x, false)
     }
 }
 

@@ -23,6 +23,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::conv::{self, ConvGrads, ConvShape};
+use super::linear::{self, LinearGrads, LinearShape};
 use super::{fused, pool};
 
 /// Convolution and max-pool kernels for the CNN. Shapes are checked by the wrappers in
@@ -46,6 +47,20 @@ pub trait CnnBackend: Backend {
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+/// The dense-layer kernel for the MLP and the CNN's dense layers. Shapes are checked by the
+/// wrapper in [`super`]; the operation panics on dtypes that [`HostF32`] cannot read.
+#[backend_extension(NdArray, Flex, Autodiff)]
+pub trait DenseBackend: Backend {
+    /// `x · weight + bias` for `x: [batch, inputs]`, `weight: [inputs, outputs]` (burn's
+    /// `Linear` layout) and `bias: [outputs]`; then ReLU when `relu`.
+    fn linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu: bool,
     ) -> FloatTensor<Self>;
 }
 
@@ -201,6 +216,125 @@ fn conv_shape<B: Backend>(x: &FloatTensor<B>, weight: &FloatTensor<B>) -> ConvSh
         width,
         c_out,
         kernel: kh,
+    }
+}
+
+fn dims2<T: TensorMetadata>(tensor: &T) -> [usize; 2] {
+    let shape = tensor.shape();
+    assert_eq!(shape.num_dims(), 2, "expected a 2-D tensor");
+    [shape[0], shape[1]]
+}
+
+fn linear_shape<B: Backend>(x: &FloatTensor<B>, weight: &FloatTensor<B>) -> LinearShape {
+    let [batch, inputs] = dims2(x);
+    let [w_in, outputs] = dims2(weight);
+    assert_eq!(w_in, inputs, "linear: weight inputs");
+    LinearShape {
+        batch,
+        inputs,
+        outputs,
+    }
+}
+
+fn linear_forward<B: HostF32>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    relu: bool,
+) -> FloatTensor<B> {
+    let s = linear_shape::<B>(&x, &weight);
+    let y = linear::forward(
+        &B::read_f32(&x),
+        &B::read_f32(&weight),
+        &B::read_f32(&bias),
+        s,
+        relu,
+    );
+    B::write_like(y, vec![s.batch, s.outputs], &x)
+}
+
+impl DenseBackend for NdArray {
+    fn linear(
+        x: NdArrayTensor,
+        weight: NdArrayTensor,
+        bias: NdArrayTensor,
+        relu: bool,
+    ) -> NdArrayTensor {
+        linear_forward::<Self>(x, weight, bias, relu)
+    }
+}
+
+impl DenseBackend for Flex {
+    fn linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, relu: bool) -> FlexTensor {
+        linear_forward::<Self>(x, weight, bias, relu)
+    }
+}
+
+/// Backward step of [`DenseBackend::linear`].
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<B: HostF32> Backward<B, 3> for LinearBackward {
+    /// Input, weight and (when the ReLU was fused) output of the forward pass.
+    type State = ConvState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_weight, node_bias] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight, output) = ops.state;
+        let s = linear_shape::<B>(&x, &weight);
+        let output = output.as_ref().map(|y| B::read_f32(y));
+        let LinearGrads {
+            x: dx,
+            weight: dw,
+            bias: db,
+        } = linear::backward(
+            &B::read_f32(&x),
+            &B::read_f32(&weight),
+            &B::read_f32(&grad),
+            output.as_deref(),
+            s,
+            node_x.is_some(),
+        );
+        if let (Some(node), Some(dx)) = (node_x, dx) {
+            grads.register::<B>(node.id, B::write_like(dx, vec![s.batch, s.inputs], &x));
+        }
+        if let Some(node) = node_weight {
+            grads.register::<B>(
+                node.id,
+                B::write_like(dw, vec![s.inputs, s.outputs], &weight),
+            );
+        }
+        if let Some(node) = node_bias {
+            grads.register::<B>(node.id, B::write_like(db, vec![s.outputs], &weight));
+        }
+    }
+}
+
+impl<B: DenseBackend + HostF32, C: CheckpointStrategy> DenseBackend for Autodiff<B, C> {
+    fn linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu: bool,
+    ) -> FloatTensor<Self> {
+        let (x, x_node) = x.into_parts();
+        let (weight, weight_node) = weight.into_parts();
+        let (bias, bias_node) = bias.into_parts();
+        match LinearBackward
+            .prepare::<C>([x_node, weight_node, bias_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = <B as DenseBackend>::linear(x.clone(), weight.clone(), bias, relu);
+                let output = relu.then(|| y.clone());
+                prep.finish((x, weight, output), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(<B as DenseBackend>::linear(x, weight, bias, relu))
+            }
+        }
     }
 }
 

@@ -1,7 +1,13 @@
-//! One f32 matrix product on strided slices, always single-threaded.
+//! f32 matrix products on strided slices: one product, always single-threaded ([`matmul`]), and
+//! a product spread over rayon in fixed output tiles ([`for_each_tile`], [`Tile::matmul`]).
 //!
-//! The kernels parallelise over samples themselves; a GEMM that split its own work across threads
-//! would make the summation order depend on the thread count.
+//! The kernels parallelise over samples or output tiles themselves; a GEMM that split its own
+//! work across threads would make the summation order depend on the thread count.
+
+use std::marker::PhantomData;
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
 
 /// A read-only matrix view: `rows x cols`, element `(i, j)` at `data[i * row_stride + j *
 /// col_stride]`.
@@ -31,6 +37,15 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// The view that starts at element `(row, col)` of this one.
+    pub fn offset(self, row: usize, col: usize) -> Self {
+        Self {
+            data: &self.data
+                [(row * self.row_stride + col * self.col_stride).min(self.data.len())..],
+            ..self
+        }
+    }
+
     /// Whether every element of an `rows x cols` view lies inside the slice.
     fn covers(&self, rows: usize, cols: usize) -> bool {
         rows == 0
@@ -49,27 +64,49 @@ pub(crate) fn matmul(
     accumulate: bool,
 ) {
     assert!(dst.len() >= m * n, "gemm: destination too small");
+    // SAFETY: `dst` holds `m x n` initialised elements at row stride `n` and is borrowed mutably,
+    // so nothing else reads or writes it.
+    unsafe { matmul_raw(dst.as_mut_ptr(), n, a, b, (m, k, n), accumulate) }
+}
+
+/// [`matmul`] into a raw row-major destination with row stride `dst_stride`.
+///
+/// # Safety
+/// The `m x n` elements `dst[i * dst_stride + j]` must be valid for writes and touched by nobody
+/// else during the call; when `accumulate`, they must also be initialised. `a` and `b` must not
+/// overlap them.
+unsafe fn matmul_raw(
+    dst: *mut f32,
+    dst_stride: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    (m, k, n): (usize, usize, usize),
+    accumulate: bool,
+) {
     assert!(a.covers(m, k) && b.covers(k, n), "gemm: operand too small");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            for i in 0..m {
+                // SAFETY: row `i` of the destination, valid for writes (the caller's contract).
+                unsafe { std::ptr::write_bytes(dst.add(i * dst_stride), 0, n) };
+            }
         }
         return;
     }
-    // SAFETY: the asserts above keep every index the product reads or writes inside the three
-    // slices, `dst` is borrowed mutably so it cannot alias `a` or `b`, and `Parallelism::None`
-    // runs the whole product on this thread.
+    // SAFETY: the assert keeps every index the product reads inside `a` and `b`, the caller
+    // vouches for the destination, and `Parallelism::None` runs the whole product on this
+    // thread: the order of every sum depends on the shapes only.
     unsafe {
         ::gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
+            dst_stride as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
@@ -85,6 +122,150 @@ pub(crate) fn matmul(
             ::gemm::Parallelism::None,
         );
     }
+}
+
+/// The destination of a tiled product: a row-major `rows x cols` matrix, written by many tasks,
+/// each in its own tile.
+#[derive(Clone, Copy)]
+struct SharedDst {
+    ptr: *mut f32,
+    cols: usize,
+}
+
+// SAFETY: tasks reach the matrix only through disjoint `Tile`s.
+unsafe impl Send for SharedDst {}
+unsafe impl Sync for SharedDst {}
+
+/// One tile of a matrix being computed by [`for_each_tile`]: rows `row..row + rows`, columns
+/// `col..col + cols`, owned by one task. It starts uninitialised: [`Tile::fill_rows`] or a
+/// [`Tile::matmul`] that does not accumulate must write it before anything reads it.
+pub(crate) struct Tile<'a> {
+    dst: SharedDst,
+    row: usize,
+    col: usize,
+    rows: usize,
+    cols: usize,
+    initialised: bool,
+    _matrix: PhantomData<&'a mut [f32]>,
+}
+
+impl Tile<'_> {
+    /// The matrix columns this tile covers.
+    pub fn columns(&self) -> std::ops::Range<usize> {
+        self.col..self.col + self.cols
+    }
+
+    fn ptr(&self, i: usize) -> *mut f32 {
+        // SAFETY (of the offset): `i < rows`, so the element lies inside the matrix.
+        unsafe { self.dst.ptr.add((self.row + i) * self.dst.cols + self.col) }
+    }
+
+    /// Sets every row of the tile to `values[col..col + cols]` (a bias, say).
+    pub fn fill_rows(&mut self, values: &[f32]) {
+        let values = &values[self.col..self.col + self.cols];
+        for i in 0..self.rows {
+            // SAFETY: row `i` of this tile: inside the matrix, owned by this task only.
+            unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr(i), self.cols) };
+        }
+        self.initialised = true;
+    }
+
+    /// `tile = a · b` over the tile's rows and columns (`+=` when `accumulate`), where `a` is the
+    /// left factor of the whole matrix (`rows x k`) and `b` the right one (`k x cols`): the whole
+    /// sum over `k` of every element happens in this one call, on this thread.
+    ///
+    /// # Panics
+    /// When accumulating onto a tile not written yet.
+    pub fn matmul(&mut self, a: Mat<'_>, b: Mat<'_>, k: usize, accumulate: bool) {
+        assert!(
+            self.initialised || !accumulate,
+            "tile: accumulating onto uninitialised memory"
+        );
+        let (a, b) = (a.offset(self.row, 0), b.offset(0, self.col));
+        // SAFETY: the tile lies inside the matrix, no other task touches it, it is initialised
+        // when accumulating (asserted), and the factors are shared borrows of other buffers.
+        unsafe {
+            matmul_raw(
+                self.ptr(0),
+                self.dst.cols,
+                a,
+                b,
+                (self.rows, k, self.cols),
+                accumulate,
+            )
+        };
+        self.initialised = true;
+    }
+
+    /// Hands every row of the tile (zeroed first) to `f`, which writes it.
+    pub fn write_rows(&mut self, mut f: impl FnMut(usize, &mut [f32])) {
+        for i in 0..self.rows {
+            // SAFETY: row `i` of this tile: inside the matrix, owned by this task only; zeroed
+            // before the slice is made, so it is initialised.
+            let row = unsafe {
+                std::ptr::write_bytes(self.ptr(i), 0, self.cols);
+                std::slice::from_raw_parts_mut(self.ptr(i), self.cols)
+            };
+            f(self.row + i, row);
+        }
+        self.initialised = true;
+    }
+
+    /// Applies `f` to every row of the tile (a slice of `cols` elements).
+    ///
+    /// # Panics
+    /// When the tile was not written yet.
+    pub fn for_each_row(&mut self, mut f: impl FnMut(usize, &mut [f32])) {
+        assert!(self.initialised, "tile: reading uninitialised memory");
+        for i in 0..self.rows {
+            // SAFETY: row `i` of this tile, initialised, owned by this task only.
+            let row = unsafe { std::slice::from_raw_parts_mut(self.ptr(i), self.cols) };
+            f(self.row + i, row);
+        }
+    }
+}
+
+/// Computes a row-major `rows x cols` matrix tile by tile: the matrix is cut into tiles of
+/// `tile_rows x tile_cols` (smaller at the right and bottom edges) and rayon runs `f` once per
+/// tile, which must write all of it. The tile size is the caller's constant and never depends on
+/// the thread count, so every element is computed by the same operations, in the same order, at
+/// any thread count; only which thread runs a tile changes.
+///
+/// # Panics
+/// When a tile is left unwritten, or on a zero tile size.
+pub(crate) fn for_each_tile<F>(
+    (rows, cols): (usize, usize),
+    (tile_rows, tile_cols): (usize, usize),
+    f: F,
+) -> Vec<f32>
+where
+    F: Fn(&mut Tile<'_>) + Sync,
+{
+    assert!(tile_rows > 0 && tile_cols > 0, "tile: zero size");
+    let mut buffer: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(rows * cols);
+    let dst = SharedDst {
+        ptr: buffer.as_mut_ptr().cast(),
+        cols,
+    };
+    let across = cols.div_ceil(tile_cols);
+    (0..rows.div_ceil(tile_rows) * across)
+        .into_par_iter()
+        .for_each(|t| {
+            let (row, col) = ((t / across) * tile_rows, (t % across) * tile_cols);
+            let mut tile = Tile {
+                dst,
+                row,
+                col,
+                rows: tile_rows.min(rows - row),
+                cols: tile_cols.min(cols - col),
+                initialised: false,
+                _matrix: PhantomData,
+            };
+            f(&mut tile);
+            assert!(tile.initialised, "tile: left unwritten");
+        });
+    // SAFETY: the tiles cover the matrix, and each was written by its task (asserted).
+    unsafe { buffer.assume_init() }.into_vec()
 }
 
 #[cfg(test)]

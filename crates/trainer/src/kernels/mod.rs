@@ -1,20 +1,25 @@
-//! CPU kernels for the built-in CNN: valid stride-1 convolution (bias, optional fused ReLU) and
-//! 2x2 stride-2 max-pool, forward and backward, on burn-ndarray and burn-flex.
+//! CPU kernels for the built-in models: dense layer (bias, optional fused ReLU), valid stride-1
+//! convolution (bias, optional fused ReLU) and 2x2 stride-2 max-pool, forward and backward, on
+//! burn-ndarray and burn-flex.
 //!
 //! They reach burn as a backend extension ([`extension::CnnBackend`]): one implementation per
 //! CPU backend and one for `Autodiff<B, C>` whose backward pass calls the gradient kernels here,
-//! so a model keeps burn's `Conv2d` parameters (same names and shapes) and only its forward
-//! changes. Inside, a kernel works on plain f32 slices: im2col and a packed single-threaded GEMM
-//! (the `gemm` crate) per sample, rayon over chunks of samples.
+//! so a model keeps burn's `Linear` and `Conv2d` parameters (same names and shapes) and only its
+//! forward changes. Inside, a kernel works on plain f32 slices and packed single-threaded GEMMs
+//! (the `gemm` crate): for a convolution, im2col and one GEMM per sample, rayon over chunks of
+//! samples; for a dense layer, one GEMM per output tile of a fixed size, rayon over the tiles.
 //!
-//! Results do not depend on the thread count: the forward pass and the input gradient are
-//! computed sample by sample, and the reductions over the batch (weight and bias gradients) are
-//! summed over fixed chunks of [`CHUNK`] samples, then chunk by chunk in order. The rounding
-//! still depends on the GEMM kernel that `gemm` picks for the CPU (AVX2, AVX-512...).
+//! Results do not depend on the thread count. Convolutions: the forward pass and the input
+//! gradient are computed sample by sample, and the reductions over the batch (weight and bias
+//! gradients) are summed over fixed chunks of [`CHUNK`] samples, then chunk by chunk in order.
+//! Dense layers: every output element's whole sum lies inside one tile's GEMM, and the tile sizes
+//! are constants. The rounding still depends on the GEMM kernel that `gemm` picks for the CPU
+//! (AVX2, AVX-512...).
 
 mod conv;
 pub mod extension;
 mod fused;
+mod linear;
 mod matmul;
 mod pool;
 
@@ -24,7 +29,7 @@ use burn::backend::Dispatch;
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use extension::CnnBackend;
+use extension::{CnnBackend, DenseBackend};
 
 /// Samples per rayon task, and per partial sum of the weight and bias gradients. A constant: the
 /// order of every sum must not depend on the thread count.
@@ -112,6 +117,30 @@ fn check_conv(x: &Tensor<4>, weight: &Tensor<4>, bias: &Tensor<1>) {
     assert_eq!(bias.dims(), [c_out], "conv2d: bias size");
 }
 
+/// Dense layer `x · weight + bias` for `x: [batch, inputs]`, `weight: [inputs, outputs]` and
+/// `bias: [outputs]` (burn's `Linear` layout), then ReLU when `relu`: `[batch, outputs]`. The
+/// same computation as burn's `Linear` (+ `Relu`).
+///
+/// # Panics
+/// On shapes that do not fit, on tensors that are not f32, on a device other than ndarray/flex.
+pub fn linear(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>, relu: bool) -> Tensor<2> {
+    let [_, inputs] = x.dims();
+    let [w_in, outputs] = weight.dims();
+    assert_eq!(
+        w_in,
+        inputs,
+        "linear: weight {:?} for {inputs} inputs",
+        weight.dims()
+    );
+    assert_eq!(bias.dims(), [outputs], "linear: bias size");
+    Tensor::from_dispatch(<Dispatch as DenseBackend>::linear(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        relu,
+    ))
+}
+
 /// 2x2 max-pool with stride 2 of `x: [n, c, h, w]`: `[n, c, h / 2, w / 2]` (floor, like burn's
 /// `MaxPool2d`). On ties the gradient goes to the first maximum of the window in row-major order.
 pub fn max_pool2x2(x: Tensor<4>) -> Tensor<4> {
@@ -135,6 +164,7 @@ pub(crate) fn test_values(len: usize, seed: u32) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    use burn::nn::LinearConfig;
     use burn::nn::conv::Conv2dConfig;
     use burn::nn::pool::MaxPool2dConfig;
     use burn::tensor::Distribution;
@@ -265,6 +295,112 @@ mod tests {
         }
     }
 
+    /// The dense kernel on half-precision tensors: the f32 kernel on the widened values, rounded.
+    #[test]
+    fn linear_on_half_tensors_computes_in_f32_and_rounds() {
+        let device = Device::flex().autodiff();
+        device.seed(13);
+        for dtype in [DType::F16, DType::BF16] {
+            let leaf = |t: Tensor<2>| t.cast(dtype).detach().require_grad();
+            let x = leaf(Tensor::random([5, 7], Distribution::Default, &device));
+            let w = leaf(Tensor::random([7, 4], Distribution::Default, &device));
+            let b = Tensor::<1>::random([4], Distribution::Default, &device).cast(dtype);
+            let ours = linear(x.clone(), w.clone(), b.clone(), true);
+            assert_eq!(ours.dtype(), dtype);
+            let wide = |t: &Tensor<2>| t.clone().detach().cast(DType::F32).detach().require_grad();
+            let (x32, w32) = (wide(&x), wide(&w));
+            let reference = linear(x32.clone(), w32.clone(), b.cast(DType::F32), true);
+            let rounded = |t: Tensor<2>| t.cast(dtype).cast(DType::F32).into_data();
+            let probe = Tensor::<2>::random([5, 4], Distribution::Default, &device)
+                .cast(dtype)
+                .cast(DType::F32);
+            let grads = (ours.clone().cast(DType::F32) * probe.clone())
+                .sum()
+                .backward();
+            let ref_grads = (reference.clone() * probe).sum().backward();
+            assert_eq!(rounded(ours), rounded(reference));
+            let (dx, dw) = (x.grad(&grads).unwrap(), w.grad(&grads).unwrap());
+            assert_eq!((dx.dtype(), dw.dtype()), (dtype, dtype));
+            assert_eq!(rounded(dx), rounded(x32.grad(&ref_grads).unwrap()));
+            assert_eq!(rounded(dw), rounded(w32.grad(&ref_grads).unwrap()));
+        }
+    }
+
+    /// Forward output and the three gradients against burn's `Linear` (+ ReLU), with shapes that
+    /// leave partial tiles on every edge, and a single sample.
+    #[test]
+    fn linear_matches_burn_on_both_backends() {
+        let (rows, cols) = linear::TILE;
+        let shapes = [
+            (rows + 3, linear::WEIGHT_TILE.0 + 5, cols + 7),
+            (1, 13, 10),
+            (2 * rows, 2 * cols, 10),
+        ];
+        for device in devices() {
+            device.seed(11);
+            for (batch, inputs, outputs) in shapes {
+                for fused_relu in [false, true] {
+                    let layer = LinearConfig::new(inputs, outputs).init(&device);
+                    let x = Tensor::<2>::random([batch, inputs], Distribution::Default, &device)
+                        .require_grad();
+                    let probe =
+                        Tensor::<2>::random([batch, outputs], Distribution::Default, &device);
+                    let reference = layer.forward(x.clone());
+                    let reference = if fused_relu {
+                        relu(reference)
+                    } else {
+                        reference
+                    };
+                    let bias = layer.bias.as_ref().unwrap();
+                    let ours = linear(x.clone(), layer.weight.val(), bias.val(), fused_relu);
+                    assert_close(ours.clone(), reference.clone(), "linear output");
+
+                    let ref_grads = (reference * probe.clone()).sum().backward();
+                    let grads = (ours * probe).sum().backward();
+                    assert_close(
+                        x.grad(&grads).unwrap(),
+                        x.grad(&ref_grads).unwrap(),
+                        "linear input gradient",
+                    );
+                    assert_close(
+                        layer.weight.grad(&grads).unwrap(),
+                        layer.weight.grad(&ref_grads).unwrap(),
+                        "linear weight gradient",
+                    );
+                    assert_close(
+                        bias.grad(&grads).unwrap(),
+                        bias.grad(&ref_grads).unwrap(),
+                        "linear bias gradient",
+                    );
+                }
+            }
+        }
+    }
+
+    /// The first layer of a model: its input needs no gradient, the parameters still get theirs.
+    #[test]
+    fn linear_on_an_input_without_gradient() {
+        for device in devices() {
+            let layer = LinearConfig::new(6, 4).init(&device);
+            let x = tensor([3, 6], 1, &device);
+            let bias = layer.bias.as_ref().unwrap();
+            let reference = relu(layer.forward(x.clone())).sum().backward();
+            let grads = linear(x, layer.weight.val(), bias.val(), true)
+                .sum()
+                .backward();
+            assert_close(
+                layer.weight.grad(&grads).unwrap(),
+                layer.weight.grad(&reference).unwrap(),
+                "weight gradient",
+            );
+            assert_close(
+                bias.grad(&grads).unwrap(),
+                bias.grad(&reference).unwrap(),
+                "bias gradient",
+            );
+        }
+    }
+
     #[test]
     fn max_pool_matches_burn_on_both_backends_with_odd_sizes() {
         for device in devices() {
@@ -345,6 +481,12 @@ mod tests {
             let bias = conv.bias.as_ref().unwrap().val();
             let fused = conv2d_relu_pool(x, conv.weight.val(), bias);
             assert_close(fused, want, "fused without autodiff");
+
+            let layer = LinearConfig::new(5, 3).init(&device);
+            let x = Tensor::<2>::random([4, 5], Distribution::Default, &device);
+            let bias = layer.bias.as_ref().unwrap().val();
+            let got = linear(x.clone(), layer.weight.val(), bias, true);
+            assert_close(got, relu(layer.forward(x)), "linear without autodiff");
         }
     }
 
@@ -362,6 +504,51 @@ mod tests {
             })
             .collect();
         Tensor::from_data(TensorData::new(values, shape), device)
+    }
+
+    /// A two-layer MLP on the dense kernel: output and every gradient are bitwise the same in
+    /// rayon pools of 1, 2 and 3 threads. The sizes give many tiles, with partial ones.
+    #[test]
+    fn linear_results_do_not_depend_on_the_thread_count() {
+        let (rows, cols) = linear::TILE;
+        let (batch, inputs, hidden, outputs) = (2 * rows + 5, 3 * cols + 1, 2 * cols + 9, 10);
+        let run = |device: &Device| {
+            let x = tensor([batch, inputs], 1, device).require_grad();
+            let w1 = tensor([inputs, hidden], 2, device).require_grad();
+            let b1 = tensor([hidden], 3, device).require_grad();
+            let w2 = tensor([hidden, outputs], 4, device).require_grad();
+            let b2 = tensor([outputs], 5, device).require_grad();
+            let h = linear(x.clone(), w1.clone(), b1.clone(), true);
+            let y = linear(h, w2.clone(), b2.clone(), false);
+            let probe = tensor(y.dims(), 6, device);
+            let grads = (y.clone() * probe).sum().backward();
+            let bits = |t: Tensor<2>| -> Vec<u32> {
+                let values = t.into_data().try_to_vec::<f32>().unwrap();
+                values.into_iter().map(f32::to_bits).collect()
+            };
+            [
+                bits(y),
+                bits(x.grad(&grads).unwrap()),
+                bits(w1.grad(&grads).unwrap()),
+                bits(w2.grad(&grads).unwrap()),
+                bits(b1.grad(&grads).unwrap().reshape([1, hidden])),
+                bits(b2.grad(&grads).unwrap().reshape([1, outputs])),
+            ]
+        };
+        for device in devices() {
+            let results: Vec<_> = [1, 2, 3]
+                .into_iter()
+                .map(|threads| {
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap()
+                        .install(|| run(&device))
+                })
+                .collect();
+            assert_eq!(results[0], results[1], "{device:?}: 1 and 2 threads");
+            assert_eq!(results[0], results[2], "{device:?}: 1 and 3 threads");
+        }
     }
 
     /// The output and every gradient are bitwise the same in rayon pools of 1 and 2 threads.
