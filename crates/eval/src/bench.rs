@@ -382,6 +382,8 @@ mod tests {
             "samples_per_second":1,"threads":1,"threads_available":2,"cpu_utilization":1,
             "backend":"ndarray","model":"mlp","batch_size":4,"accumulation_steps":1,
             "effective_batch_size":4,"seed":0,"peak_rss_bytes":1048576,
+            "execution":"sequential","shards":1,"precision":"f32","precision_mode":"native",
+            "skipped_steps":0,"loss_scale":null,
             "weights_sha256":"ab","run_dir":null}"#;
         let mut summary: Summary = serde_json::from_str(text).unwrap();
         summary.step_times = times
