@@ -21,6 +21,7 @@ mod files;
 pub mod kernels;
 pub mod model;
 mod optim;
+mod optim_adam;
 pub mod precision;
 mod progress;
 mod resume;

@@ -10,6 +10,7 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, SgdConfig};
 
 use crate::error::{Error, Result};
+use crate::optim_adam::FusedAdam;
 use crate::settings::{OptimizerKind, OptimizerSettings, Schedule};
 
 /// The optimizer the settings name.
@@ -26,6 +27,12 @@ pub fn optimizer(settings: &OptimizerSettings) -> ModuleOptimizer {
             }))
             .with_weight_decay(decay)
             .init(),
+        // Without weight decay (the common case), the same arithmetic in one parallel pass.
+        OptimizerKind::Adam if decay.is_none() => ModuleOptimizer::from(FusedAdam {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: settings.epsilon as f32,
+        }),
         OptimizerKind::Adam => AdamConfig::new()
             .with_epsilon(settings.epsilon as f32)
             .with_weight_decay(decay)

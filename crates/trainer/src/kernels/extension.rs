@@ -82,6 +82,10 @@ pub trait HostF32: Backend {
             other => not_f32(other),
         }
     }
+    /// A tensor of `dtype` holding a copy of `data`, rounded to it when it is a half format.
+    fn write_slice_as(data: &[f32], shape: Vec<usize>, dtype: DType) -> FloatTensor<Self> {
+        Self::write_as(data.to_vec(), shape, dtype)
+    }
     /// A tensor holding `data` in the dtype of `like`.
     fn write_like(
         data: Vec<f32>,
@@ -186,6 +190,14 @@ impl HostF32 for Flex {
 
     fn write_f32(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
         FlexTensor::from_data(TensorData::new(data, shape))
+    }
+
+    fn write_slice_as(data: &[f32], shape: Vec<usize>, dtype: DType) -> FlexTensor {
+        match dtype {
+            DType::F16 => FlexTensor::from_data(TensorData::new(narrow::<f16>(data), shape)),
+            DType::BF16 => FlexTensor::from_data(TensorData::new(narrow::<bf16>(data), shape)),
+            _ => Self::write_as(data.to_vec(), shape, dtype),
+        }
     }
 
     fn write_as(data: Vec<f32>, shape: Vec<usize>, dtype: DType) -> FlexTensor {

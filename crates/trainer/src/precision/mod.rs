@@ -23,7 +23,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use serde::{Deserialize, Serialize};
 
-pub use round::round_to_half;
+pub use round::{convert, round_to_half};
 pub use scaler::{LossScaler, ScalerState};
 
 use crate::model::Classifier;
@@ -122,7 +122,7 @@ impl Compute {
             master.visit(&mut EachGradient {
                 grads: &mut grads,
                 map: |g: Tensor<1>| match self.mode {
-                    PrecisionMode::Native => g.cast(DType::F32),
+                    PrecisionMode::Native => convert(g, DType::F32),
                     PrecisionMode::Emulated => round_to_half(g, format),
                 },
             });
@@ -139,9 +139,8 @@ pub fn unscale<M: Module>(grads: &mut GradientsParams, master: &M, scale: f32) -
     master.visit(&mut EachGradient {
         grads,
         map: |g: Tensor<1>| {
-            let g = g.mul_scalar(inverse);
-            // An inf or NaN anywhere makes the sum inf or NaN.
-            finite &= g.clone().sum().into_scalar::<f32>().is_finite();
+            let (g, all_finite) = round::scale_and_check(g, inverse);
+            finite &= all_finite;
             g
         },
     });
@@ -205,7 +204,7 @@ impl ModuleMapper for WorkingCopy {
         let (format, mode) = (self.format, self.mode);
         param.map(|t| {
             let half = match mode {
-                PrecisionMode::Native => t.detach().cast(format.dtype()),
+                PrecisionMode::Native => convert(t.detach(), format.dtype()),
                 PrecisionMode::Emulated => round_to_half(t.detach(), format),
             };
             // The second detach makes the copy a leaf: burn refuses to track a non-leaf.

@@ -19,6 +19,9 @@ use burn::backend::{
 };
 use burn::prelude::*;
 use half::f16;
+use std::borrow::Cow;
+
+use burn::tensor::DType;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
@@ -28,12 +31,65 @@ use crate::kernels::extension::HostF32;
 /// Elements per rayon task: rounding is element-wise, so the split changes no result.
 const CHUNK: usize = 1 << 14;
 
-/// Rounding to a half format, values kept in f32.
+/// Rounding to a half format, values kept in f32; and the loss scaler's unscaling.
 #[backend_extension(NdArray, Flex, Autodiff)]
 pub trait RoundBackend: Backend {
     /// Every element of an f32 tensor rounded to the nearest f16 value (`bf16 = false`) or bf16
     /// value (round to nearest, ties to even), as f32.
     fn round_to_half(x: FloatTensor<Self>, bf16: bool) -> FloatTensor<Self>;
+
+    /// `x * factor` as f32, and whether every element of it is finite: one parallel pass where
+    /// tensor operations would take three, one of them serial.
+    fn scale_and_check(x: FloatTensor<Self>, factor: f32) -> (FloatTensor<Self>, bool);
+
+    /// `x` in `dtype` (f32, or on burn-flex f16 or bf16): burn's cast, with the CPU's vector
+    /// conversions on every thread rather than one element at a time.
+    fn convert(x: FloatTensor<Self>, dtype: DType) -> FloatTensor<Self>;
+}
+
+/// `x` in `dtype` (f32, f16 or bf16), converted on every thread of the pool.
+pub fn convert<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if x.dtype() == dtype {
+        return x;
+    }
+    Tensor::from_dispatch(<Dispatch as RoundBackend>::convert(
+        x.into_dispatch(),
+        dtype,
+    ))
+}
+
+fn convert_tensor<B: HostF32>(x: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+    let shape = x.shape().to_vec();
+    match B::read_f32(&x) {
+        Cow::Owned(values) => B::write_as(values, shape, dtype),
+        Cow::Borrowed(values) => B::write_slice_as(values, shape, dtype),
+    }
+}
+
+/// `x * factor` in f32, and whether all of it is finite.
+pub fn scale_and_check<const D: usize>(x: Tensor<D>, factor: f32) -> (Tensor<D>, bool) {
+    let (x, finite) = <Dispatch as RoundBackend>::scale_and_check(x.into_dispatch(), factor);
+    (Tensor::from_dispatch(x), finite)
+}
+
+fn scale_and_check_tensor<B: HostF32>(x: FloatTensor<B>, factor: f32) -> (FloatTensor<B>, bool) {
+    let shape = x.shape().to_vec();
+    let values = B::read_f32(&x);
+    let mut out = vec![0.0f32; values.len()];
+    // A logical "and": the same answer whatever the split.
+    let finite = out
+        .par_chunks_mut(CHUNK)
+        .zip(values.par_chunks(CHUNK))
+        .map(|(out, values)| {
+            let mut finite = true;
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = v * factor;
+                finite &= o.is_finite();
+            }
+            finite
+        })
+        .reduce(|| true, |a, b| a && b);
+    (B::write_f32(out, shape), finite)
 }
 
 /// `x` with every element rounded to `format` (to nearest, ties to even), still f32.
@@ -80,11 +136,27 @@ impl RoundBackend for NdArray {
     fn round_to_half(x: NdArrayTensor, bf16: bool) -> NdArrayTensor {
         round_tensor::<Self>(x, bf16)
     }
+
+    fn scale_and_check(x: NdArrayTensor, factor: f32) -> (NdArrayTensor, bool) {
+        scale_and_check_tensor::<Self>(x, factor)
+    }
+
+    fn convert(x: NdArrayTensor, dtype: DType) -> NdArrayTensor {
+        convert_tensor::<Self>(x, dtype)
+    }
 }
 
 impl RoundBackend for Flex {
     fn round_to_half(x: FlexTensor, bf16: bool) -> FlexTensor {
         round_tensor::<Self>(x, bf16)
+    }
+
+    fn scale_and_check(x: FlexTensor, factor: f32) -> (FlexTensor, bool) {
+        scale_and_check_tensor::<Self>(x, factor)
+    }
+
+    fn convert(x: FlexTensor, dtype: DType) -> FlexTensor {
+        convert_tensor::<Self>(x, dtype)
     }
 }
 
@@ -114,6 +186,67 @@ impl<B: RoundBackend, C: CheckpointStrategy> RoundBackend for Autodiff<B, C> {
         {
             OpsKind::Tracked(prep) => prep.finish(bf16, B::round_to_half(x, bf16)),
             OpsKind::UnTracked(prep) => prep.finish(B::round_to_half(x, bf16)),
+        }
+    }
+
+    fn scale_and_check(x: FloatTensor<Self>, factor: f32) -> (FloatTensor<Self>, bool) {
+        let (x, x_node) = x.into_parts();
+        let (y, finite) = B::scale_and_check(x, factor);
+        let y = match ScaleBackward
+            .prepare::<C>([x_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(factor, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (y, finite)
+    }
+
+    fn convert(x: FloatTensor<Self>, dtype: DType) -> FloatTensor<Self> {
+        let (x, x_node) = x.into_parts();
+        let source = x.dtype();
+        let y = B::convert(x, dtype);
+        match ConvertBackward
+            .prepare::<C>([x_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(source, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+}
+
+/// Backward step of [`RoundBackend::convert`]: the gradient, in the source's dtype.
+#[derive(Debug)]
+struct ConvertBackward;
+
+impl<B: RoundBackend> Backward<B, 1> for ConvertBackward {
+    type State = DType;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::convert(grad, ops.state));
+        }
+    }
+}
+
+/// Backward step of [`RoundBackend::scale_and_check`] (gradients are not tracked in practice:
+/// this keeps the operation a correct one if they are).
+#[derive(Debug)]
+struct ScaleBackward;
+
+impl<B: RoundBackend> Backward<B, 1> for ScaleBackward {
+    type State = f32;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::scale_and_check(grad, ops.state).0);
         }
     }
 }
@@ -164,6 +297,25 @@ mod tests {
                 got.to_bits() == expected.to_bits() || (got.is_nan() && expected.is_nan()),
                 "{v:e}: {got:e} != {expected:e}"
             );
+        }
+    }
+
+    #[test]
+    fn scale_and_check_multiplies_and_finds_any_non_finite_value() {
+        for device in [Device::ndarray(), Device::flex()] {
+            let mut values = vec![1.5f32; 100_000];
+            let x = Tensor::<1>::from_floats(values.as_slice(), &device);
+            let (y, finite) = scale_and_check(x, 0.5);
+            assert!(finite);
+            assert_eq!(y.to_data().to_vec::<f32>().unwrap()[99_999], 0.75);
+            for bad in [f32::NAN, f32::INFINITY] {
+                values[77_777] = bad;
+                let x = Tensor::<1>::from_floats(values.as_slice(), &device);
+                assert!(!scale_and_check(x, 0.5).1, "{bad}");
+            }
+            // Finite values that overflow when scaled.
+            let x = Tensor::<1>::from_floats([3e38f32, 1.0], &device);
+            assert!(!scale_and_check(x, 2.0).1);
         }
     }
 

@@ -1,0 +1,347 @@
+//! Adam as one parallel pass over each parameter.
+//!
+//! burn's Adam updates a parameter with about ten tensor operations, each a pass over memory on
+//! one thread: a fifth of an MLP step at one thread, and the part of it that more threads did
+//! not speed up. This is the same arithmetic, element by element in the same order (so the same
+//! bits), in one pass split over the pool in fixed chunks: an element-wise update, so the split
+//! changes nothing. Its state is burn's own [`AdamState`], so checkpoints keep their format.
+#![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::ndarray::NdArrayTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{
+    Autodiff, Backend, Dispatch, Flex, NdArray, TensorMetadata, backend_extension,
+};
+use burn::optim::{AdamState, AdaptiveMomentumState, LearningRate, Optimizer};
+use burn::prelude::*;
+use rayon::prelude::*;
+
+use crate::kernels::extension::HostF32;
+
+/// Elements per rayon task.
+const CHUNK: usize = 1 << 14;
+
+/// Adam (no weight decay, no AMSGrad) with PyTorch's and burn's defaults for the betas.
+#[derive(Debug, Clone)]
+pub struct FusedAdam {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+}
+
+/// The per-step constants of the update, computed as burn computes them.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamCoefficients {
+    beta_1: f32,
+    beta_2: f32,
+    /// `1 - beta_1`, `1 - beta_2`.
+    keep_1: f32,
+    keep_2: f32,
+    /// `sqrt(1 - beta_2^t) / (1 - beta_1^t)`.
+    combined: f32,
+    /// `epsilon * sqrt(1 - beta_2^t)`.
+    epsilon: f32,
+    lr: f32,
+}
+
+impl FusedAdam {
+    fn coefficients(&self, time: usize, lr: LearningRate) -> AdamCoefficients {
+        let time = time as i32;
+        let correction_2 = (1.0 - self.beta_2.powi(time)).sqrt();
+        AdamCoefficients {
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            keep_1: 1.0 - self.beta_1,
+            keep_2: 1.0 - self.beta_2,
+            combined: correction_2 / (1.0 - self.beta_1.powi(time)),
+            epsilon: self.epsilon * correction_2,
+            lr: lr as f32,
+        }
+    }
+}
+
+impl Optimizer for FusedAdam {
+    type State<const D: usize> = AdamState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let (time, moment_1, moment_2) = match state {
+            Some(state) => (
+                state.momentum.time + 1,
+                state.momentum.moment_1,
+                state.momentum.moment_2,
+            ),
+            // Zero moments give burn's first step exactly: 0 * beta + x = x.
+            None => (1, grad.zeros_like(), grad.zeros_like()),
+        };
+        let c = self.coefficients(time, lr);
+        let (tensor, moment_1, moment_2) = <Dispatch as AdamBackend>::adam_update(
+            tensor.into_dispatch(),
+            grad.into_dispatch(),
+            moment_1.into_dispatch(),
+            moment_2.into_dispatch(),
+            [
+                c.beta_1, c.beta_2, c.keep_1, c.keep_2, c.combined, c.epsilon, c.lr,
+            ],
+        );
+        let momentum = AdaptiveMomentumState::new(
+            time,
+            Tensor::from_dispatch(moment_1),
+            Tensor::from_dispatch(moment_2),
+        );
+        (
+            Tensor::from_dispatch(tensor),
+            Some(AdamState::new(momentum)),
+        )
+    }
+
+    fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.momentum = state.momentum.to_device(device);
+        state
+    }
+}
+
+/// The fused update.
+#[backend_extension(NdArray, Flex, Autodiff)]
+pub trait AdamBackend: Backend {
+    /// `(parameter, first moment, second moment)` after one Adam step; `c` holds beta_1,
+    /// beta_2, 1 - beta_1, 1 - beta_2, the combined bias correction, epsilon (corrected) and lr.
+    fn adam_update(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        c: [f32; 7],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// One chunk's update, element by element and operation by operation as burn's Adam does it.
+/// Every slice is cut to one length first, so that the loop carries no bounds checks and
+/// vectorises.
+#[inline(always)]
+fn update_chunk(
+    [new_p, new_m1, new_m2]: [&mut [f32]; 3],
+    [p, g, m1, m2]: [&[f32]; 4],
+    c: &AdamCoefficients,
+) {
+    let n = new_p.len();
+    let (new_m1, new_m2) = (&mut new_m1[..n], &mut new_m2[..n]);
+    let (p, g, m1, m2) = (&p[..n], &g[..n], &m1[..n], &m2[..n]);
+    for i in 0..n {
+        let m1 = m1[i] * c.beta_1 + g[i] * c.keep_1;
+        let m2 = m2[i] * c.beta_2 + (g[i] * g[i]) * c.keep_2;
+        let step = (m1 * c.combined) / (m2.sqrt() + c.epsilon);
+        new_p[i] = p[i] - step * c.lr;
+        new_m1[i] = m1;
+        new_m2[i] = m2;
+    }
+}
+
+/// [`update_chunk`] compiled for wider vectors where the CPU has them. Rust never fuses a
+/// multiply and an add, and IEEE multiplication, addition, division and square root round the
+/// same at every vector width: the same bits on any of these paths.
+fn update_chunk_dispatch(out: [&mut [f32]; 3], inputs: [&[f32]; 4], c: &AdamCoefficients) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn avx512(out: [&mut [f32]; 3], inputs: [&[f32]; 4], c: &AdamCoefficients) {
+            update_chunk(out, inputs, c)
+        }
+        #[target_feature(enable = "avx2")]
+        fn avx2(out: [&mut [f32]; 3], inputs: [&[f32]; 4], c: &AdamCoefficients) {
+            update_chunk(out, inputs, c)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            return unsafe { avx512(out, inputs, c) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { avx2(out, inputs, c) };
+        }
+    }
+    update_chunk(out, inputs, c)
+}
+
+fn adam_tensors<B: HostF32>(
+    param: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    moment_1: FloatTensor<B>,
+    moment_2: FloatTensor<B>,
+    c: [f32; 7],
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let [beta_1, beta_2, keep_1, keep_2, combined, epsilon, lr] = c;
+    let c = AdamCoefficients {
+        beta_1,
+        beta_2,
+        keep_1,
+        keep_2,
+        combined,
+        epsilon,
+        lr,
+    };
+    let shape = param.shape().to_vec();
+    let (p, g) = (B::read_f32(&param), B::read_f32(&grad));
+    let (m1, m2) = (B::read_f32(&moment_1), B::read_f32(&moment_2));
+    let n = p.len();
+    assert!(
+        g.len() == n && m1.len() == n && m2.len() == n,
+        "adam: sizes differ"
+    );
+    let (mut new_p, mut new_m1, mut new_m2) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    new_p
+        .par_chunks_mut(CHUNK)
+        .zip(new_m1.par_chunks_mut(CHUNK))
+        .zip(new_m2.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(chunk, ((out_p, out_m1), out_m2))| {
+            let range = chunk * CHUNK..chunk * CHUNK + out_p.len();
+            let inputs = [
+                &p[range.clone()],
+                &g[range.clone()],
+                &m1[range.clone()],
+                &m2[range],
+            ];
+            update_chunk_dispatch([out_p, out_m1, out_m2], inputs, &c);
+        });
+    (
+        B::write_f32(new_p, shape.clone()),
+        B::write_f32(new_m1, shape.clone()),
+        B::write_f32(new_m2, shape),
+    )
+}
+
+impl AdamBackend for NdArray {
+    fn adam_update(
+        param: NdArrayTensor,
+        grad: NdArrayTensor,
+        moment_1: NdArrayTensor,
+        moment_2: NdArrayTensor,
+        c: [f32; 7],
+    ) -> (NdArrayTensor, NdArrayTensor, NdArrayTensor) {
+        adam_tensors::<Self>(param, grad, moment_1, moment_2, c)
+    }
+}
+
+impl AdamBackend for Flex {
+    fn adam_update(
+        param: FlexTensor,
+        grad: FlexTensor,
+        moment_1: FlexTensor,
+        moment_2: FlexTensor,
+        c: [f32; 7],
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        adam_tensors::<Self>(param, grad, moment_1, moment_2, c)
+    }
+}
+
+/// The optimizer runs on tensors without a graph; should one carry a graph, the update is a
+/// constant to it.
+#[derive(Debug)]
+struct Constant;
+
+impl<B: Backend> Backward<B, 1> for Constant {
+    type State = ();
+
+    fn backward(self, _: Ops<Self::State, 1>, _: &mut Gradients, _: &mut Checkpointer) {}
+}
+
+impl<B: AdamBackend, C: CheckpointStrategy> AdamBackend for Autodiff<B, C> {
+    fn adam_update(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        c: [f32; 7],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (param, param_node) = param.into_parts();
+        let (grad, _) = grad.into_parts();
+        let (moment_1, moment_1_node) = moment_1.into_parts();
+        let (moment_2, moment_2_node) = moment_2.into_parts();
+        let (p, m1, m2) = B::adam_update(param, grad, moment_1, moment_2, c);
+        let wrap = |node, t| match Constant.prepare::<C>([node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((), t),
+            OpsKind::UnTracked(prep) => prep.finish(t),
+        };
+        (
+            wrap(param_node, p),
+            wrap(moment_1_node, m1),
+            wrap(moment_2_node, m2),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
+    use burn::module::{ModuleVisitor, Param};
+    use burn::nn::{Linear, LinearConfig};
+    use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+
+    use super::*;
+
+    fn values(layer: &Linear) -> Vec<Vec<f32>> {
+        struct Collect(Vec<Vec<f32>>);
+        impl ModuleVisitor for Collect {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                self.0.push(param.val().into_data().to_vec().unwrap());
+            }
+        }
+        let mut collect = Collect(Vec::new());
+        layer.visit(&mut collect);
+        collect.0
+    }
+
+    /// Five steps of a layer under each optimizer, in a pool of `threads`.
+    fn train(mut optimizer: ModuleOptimizer, device: &Device, threads: usize) -> Vec<Vec<f32>> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            device.seed(21);
+            // Big enough for several rayon chunks of the update.
+            let mut layer: Linear = LinearConfig::new(300, 200).init(device);
+            let mut schedule = ModuleLrScheduler::from(1e-2);
+            for step in 0..5 {
+                let x = Tensor::<2>::random([16, 300], burn::tensor::Distribution::Default, device)
+                    .mul_scalar(step as f32 + 1.0);
+                let loss = layer.forward(x).powi_scalar(2).mean();
+                let grads = GradientsParams::from_grads(loss.backward(), &layer);
+                layer = optimizer.step(schedule.step(), layer, grads);
+            }
+            values(&layer)
+        })
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn the_same_bits_as_burns_adam_at_any_thread_count() {
+        for device in [Device::ndarray().autodiff(), Device::flex().autodiff()] {
+            let fused = || {
+                ModuleOptimizer::from(FusedAdam {
+                    beta_1: 0.9,
+                    beta_2: 0.999,
+                    epsilon: 1e-8,
+                })
+            };
+            let reference = train(AdamConfig::new().with_epsilon(1e-8).init(), &device, 1);
+            assert_eq!(train(fused(), &device, 1), reference);
+            assert_eq!(train(fused(), &device, 2), reference);
+            assert_ne!(
+                values(&LinearConfig::new(300, 200).init(&device)),
+                reference
+            );
+        }
+    }
+}
