@@ -22,6 +22,7 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use crate::kernels::extension::HostF32;
+use crate::kernels::{assume_init, init, uninit};
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -198,7 +199,8 @@ fn adam_tensors<B: HostF32>(
         g.len() == n && m1.len() == n && m2.len() == n,
         "adam: sizes differ"
     );
-    let (mut new_p, mut new_m1, mut new_m2) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    // Uninitialised, each chunk zeroed by the task that writes it: no serial zeroing pass.
+    let (mut new_p, mut new_m1, mut new_m2) = (uninit(n), uninit(n), uninit(n));
     new_p
         .par_chunks_mut(CHUNK)
         .zip(new_m1.par_chunks_mut(CHUNK))
@@ -212,8 +214,12 @@ fn adam_tensors<B: HostF32>(
                 &m1[range.clone()],
                 &m2[range],
             ];
-            update_chunk_dispatch([out_p, out_m1, out_m2], inputs, &c);
+            let out = [init(out_p, 0.0), init(out_m1, 0.0), init(out_m2, 0.0)];
+            update_chunk_dispatch(out, inputs, &c);
         });
+    // SAFETY: every chunk of the three went through `init`.
+    let (new_p, new_m1, new_m2) =
+        unsafe { (assume_init(new_p), assume_init(new_m1), assume_init(new_m2)) };
     (
         B::write_f32(new_p, shape.clone()),
         B::write_f32(new_m1, shape.clone()),

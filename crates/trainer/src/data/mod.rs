@@ -98,13 +98,16 @@ impl Dataset {
     }
 
     /// The features of the samples at `indices`, in that order, one after another.
+    /// Rows are copied on the pool, a block of them per task (a copy: the split changes nothing).
     fn gather(&self, indices: &[usize]) -> Vec<f32> {
+        const ROWS: usize = 16;
         let width = self.shape.len();
-        let mut features = Vec::with_capacity(indices.len() * width);
-        for &i in indices {
-            features.extend_from_slice(&self.features[i * width..(i + 1) * width]);
-        }
-        features
+        crate::kernels::build_in_parallel(indices.len() * width, ROWS * width, |block, out| {
+            let rows = &indices[block * ROWS..];
+            for (row, &i) in out.chunks_exact_mut(width.max(1)).zip(rows) {
+                row.copy_from_slice(&self.features[i * width..(i + 1) * width]);
+            }
+        })
     }
 
     fn check_labels(&self, classes: usize, source: &Path) -> Result<()> {

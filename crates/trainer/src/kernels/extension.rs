@@ -20,7 +20,6 @@ use burn::backend::{Autodiff, Backend, Flex, NdArray, TensorMetadata, backend_ex
 use burn::tensor::{DType, TensorData};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use super::conv::{self, ConvGrads, ConvShape};
 use super::linear::{self, LinearGrads, LinearShape};
@@ -109,11 +108,9 @@ fn widen<E: Sync>(values: &[E]) -> Vec<f32>
 where
     [E]: HalfFloatSliceExt,
 {
-    let mut out = vec![0.0f32; values.len()];
-    out.par_chunks_mut(CONVERT_CHUNK)
-        .zip(values.par_chunks(CONVERT_CHUNK))
-        .for_each(|(out, values)| values.convert_to_f32_slice(out));
-    out
+    super::build_in_parallel(values.len(), CONVERT_CHUNK, |i, out| {
+        values[i * CONVERT_CHUNK..][..out.len()].convert_to_f32_slice(out)
+    })
 }
 
 /// `values` rounded to a half format (to nearest, ties to even).
@@ -122,11 +119,9 @@ where
     E: Copy + Default + Send + Sync,
     [E]: HalfFloatSliceExt,
 {
-    let mut out = vec![E::default(); values.len()];
-    out.par_chunks_mut(CONVERT_CHUNK)
-        .zip(values.par_chunks(CONVERT_CHUNK))
-        .for_each(|(out, values)| out.convert_from_f32_slice(values));
-    out
+    super::build_in_parallel(values.len(), CONVERT_CHUNK, |i, out: &mut [E]| {
+        out.convert_from_f32_slice(&values[i * CONVERT_CHUNK..][..out.len()])
+    })
 }
 
 impl HostF32 for NdArray {

@@ -38,12 +38,12 @@ pub const CHUNK: usize = 4;
 /// Large outputs are allocated uninitialised and each rayon task initialises its own chunk
 /// ([`init`]) right before writing it: zeroing them first on the calling thread would be serial
 /// work, with all the page faults on one thread.
-fn uninit<T>(len: usize) -> Box<[MaybeUninit<T>]> {
+pub(crate) fn uninit<T>(len: usize) -> Box<[MaybeUninit<T>]> {
     Box::new_uninit_slice(len)
 }
 
 /// Fills `chunk` with `value` and hands it back initialised.
-fn init<T: Copy>(chunk: &mut [MaybeUninit<T>], value: T) -> &mut [T] {
+pub(crate) fn init<T: Copy>(chunk: &mut [MaybeUninit<T>], value: T) -> &mut [T] {
     chunk.fill(MaybeUninit::new(value));
     // SAFETY: every element was just written; `MaybeUninit<T>` has the layout of `T`.
     unsafe { &mut *(chunk as *mut [MaybeUninit<T>] as *mut [T]) }
@@ -51,9 +51,27 @@ fn init<T: Copy>(chunk: &mut [MaybeUninit<T>], value: T) -> &mut [T] {
 
 /// # Safety
 /// Every element of `buffer` must have been initialised (by [`init`]).
-unsafe fn assume_init<T>(buffer: Box<[MaybeUninit<T>]>) -> Vec<T> {
+pub(crate) unsafe fn assume_init<T>(buffer: Box<[MaybeUninit<T>]>) -> Vec<T> {
     // SAFETY: the caller guarantees that every element is initialised.
     unsafe { buffer.assume_init() }.into_vec()
+}
+
+/// A `Vec` of `len` elements built in chunks of `chunk` on the pool: `fill(i, part)` writes
+/// chunk `i` (elements `i * chunk ..`), which starts out as `T::default()`. No serial zeroing
+/// pass, and each chunk's pages are touched by the thread that writes them.
+pub(crate) fn build_in_parallel<T, F>(len: usize, chunk: usize, fill: F) -> Vec<T>
+where
+    T: Copy + Default + Send + Sync,
+    F: Fn(usize, &mut [T]) + Sync,
+{
+    use rayon::prelude::*;
+    let mut buffer = uninit(len);
+    buffer
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, part)| fill(i, init(part, T::default())));
+    // SAFETY: every chunk went through `init`.
+    unsafe { assume_init(buffer) }
 }
 
 /// Whether the kernels run for tensors of this dtype on this device (f32 on burn-ndarray; f32,

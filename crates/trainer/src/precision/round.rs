@@ -23,9 +23,9 @@ use std::borrow::Cow;
 
 use burn::tensor::DType;
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 
 use super::HalfFormat;
+use crate::kernels::build_in_parallel;
 use crate::kernels::extension::HostF32;
 
 /// Elements per rayon task: rounding is element-wise, so the split changes no result.
@@ -75,20 +75,20 @@ pub fn scale_and_check<const D: usize>(x: Tensor<D>, factor: f32) -> (Tensor<D>,
 fn scale_and_check_tensor<B: HostF32>(x: FloatTensor<B>, factor: f32) -> (FloatTensor<B>, bool) {
     let shape = x.shape().to_vec();
     let values = B::read_f32(&x);
-    let mut out = vec![0.0f32; values.len()];
-    // A logical "and": the same answer whatever the split.
-    let finite = out
-        .par_chunks_mut(CHUNK)
-        .zip(values.par_chunks(CHUNK))
-        .map(|(out, values)| {
-            let mut finite = true;
-            for (o, &v) in out.iter_mut().zip(values) {
-                *o = v * factor;
-                finite &= o.is_finite();
-            }
-            finite
-        })
-        .reduce(|| true, |a, b| a && b);
+    // A logical "and" over chunks: the same answer whatever the split.
+    let finite = std::sync::atomic::AtomicBool::new(true);
+    let out = build_in_parallel(values.len(), CHUNK, |i, out| {
+        let values = &values[i * CHUNK..][..out.len()];
+        let mut all = true;
+        for (o, &v) in out.iter_mut().zip(values) {
+            *o = v * factor;
+            all &= o.is_finite();
+        }
+        if !all {
+            finite.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let finite = finite.into_inner();
     (B::write_f32(out, shape), finite)
 }
 
@@ -101,22 +101,19 @@ pub fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor
 }
 
 fn round_slice(values: &[f32], bf16: bool) -> Vec<f32> {
-    let mut out = vec![0.0f32; values.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(values.par_chunks(CHUNK))
-        .for_each(|(out, values)| {
-            if bf16 {
-                for (o, &v) in out.iter_mut().zip(values) {
-                    *o = round_bf16(v);
-                }
-            } else {
-                // The slice conversions use the CPU's F16C instructions, 8 lanes at a time.
-                let mut half = vec![f16::ZERO; values.len()];
-                half.convert_from_f32_slice(values);
-                half.convert_to_f32_slice(out);
+    build_in_parallel(values.len(), CHUNK, |i, out| {
+        let values = &values[i * CHUNK..][..out.len()];
+        if bf16 {
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = round_bf16(v);
             }
-        });
-    out
+        } else {
+            // The slice conversions use the CPU's F16C instructions, 8 lanes at a time.
+            let mut half = vec![f16::ZERO; values.len()];
+            half.convert_from_f32_slice(values);
+            half.convert_to_f32_slice(out);
+        }
+    })
 }
 
 /// `bf16::from_f32(v).to_f32()` without branches, so that the loop vectorises: round the
