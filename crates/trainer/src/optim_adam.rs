@@ -91,9 +91,7 @@ impl Optimizer for FusedAdam {
             grad.into_dispatch(),
             moment_1.into_dispatch(),
             moment_2.into_dispatch(),
-            [
-                c.beta_1, c.beta_2, c.keep_1, c.keep_2, c.combined, c.epsilon, c.lr,
-            ],
+            c,
         );
         let momentum = AdaptiveMomentumState::new(
             time,
@@ -115,14 +113,13 @@ impl Optimizer for FusedAdam {
 /// The fused update.
 #[backend_extension(NdArray, Flex, Autodiff)]
 pub trait AdamBackend: Backend {
-    /// `(parameter, first moment, second moment)` after one Adam step; `c` holds beta_1,
-    /// beta_2, 1 - beta_1, 1 - beta_2, the combined bias correction, epsilon (corrected) and lr.
+    /// `(parameter, first moment, second moment)` after one Adam step with the constants `c`.
     fn adam_update(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         moment_1: FloatTensor<Self>,
         moment_2: FloatTensor<Self>,
-        c: [f32; 7],
+        c: AdamCoefficients,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -179,18 +176,8 @@ fn adam_tensors<B: HostF32>(
     grad: FloatTensor<B>,
     moment_1: FloatTensor<B>,
     moment_2: FloatTensor<B>,
-    c: [f32; 7],
+    c: AdamCoefficients,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
-    let [beta_1, beta_2, keep_1, keep_2, combined, epsilon, lr] = c;
-    let c = AdamCoefficients {
-        beta_1,
-        beta_2,
-        keep_1,
-        keep_2,
-        combined,
-        epsilon,
-        lr,
-    };
     let shape = param.shape().to_vec();
     let (p, g) = (B::read_f32(&param), B::read_f32(&grad));
     let (m1, m2) = (B::read_f32(&moment_1), B::read_f32(&moment_2));
@@ -233,7 +220,7 @@ impl AdamBackend for NdArray {
         grad: NdArrayTensor,
         moment_1: NdArrayTensor,
         moment_2: NdArrayTensor,
-        c: [f32; 7],
+        c: AdamCoefficients,
     ) -> (NdArrayTensor, NdArrayTensor, NdArrayTensor) {
         adam_tensors::<Self>(param, grad, moment_1, moment_2, c)
     }
@@ -245,7 +232,7 @@ impl AdamBackend for Flex {
         grad: FlexTensor,
         moment_1: FlexTensor,
         moment_2: FlexTensor,
-        c: [f32; 7],
+        c: AdamCoefficients,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         adam_tensors::<Self>(param, grad, moment_1, moment_2, c)
     }
@@ -268,7 +255,7 @@ impl<B: AdamBackend, C: CheckpointStrategy> AdamBackend for Autodiff<B, C> {
         grad: FloatTensor<Self>,
         moment_1: FloatTensor<Self>,
         moment_2: FloatTensor<Self>,
-        c: [f32; 7],
+        c: AdamCoefficients,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let (param, param_node) = param.into_parts();
         let (grad, _) = grad.into_parts();

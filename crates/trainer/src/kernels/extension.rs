@@ -325,23 +325,9 @@ impl<B: DenseBackend + HostF32, C: CheckpointStrategy> DenseBackend for Autodiff
         bias: FloatTensor<Self>,
         relu: bool,
     ) -> FloatTensor<Self> {
-        let (x, x_node) = x.into_parts();
-        let (weight, weight_node) = weight.into_parts();
-        let (bias, bias_node) = bias.into_parts();
-        match LinearBackward
-            .prepare::<C>([x_node, weight_node, bias_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let y = <B as DenseBackend>::linear(x.clone(), weight.clone(), bias, relu);
-                let output = relu.then(|| y.clone());
-                prep.finish((x, weight, output), y)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(<B as DenseBackend>::linear(x, weight, bias, relu))
-            }
-        }
+        keep_for_backward::<B, C, _>(LinearBackward, [x, weight, bias], relu, |[x, w, b]| {
+            <B as DenseBackend>::linear(x, w, b, relu)
+        })
     }
 }
 
@@ -423,6 +409,37 @@ struct ConvBackward;
 
 /// Input, weight and (when the ReLU was fused) output of the forward pass.
 type ConvState<B> = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>);
+
+/// The autodiff side of a `(x, weight, bias)` operation whose backward needs its input, its
+/// weight and, when a ReLU was fused (`relu`), its output: runs `forward` on the inner backend
+/// and keeps those for `backward` when any parent is tracked.
+fn keep_for_backward<B, C, BO>(
+    backward: BO,
+    [x, weight, bias]: [FloatTensor<Autodiff<B, C>>; 3],
+    relu: bool,
+    forward: impl Fn([FloatTensor<B>; 3]) -> FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>>
+where
+    B: HostF32,
+    C: CheckpointStrategy,
+    BO: Backward<B, 3, State = ConvState<B>>,
+{
+    let (x, x_node) = x.into_parts();
+    let (weight, weight_node) = weight.into_parts();
+    let (bias, bias_node) = bias.into_parts();
+    match backward
+        .prepare::<C>([x_node, weight_node, bias_node])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = forward([x.clone(), weight.clone(), bias]);
+            let output = relu.then(|| y.clone());
+            prep.finish((x, weight, output), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward([x, weight, bias])),
+    }
+}
 
 impl<B: HostF32> Backward<B, 3> for ConvBackward {
     type State = ConvState<B>;
@@ -523,21 +540,9 @@ impl<B: CnnBackend + HostF32, C: CheckpointStrategy> CnnBackend for Autodiff<B, 
         bias: FloatTensor<Self>,
         relu: bool,
     ) -> FloatTensor<Self> {
-        let (x, x_node) = x.into_parts();
-        let (weight, weight_node) = weight.into_parts();
-        let (bias, bias_node) = bias.into_parts();
-        match ConvBackward
-            .prepare::<C>([x_node, weight_node, bias_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let y = B::conv2d_valid(x.clone(), weight.clone(), bias, relu);
-                let output = relu.then(|| y.clone());
-                prep.finish((x, weight, output), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::conv2d_valid(x, weight, bias, relu)),
-        }
+        keep_for_backward::<B, C, _>(ConvBackward, [x, weight, bias], relu, |[x, w, b]| {
+            B::conv2d_valid(x, w, b, relu)
+        })
     }
 
     fn conv2d_relu_pool(
