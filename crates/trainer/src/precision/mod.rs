@@ -100,9 +100,9 @@ impl Compute {
             return working.forward(inputs);
         };
         match self.mode {
-            PrecisionMode::Native => working
-                .forward(inputs.cast(format.dtype()))
-                .cast(DType::F32),
+            PrecisionMode::Native => {
+                convert(working.forward(convert(inputs, format.dtype())), DType::F32)
+            }
             PrecisionMode::Emulated => {
                 let _scope = EmulationScope::enter(format);
                 round_activations(working.forward(round_to_half(inputs, format)))
@@ -152,7 +152,8 @@ pub fn weights_finite<M: Module>(model: &M) -> bool {
     struct Check(bool);
     impl ModuleVisitor for Check {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.0 &= param.val().sum().into_scalar::<f32>().is_finite();
+            let flat = param.val().flatten::<1>(0, D - 1);
+            self.0 &= round::scale_and_check(flat, 1.0).1;
         }
     }
     let mut check = Check(true);
