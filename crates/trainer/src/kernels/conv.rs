@@ -6,12 +6,11 @@
 //! each chunk sums its own samples in order, and the chunk partials are added in chunk order, so
 //! every sum is taken in the same order at any thread count.
 
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
 
+use super::CHUNK;
 use super::matmul::{Mat, matmul};
-use super::{CHUNK, assume_init, init, uninit};
+use super::values::{Buffer, Values, build_as, build_as_with};
 
 /// The sizes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +50,7 @@ impl ConvShape {
         self.c_out * self.positions()
     }
 
-    pub(crate) fn check(&self, x: &[f32], weight: &[f32]) {
+    pub(crate) fn check(&self, x: Values<'_>, weight: Values<'_>) {
         assert!(
             self.kernel >= 1 && self.kernel <= self.height && self.kernel <= self.width,
             "conv2d: a {k}x{k} kernel does not fit {h}x{w} inputs",
@@ -68,11 +67,11 @@ impl ConvShape {
     }
 }
 
-/// Gradients of a convolution.
+/// Gradients of a convolution: the input's in the input's format, the parameters' in f32.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConvGrads {
     /// `None` when the input gradient was not asked for.
-    pub x: Option<Vec<f32>>,
+    pub x: Option<Buffer>,
     pub weight: Vec<f32>,
     pub bias: Vec<f32>,
 }
@@ -116,31 +115,41 @@ fn col2im(cols: &[f32], s: &ConvShape, dx: &mut [f32]) {
     }
 }
 
-/// `y = conv(x, weight) + bias`, then `max(y, 0)` when `relu`. Returns `[batch, c_out, oh, ow]`.
-pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: ConvShape, relu: bool) -> Vec<f32> {
+/// `y = conv(x, weight) + bias`, then `max(y, 0)` when `relu`. Returns `[batch, c_out, oh, ow]`
+/// in the format of `x`.
+pub fn forward<'a>(
+    x: impl Into<Values<'a>>,
+    weight: impl Into<Values<'a>>,
+    bias: impl Into<Values<'a>>,
+    s: ConvShape,
+    relu: bool,
+) -> Buffer {
+    let (x, weight) = (x.into(), weight.into());
     s.check(x, weight);
+    let (weight, bias) = (weight.to_f32(), bias.into().to_f32());
     assert_eq!(bias.len(), s.c_out, "conv2d: bias size");
     let (kk, p) = (s.patch(), s.positions());
     let (in_len, out_len) = (s.in_len(), s.out_len());
     if out_len == 0 {
-        return Vec::new();
+        return Buffer::from_f32(Vec::new(), x.format());
     }
-    let mut y = uninit(s.batch * out_len);
-    y.par_chunks_mut(CHUNK * out_len)
-        .zip(x.par_chunks(CHUNK * in_len))
-        .for_each(|(y, x)| {
-            let y = init(y, 0.0);
+    build_as(
+        x.format(),
+        s.batch * out_len,
+        CHUNK * out_len,
+        |chunk, y| {
             let mut cols = vec![0.0f32; kk * p];
-            for (y, x) in y.chunks_mut(out_len).zip(x.chunks(in_len)) {
-                sample_forward(x, weight, bias, &s, &mut cols, y);
+            let mut sample = Vec::new();
+            for (i, y) in y.chunks_mut(out_len).enumerate() {
+                let n = chunk * CHUNK + i;
+                let x = x.read(n * in_len..(n + 1) * in_len, &mut sample);
+                sample_forward(x, &weight, &bias, &s, &mut cols, y);
                 if relu {
                     relu_in_place(y);
                 }
             }
-        });
-    // SAFETY: one chunk of `y` per chunk of `x` (`s.check` verified the sizes), each through
-    // `init`.
-    unsafe { assume_init(y) }
+        },
+    )
 }
 
 /// `y = conv(x, weight) + bias` for one sample, `cols` a scratch buffer of the im2col size.
@@ -160,7 +169,7 @@ pub(crate) fn sample_forward(
     matmul(
         y,
         Mat::rows(weight, kk),
-        Mat::rows(cols, p),
+        Mat::rows(&*cols, p),
         (s.c_out, kk, p),
         true,
     );
@@ -177,14 +186,15 @@ fn relu_in_place(y: &mut [f32]) {
 ///
 /// `relu_output` is the forward output when the ReLU was fused: the gradient is zero wherever
 /// that output is not positive. The input gradient is computed only when `input_grad` is set.
-pub fn backward(
-    x: &[f32],
-    weight: &[f32],
-    dy: &[f32],
-    relu_output: Option<&[f32]>,
+pub fn backward<'a>(
+    x: impl Into<Values<'a>>,
+    weight: impl Into<Values<'a>>,
+    dy: impl Into<Values<'a>>,
+    relu_output: Option<Values<'a>>,
     s: ConvShape,
     input_grad: bool,
 ) -> ConvGrads {
+    let dy = dy.into();
     let out_len = s.out_len();
     assert_eq!(
         dy.len(),
@@ -194,16 +204,18 @@ pub fn backward(
     if let Some(y) = relu_output {
         assert_eq!(y.len(), dy.len(), "conv2d backward: output size");
     }
-    backward_with(x, weight, s, input_grad, |n, g| {
-        let dy = &dy[n * out_len..(n + 1) * out_len];
+    backward_with(x.into(), weight.into(), s, input_grad, |n, g| {
+        let range = n * out_len..(n + 1) * out_len;
         match relu_output {
             Some(y) => {
-                let y = &y[n * out_len..(n + 1) * out_len];
+                let (mut dy_scratch, mut y_scratch) = (Vec::new(), Vec::new());
+                let dy = dy.read(range.clone(), &mut dy_scratch);
+                let y = y.read(range, &mut y_scratch);
                 for ((g, &d), &y) in g.iter_mut().zip(dy).zip(y) {
                     *g = if y > 0.0 { d } else { 0.0 };
                 }
             }
-            None => g.copy_from_slice(dy),
+            None => dy.widen_into(range.start, g),
         }
     })
 }
@@ -212,8 +224,8 @@ pub fn backward(
 /// the `[c_out, oh, ow]` buffer it is handed: `output_grad(n, buffer)` (the buffer holds
 /// garbage; every element must be written).
 pub(crate) fn backward_with<F>(
-    x: &[f32],
-    weight: &[f32],
+    x: Values<'_>,
+    weight: Values<'_>,
     s: ConvShape,
     input_grad: bool,
     output_grad: F,
@@ -222,68 +234,72 @@ where
     F: Fn(usize, &mut [f32]) + Sync,
 {
     s.check(x, weight);
+    let weight = weight.to_f32();
     let (kk, p, o) = (s.patch(), s.positions(), s.c_out);
     let (in_len, out_len) = (s.in_len(), s.out_len());
 
-    let chunks = s.batch.div_ceil(CHUNK);
-    let mut dx = input_grad.then(|| uninit(s.batch * in_len));
-    let dx_chunks: Vec<Option<&mut [MaybeUninit<f32>]>> = match dx.as_mut() {
-        Some(dx) => dx.chunks_mut(CHUNK * in_len).map(Some).collect(),
-        None => (0..chunks).map(|_| None).collect(),
-    };
-    assert_eq!(dx_chunks.len(), chunks);
-
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx_chunks
-        .into_par_iter()
-        .enumerate()
-        .map(|(chunk, dx)| {
-            let mut dx = dx.map(|dx| init(dx, 0.0));
-            let mut dw = vec![0.0f32; o * kk];
-            let mut db = vec![0.0f32; o];
-            let mut cols = vec![0.0f32; kk * p];
-            let mut dcols = vec![0.0f32; if dx.is_some() { kk * p } else { 0 }];
-            let mut g = vec![0.0f32; out_len];
-            let first = chunk * CHUNK;
-            for (i, n) in (first..s.batch.min(first + CHUNK)).enumerate() {
-                output_grad(n, &mut g);
-                for (b, row) in db.iter_mut().zip(g.chunks(p)) {
-                    *b += lane_sum(row);
-                }
-                im2col(&x[n * in_len..(n + 1) * in_len], &s, &mut cols);
-                // dW += g · colsᵀ
-                matmul(
-                    &mut dw,
-                    Mat::rows(&g, p),
-                    Mat::transposed(&cols, p),
-                    (o, p, kk),
-                    i > 0,
-                );
-                if let Some(dx) = dx.as_mut() {
-                    // dcols = Wᵀ · g, then back onto the input positions.
-                    matmul(
-                        &mut dcols,
-                        Mat::transposed(weight, kk),
-                        Mat::rows(&g, p),
-                        (kk, o, p),
-                        false,
-                    );
-                    col2im(&dcols, &s, &mut dx[i * in_len..(i + 1) * in_len]);
-                }
+    // The samples of one chunk: their weight and bias gradients summed in order, and their
+    // input gradients written into `dx` (zeroed) when asked for.
+    let chunk_grads = |chunk: usize, mut dx: Option<&mut [f32]>| {
+        let mut dw = vec![0.0f32; o * kk];
+        let mut db = vec![0.0f32; o];
+        let mut cols = vec![0.0f32; kk * p];
+        let mut dcols = vec![0.0f32; if dx.is_some() { kk * p } else { 0 }];
+        let mut g = vec![0.0f32; out_len];
+        let mut sample = Vec::new();
+        let first = chunk * CHUNK;
+        for (i, n) in (first..s.batch.min(first + CHUNK)).enumerate() {
+            output_grad(n, &mut g);
+            for (b, row) in db.iter_mut().zip(g.chunks(p)) {
+                *b += lane_sum(row);
             }
-            (dw, db)
-        })
-        .collect();
+            im2col(
+                x.read(n * in_len..(n + 1) * in_len, &mut sample),
+                &s,
+                &mut cols,
+            );
+            // dW += g · colsᵀ
+            matmul(
+                &mut dw,
+                Mat::rows(&g, p),
+                Mat::transposed(&cols, p),
+                (o, p, kk),
+                i > 0,
+            );
+            if let Some(dx) = dx.as_mut() {
+                // dcols = Wᵀ · g, then back onto the input positions.
+                matmul(
+                    &mut dcols,
+                    Mat::transposed(&weight[..], kk),
+                    Mat::rows(&g, p),
+                    (kk, o, p),
+                    false,
+                );
+                col2im(&dcols, &s, &mut dx[i * in_len..(i + 1) * in_len]);
+            }
+        }
+        (dw, db)
+    };
+    let (dx, partials): (_, Vec<(Vec<f32>, Vec<f32>)>) = if input_grad {
+        let (dx, partials) =
+            build_as_with(x.format(), s.batch * in_len, CHUNK * in_len, |chunk, dx| {
+                chunk_grads(chunk, Some(dx))
+            });
+        (Some(dx), partials)
+    } else {
+        let chunks = s.batch.div_ceil(CHUNK);
+        let partials = (0..chunks)
+            .into_par_iter()
+            .map(|chunk| chunk_grads(chunk, None))
+            .collect();
+        (None, partials)
+    };
 
     let (weight_parts, bias_parts): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
-    let (weight_grad, bias_grad) = (
-        sum_in_order(&weight_parts, o * kk),
-        sum_in_order(&bias_parts, o),
-    );
     ConvGrads {
-        // SAFETY: every chunk of `dx` went to one task, which initialised it.
-        x: dx.map(|dx| unsafe { assume_init(dx) }),
-        weight: weight_grad,
-        bias: bias_grad,
+        x: dx,
+        weight: sum_in_order(&weight_parts, o * kk),
+        bias: sum_in_order(&bias_parts, o),
     }
 }
 
@@ -370,12 +386,12 @@ mod tests {
         let x = values(s.batch * s.in_len(), 1);
         let w = values(s.c_out * s.patch(), 2);
         let b = values(s.c_out, 3);
-        let got = forward(&x, &w, &b, s, false);
+        let got = forward(&x, &w, &b, s, false).into_f32();
         let want = reference_forward(&x, &w, &b, s);
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
         }
-        let relu = forward(&x, &w, &b, s, true);
+        let relu = forward(&x, &w, &b, s, true).into_f32();
         for (r, w) in relu.iter().zip(&want) {
             assert_eq!(*r, if *w < 0.0 { 0.0 } else { *r });
             assert!((r - w.max(0.0)).abs() <= 1e-5 * (1.0 + w.abs()));
@@ -405,7 +421,7 @@ mod tests {
         // Input: y is linear in x when the bias is zero.
         let vx = values(x.len(), 8);
         let lhs = dot(&dy, &reference_forward(&vx, &w, &zeros_b, s));
-        let rhs = dot(grads.x.as_ref().unwrap(), &vx);
+        let rhs = dot(&grads.x.clone().unwrap().into_f32(), &vx);
         assert!(
             (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
             "{lhs} vs {rhs}"

@@ -18,11 +18,11 @@ use burn::backend::ndarray::NdArrayTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, NdArray, TensorMetadata, backend_extension};
 use burn::tensor::{DType, TensorData};
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use super::conv::{self, ConvGrads, ConvShape};
 use super::linear::{self, LinearGrads, LinearShape};
+use super::values::{Buffer, Format, Values};
 use super::{fused, pool};
 
 /// Convolution and max-pool kernels for the CNN. Shapes are checked by the wrappers in
@@ -63,35 +63,68 @@ pub trait DenseBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// Backends whose tensors the kernels can read as an f32 slice and build from an f32 `Vec`.
+/// Backends whose tensors the kernels can read as a slice of f32 (or, on burn-flex, f16 and bf16)
+/// and build from a [`Buffer`] without a copy.
 ///
-/// The kernels compute in f32. Half-precision tensors (burn-flex's F16 and BF16) are converted
-/// on the way in and rounded back to their format on the way out, so that what a kernel keeps
-/// for its backward pass stays half precision: the arithmetic of CPU half-precision kernels
-/// (this CPU has no half arithmetic in AVX2), the memory of half storage.
+/// The kernels compute in f32. Half-precision tensors (burn-flex's F16 and BF16) are widened
+/// piece by piece where the kernels use them and their results rounded back to the format
+/// ([`super::values`]), so that what a kernel keeps for its backward pass stays half precision:
+/// the arithmetic of CPU half-precision kernels (this CPU has no half arithmetic in AVX2), the
+/// memory of half storage.
 pub trait HostF32: Backend {
-    /// The elements in row-major order, as f32.
-    fn read_f32(tensor: &FloatTensor<Self>) -> Cow<'_, [f32]>;
-    /// An f32 tensor owning `data` (no copy).
-    fn write_f32(data: Vec<f32>, shape: Vec<usize>) -> FloatTensor<Self>;
-    /// A tensor of `dtype` holding `data`, rounded to it when it is a half format.
-    fn write_as(data: Vec<f32>, shape: Vec<usize>, dtype: DType) -> FloatTensor<Self> {
-        match dtype {
-            DType::F32 => Self::write_f32(data, shape),
-            other => not_f32(other),
+    /// The elements in row-major order, in their format: borrowed when the storage is contiguous.
+    fn read(tensor: &FloatTensor<Self>) -> Held<'_>;
+
+    /// A tensor owning `buffer` (no copy).
+    fn write(buffer: Buffer, shape: Vec<usize>) -> FloatTensor<Self>;
+
+    /// The elements in row-major order, as f32 (a copy unless they are f32 and contiguous).
+    fn read_f32(tensor: &FloatTensor<Self>) -> Cow<'_, [f32]> {
+        match Self::read(tensor) {
+            Held::Borrowed(Values::F32(values)) => Cow::Borrowed(values),
+            other => Cow::Owned(other.values().to_f32().into_owned()),
         }
     }
+
+    /// An f32 tensor owning `data` (no copy).
+    fn write_f32(data: Vec<f32>, shape: Vec<usize>) -> FloatTensor<Self> {
+        Self::write(Buffer::F32(data), shape)
+    }
+
+    /// A tensor of `dtype` holding `data`, rounded to it when it is a half format.
+    fn write_as(data: Vec<f32>, shape: Vec<usize>, dtype: DType) -> FloatTensor<Self> {
+        Self::write(Buffer::from_f32(data, format_of(dtype)), shape)
+    }
+
     /// A tensor of `dtype` holding a copy of `data`, rounded to it when it is a half format.
     fn write_slice_as(data: &[f32], shape: Vec<usize>, dtype: DType) -> FloatTensor<Self> {
-        Self::write_as(data.to_vec(), shape, dtype)
+        Self::write(Buffer::from_f32_slice(data, format_of(dtype)), shape)
     }
-    /// A tensor holding `data` in the dtype of `like`.
-    fn write_like(
-        data: Vec<f32>,
-        shape: Vec<usize>,
-        like: &FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        Self::write_as(data, shape, like.dtype())
+}
+
+/// A tensor's elements as [`HostF32::read`] hands them out.
+pub enum Held<'a> {
+    Borrowed(Values<'a>),
+    /// A contiguous copy of a strided tensor.
+    Owned(Buffer),
+}
+
+impl Held<'_> {
+    pub fn values(&self) -> Values<'_> {
+        match self {
+            Held::Borrowed(values) => *values,
+            Held::Owned(buffer) => buffer.values(),
+        }
+    }
+}
+
+/// The kernels' format for a tensor dtype.
+fn format_of(dtype: DType) -> Format {
+    match dtype {
+        DType::F32 => Format::F32,
+        DType::F16 => Format::F16,
+        DType::BF16 => Format::Bf16,
+        other => not_f32(other),
     }
 }
 
@@ -99,109 +132,59 @@ fn not_f32(dtype: DType) -> ! {
     panic!("the CPU kernels run on f32 (or, on burn-flex, f16 and bf16) tensors, got {dtype:?}")
 }
 
-/// Elements per rayon task when converting between f32 and a half format (element-wise: the
-/// split changes no value).
-const CONVERT_CHUNK: usize = 1 << 15;
-
-/// `values` widened to f32.
-fn widen<E: Sync>(values: &[E]) -> Vec<f32>
-where
-    [E]: HalfFloatSliceExt,
-{
-    super::build_in_parallel(values.len(), CONVERT_CHUNK, |i, out| {
-        values[i * CONVERT_CHUNK..][..out.len()].convert_to_f32_slice(out)
-    })
-}
-
-/// `values` rounded to a half format (to nearest, ties to even).
-fn narrow<E>(values: &[f32]) -> Vec<E>
-where
-    E: Copy + Default + Send + Sync,
-    [E]: HalfFloatSliceExt,
-{
-    super::build_in_parallel(values.len(), CONVERT_CHUNK, |i, out: &mut [E]| {
-        out.convert_from_f32_slice(&values[i * CONVERT_CHUNK..][..out.len()])
-    })
-}
-
 impl HostF32 for NdArray {
-    fn read_f32(tensor: &NdArrayTensor) -> Cow<'_, [f32]> {
+    fn read(tensor: &NdArrayTensor) -> Held<'_> {
         match tensor {
             NdArrayTensor::F32(storage) => {
                 let view = storage.view();
                 match view.to_slice() {
-                    Some(slice) => Cow::Borrowed(slice),
-                    None => Cow::Owned(view.iter().copied().collect()),
+                    Some(slice) => Held::Borrowed(Values::F32(slice)),
+                    None => Held::Owned(Buffer::F32(view.iter().copied().collect())),
                 }
             }
             other => not_f32(other.dtype()),
         }
     }
 
-    fn write_f32(data: Vec<f32>, shape: Vec<usize>) -> NdArrayTensor {
-        NdArrayTensor::from_data(TensorData::new(data, shape))
+    fn write(buffer: Buffer, shape: Vec<usize>) -> NdArrayTensor {
+        match buffer {
+            Buffer::F32(data) => NdArrayTensor::from_data(TensorData::new(data, shape)),
+            _ => panic!("burn-ndarray has no half-precision tensors"),
+        }
     }
 }
 
 impl HostF32 for Flex {
-    fn read_f32(tensor: &FlexTensor) -> Cow<'_, [f32]> {
+    fn read(tensor: &FlexTensor) -> Held<'_> {
+        /// Borrowed when contiguous, else a contiguous copy.
+        macro_rules! held {
+            ($element:ty, $variant:ident) => {
+                match tensor.as_slice::<$element>() {
+                    Some(values) => Held::Borrowed(Values::$variant(values)),
+                    None => Held::Owned(Buffer::$variant(
+                        tensor
+                            .to_contiguous()
+                            .as_slice::<$element>()
+                            .expect("a contiguous tensor")
+                            .to_vec(),
+                    )),
+                }
+            };
+        }
         match tensor.dtype() {
-            DType::F32 => {}
-            DType::F16 => {
-                return Cow::Owned(match tensor.as_slice::<f16>() {
-                    Some(values) => widen(values),
-                    None => widen(
-                        tensor
-                            .to_contiguous()
-                            .as_slice::<f16>()
-                            .expect("contiguous"),
-                    ),
-                });
-            }
-            DType::BF16 => {
-                return Cow::Owned(match tensor.as_slice::<bf16>() {
-                    Some(values) => widen(values),
-                    None => widen(
-                        tensor
-                            .to_contiguous()
-                            .as_slice::<bf16>()
-                            .expect("contiguous"),
-                    ),
-                });
-            }
+            DType::F32 => held!(f32, F32),
+            DType::F16 => held!(f16, F16),
+            DType::BF16 => held!(bf16, Bf16),
             other => not_f32(other),
         }
-        match tensor.as_slice::<f32>() {
-            Some(slice) => Cow::Borrowed(slice),
-            None => Cow::Owned(
-                tensor
-                    .to_contiguous()
-                    .as_slice::<f32>()
-                    .expect("a contiguous f32 tensor")
-                    .to_vec(),
-            ),
-        }
     }
 
-    fn write_f32(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-        FlexTensor::from_data(TensorData::new(data, shape))
-    }
-
-    fn write_slice_as(data: &[f32], shape: Vec<usize>, dtype: DType) -> FlexTensor {
-        match dtype {
-            DType::F16 => FlexTensor::from_data(TensorData::new(narrow::<f16>(data), shape)),
-            DType::BF16 => FlexTensor::from_data(TensorData::new(narrow::<bf16>(data), shape)),
-            _ => Self::write_as(data.to_vec(), shape, dtype),
-        }
-    }
-
-    fn write_as(data: Vec<f32>, shape: Vec<usize>, dtype: DType) -> FlexTensor {
-        match dtype {
-            DType::F32 => Self::write_f32(data, shape),
-            DType::F16 => FlexTensor::from_data(TensorData::new(narrow::<f16>(&data), shape)),
-            DType::BF16 => FlexTensor::from_data(TensorData::new(narrow::<bf16>(&data), shape)),
-            other => not_f32(other),
-        }
+    fn write(buffer: Buffer, shape: Vec<usize>) -> FlexTensor {
+        FlexTensor::from_data(match buffer {
+            Buffer::F32(data) => TensorData::new(data, shape),
+            Buffer::F16(data) => TensorData::new(data, shape),
+            Buffer::Bf16(data) => TensorData::new(data, shape),
+        })
     }
 }
 
@@ -250,14 +233,9 @@ fn linear_forward<B: HostF32>(
     relu: bool,
 ) -> FloatTensor<B> {
     let s = linear_shape::<B>(&x, &weight);
-    let y = linear::forward(
-        &B::read_f32(&x),
-        &B::read_f32(&weight),
-        &B::read_f32(&bias),
-        s,
-        relu,
-    );
-    B::write_like(y, vec![s.batch, s.outputs], &x)
+    let (x, weight, bias) = (B::read(&x), B::read(&weight), B::read(&bias));
+    let y = linear::forward(x.values(), weight.values(), bias.values(), s, relu);
+    B::write(y, vec![s.batch, s.outputs])
 }
 
 impl DenseBackend for NdArray {
@@ -290,30 +268,28 @@ impl<B: HostF32> Backward<B, 3> for LinearBackward {
         let grad = grads.consume::<B>(&ops.node);
         let (x, weight, output) = ops.state;
         let s = linear_shape::<B>(&x, &weight);
-        let output = output.as_ref().map(|y| B::read_f32(y));
+        let output = output.as_ref().map(|y| B::read(y));
+        let (x, weight, grad) = (B::read(&x), B::read(&weight), B::read(&grad));
         let LinearGrads {
             x: dx,
             weight: dw,
             bias: db,
         } = linear::backward(
-            &B::read_f32(&x),
-            &B::read_f32(&weight),
-            &B::read_f32(&grad),
-            output.as_deref(),
+            x.values(),
+            weight.values(),
+            grad.values(),
+            output.as_ref().map(Held::values),
             s,
             node_x.is_some(),
         );
         if let (Some(node), Some(dx)) = (node_x, dx) {
-            grads.register::<B>(node.id, B::write_like(dx, vec![s.batch, s.inputs], &x));
+            grads.register::<B>(node.id, B::write(dx, vec![s.batch, s.inputs]));
         }
         if let Some(node) = node_weight {
-            grads.register::<B>(
-                node.id,
-                B::write_like(dw, vec![s.inputs, s.outputs], &weight),
-            );
+            grads.register::<B>(node.id, B::write(dw, vec![s.inputs, s.outputs]));
         }
         if let Some(node) = node_bias {
-            grads.register::<B>(node.id, B::write_like(db, vec![s.outputs], &weight));
+            grads.register::<B>(node.id, B::write(db, vec![s.outputs]));
         }
     }
 }
@@ -338,14 +314,9 @@ fn conv_forward<B: HostF32>(
     relu: bool,
 ) -> FloatTensor<B> {
     let s = conv_shape::<B>(&x, &weight);
-    let y = conv::forward(
-        &B::read_f32(&x),
-        &B::read_f32(&weight),
-        &B::read_f32(&bias),
-        s,
-        relu,
-    );
-    B::write_like(y, vec![s.batch, s.c_out, s.out_height(), s.out_width()], &x)
+    let (x, weight, bias) = (B::read(&x), B::read(&weight), B::read(&bias));
+    let y = conv::forward(x.values(), weight.values(), bias.values(), s, relu);
+    B::write(y, vec![s.batch, s.c_out, s.out_height(), s.out_width()])
 }
 
 /// The fused forward pass: pooled output and the index of each window's maximum.
@@ -355,15 +326,16 @@ fn fused_forward<B: HostF32>(
     bias: &FloatTensor<B>,
 ) -> (FloatTensor<B>, Vec<u8>) {
     let s = conv_shape::<B>(x, weight);
-    let pooled = fused::forward(&B::read_f32(x), &B::read_f32(weight), &B::read_f32(bias), s);
+    let (x, weight, bias) = (B::read(x), B::read(weight), B::read(bias));
+    let pooled = fused::forward(x.values(), weight.values(), bias.values(), s);
     let shape = vec![s.batch, s.c_out, s.out_height() / 2, s.out_width() / 2];
-    (B::write_like(pooled.y, shape, x), pooled.argmax)
+    (B::write(pooled.y, shape), pooled.argmax)
 }
 
 fn pool_forward<B: HostF32>(x: FloatTensor<B>) -> FloatTensor<B> {
     let [n, c, h, w] = dims4(&x);
-    let y = pool::forward(&B::read_f32(&x), n * c, h, w);
-    B::write_like(y, vec![n, c, h / 2, w / 2], &x)
+    let y = pool::forward(B::read(&x).values(), n * c, h, w);
+    B::write(y, vec![n, c, h / 2, w / 2])
 }
 
 impl CnnBackend for NdArray {
@@ -449,12 +421,13 @@ impl<B: HostF32> Backward<B, 3> for ConvBackward {
         let grad = grads.consume::<B>(&ops.node);
         let (x, weight, output) = ops.state;
         let s = conv_shape::<B>(&x, &weight);
-        let output = output.as_ref().map(|y| B::read_f32(y));
+        let output = output.as_ref().map(|y| B::read(y));
+        let (x_held, weight_held, grad) = (B::read(&x), B::read(&weight), B::read(&grad));
         let g = conv::backward(
-            &B::read_f32(&x),
-            &B::read_f32(&weight),
-            &B::read_f32(&grad),
-            output.as_deref(),
+            x_held.values(),
+            weight_held.values(),
+            grad.values(),
+            output.as_ref().map(Held::values),
             s,
             node_x.is_some(),
         );
@@ -474,7 +447,8 @@ fn register_conv_grads<B: HostF32>(
 ) {
     if let (Some(node), Some(dx)) = (node_x, g.x) {
         let shape = vec![s.batch, s.c_in, s.height, s.width];
-        grads.register::<B>(node, B::write_as(dx, shape, x_dtype));
+        debug_assert_eq!(dx.values().format(), format_of(x_dtype));
+        grads.register::<B>(node, B::write(dx, shape));
     }
     if let Some(node) = node_weight {
         let shape = vec![s.c_out, s.c_in, s.kernel, s.kernel];
@@ -500,12 +474,14 @@ impl<B: HostF32> Backward<B, 3> for ConvReluPoolBackward {
         let grad = grads.consume::<B>(&ops.node);
         let (x, weight, y, argmax) = ops.state;
         let s = conv_shape::<B>(&x, &weight);
+        let (x_held, weight_held) = (B::read(&x), B::read(&weight));
+        let (y, grad) = (B::read(&y), B::read(&grad));
         let g = fused::backward(
-            &B::read_f32(&x),
-            &B::read_f32(&weight),
-            &B::read_f32(&y),
+            x_held.values(),
+            weight_held.values(),
+            y.values(),
             &argmax,
-            &B::read_f32(&grad),
+            grad.values(),
             s,
             node_x.is_some(),
         );
@@ -527,8 +503,8 @@ impl<B: HostF32> Backward<B, 1> for PoolBackward {
         if let Some(node) = node_x {
             let x = ops.state;
             let [n, c, h, w] = dims4(&x);
-            let dx = pool::backward(&B::read_f32(&x), &B::read_f32(&grad), n * c, h, w);
-            grads.register::<B>(node.id, B::write_like(dx, vec![n, c, h, w], &x));
+            let dx = pool::backward(B::read(&x).values(), B::read(&grad).values(), n * c, h, w);
+            grads.register::<B>(node.id, B::write(dx, vec![n, c, h, w]));
         }
     }
 }

@@ -6,17 +6,17 @@
 //! convolution's backward ([`conv::backward_with`]). Same determinism as the convolution: work
 //! per sample, batch sums over fixed chunks in order.
 
-use rayon::prelude::*;
-
+use super::CHUNK;
 use super::conv::{self, ConvGrads, ConvShape};
 use super::pool;
-use super::{CHUNK, assume_init, init, uninit};
+use super::values::{Buffer, Values, build_as_with};
 
 /// The output of [`forward`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pooled {
-    /// `[batch, c_out, oh / 2, ow / 2]`, where `oh x ow` is the convolution's output.
-    pub y: Vec<f32>,
+    /// `[batch, c_out, oh / 2, ow / 2]`, where `oh x ow` is the convolution's output, in the
+    /// format of the input.
+    pub y: Buffer,
     /// For each element of `y`, the window position (0..4, row-major) of its maximum.
     pub argmax: Vec<u8>,
 }
@@ -26,56 +26,65 @@ fn pooled_len(s: &ConvShape) -> usize {
 }
 
 /// `maxpool2x2(relu(conv(x, weight) + bias))`.
-pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) -> Pooled {
+pub fn forward<'a>(
+    x: impl Into<Values<'a>>,
+    weight: impl Into<Values<'a>>,
+    bias: impl Into<Values<'a>>,
+    s: ConvShape,
+) -> Pooled {
+    let (x, weight) = (x.into(), weight.into());
     s.check(x, weight);
+    let (weight, bias) = (weight.to_f32(), bias.into().to_f32());
     assert_eq!(bias.len(), s.c_out, "conv2d: bias size");
     let (oh, ow) = (s.out_height(), s.out_width());
     let (in_len, conv_len, out_len) = (s.in_len(), s.out_len(), pooled_len(&s));
     let plane = (oh / 2) * (ow / 2);
     if out_len == 0 {
         return Pooled {
-            y: Vec::new(),
+            y: Buffer::from_f32(Vec::new(), x.format()),
             argmax: Vec::new(),
         };
     }
-    let (mut y, mut argmax) = (uninit(s.batch * out_len), uninit(s.batch * out_len));
-    y.par_chunks_mut(CHUNK * out_len)
-        .zip(argmax.par_chunks_mut(CHUNK * out_len))
-        .zip(x.par_chunks(CHUNK * in_len))
-        .for_each(|((y, argmax), x)| {
-            let (y, argmax) = (init(y, 0.0), init(argmax, 0));
+    let (y, argmax) = build_as_with(
+        x.format(),
+        s.batch * out_len,
+        CHUNK * out_len,
+        |chunk, y| {
+            let mut argmax = vec![0u8; y.len()];
             let mut cols = vec![0.0f32; s.patch() * s.positions()];
             let mut conv_out = vec![0.0f32; conv_len];
+            let mut sample = Vec::new();
             let samples = y.chunks_mut(out_len).zip(argmax.chunks_mut(out_len));
-            for ((y, argmax), x) in samples.zip(x.chunks(in_len)) {
-                conv::sample_forward(x, weight, bias, &s, &mut cols, &mut conv_out);
+            for (i, (y, argmax)) in samples.enumerate() {
+                let n = chunk * CHUNK + i;
+                let x = x.read(n * in_len..(n + 1) * in_len, &mut sample);
+                conv::sample_forward(x, &weight, &bias, &s, &mut cols, &mut conv_out);
                 let planes = y.chunks_mut(plane).zip(argmax.chunks_mut(plane));
                 for ((y, argmax), c) in planes.zip(conv_out.chunks(oh * ow)) {
                     pool::plane_forward(c, oh, ow, y, argmax, true);
                 }
             }
-        });
-    // SAFETY: the chunks of `y` and `argmax` pair up with those of `x` (one per CHUNK samples,
-    // `s.check` verified the sizes), so every chunk went through `init`.
-    unsafe {
-        Pooled {
-            y: assume_init(y),
-            argmax: assume_init(argmax),
-        }
+            argmax
+        },
+    );
+    Pooled {
+        y,
+        argmax: argmax.concat(),
     }
 }
 
 /// The gradients of [`forward`] given the gradient `dy` of its pooled output `y` (with the
 /// `argmax` the forward pass returned).
-pub fn backward(
-    x: &[f32],
-    weight: &[f32],
-    y: &[f32],
+pub fn backward<'a>(
+    x: impl Into<Values<'a>>,
+    weight: impl Into<Values<'a>>,
+    y: impl Into<Values<'a>>,
     argmax: &[u8],
-    dy: &[f32],
+    dy: impl Into<Values<'a>>,
     s: ConvShape,
     input_grad: bool,
 ) -> ConvGrads {
+    let (y, dy) = (y.into(), dy.into());
     let (oh, ow) = (s.out_height(), s.out_width());
     let (out_len, plane) = (pooled_len(&s), (oh / 2) * (ow / 2));
     assert_eq!(
@@ -85,9 +94,12 @@ pub fn backward(
     );
     assert_eq!(y.len(), dy.len(), "conv2d+pool backward: output size");
     assert_eq!(argmax.len(), dy.len(), "conv2d+pool backward: index size");
-    conv::backward_with(x, weight, s, input_grad, |n, g| {
+    conv::backward_with(x.into(), weight.into(), s, input_grad, |n, g| {
         let range = n * out_len..(n + 1) * out_len;
-        let (dy, y, argmax) = (&dy[range.clone()], &y[range.clone()], &argmax[range]);
+        let (mut dy_scratch, mut y_scratch) = (Vec::new(), Vec::new());
+        let dy = dy.read(range.clone(), &mut dy_scratch);
+        let y = y.read(range.clone(), &mut y_scratch);
+        let argmax = &argmax[range];
         for (((g, dy), y), argmax) in g
             .chunks_mut(oh * ow)
             .zip(dy.chunks(plane))
@@ -122,12 +134,12 @@ mod tests {
         let b = values(s.c_out, 3);
         let fused = forward(&x, &w, &b, s);
         let conv_out = conv::forward(&x, &w, &b, s, true);
-        assert_eq!(fused.y, pool::forward(&conv_out, planes, oh, ow));
+        assert_eq!(fused.y, pool::forward(conv_out.values(), planes, oh, ow));
 
         let dy = values(fused.y.len(), 4);
-        let fused_grads = backward(&x, &w, &fused.y, &fused.argmax, &dy, s, true);
-        let dconv = pool::backward(&conv_out, &dy, planes, oh, ow);
-        let grads = conv::backward(&x, &w, &dconv, Some(&conv_out), s, true);
+        let fused_grads = backward(&x, &w, fused.y.values(), &fused.argmax, &dy, s, true);
+        let dconv = pool::backward(conv_out.values(), &dy, planes, oh, ow);
+        let grads = conv::backward(&x, &w, dconv.values(), Some(conv_out.values()), s, true);
         assert_eq!(fused_grads, grads);
     }
 }

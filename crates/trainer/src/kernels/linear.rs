@@ -8,11 +8,10 @@
 //! computed by the same operations in the same order at any thread count. The bias gradient is
 //! summed column block by column block, each column over the batch in sample order.
 
-use std::borrow::Cow;
-
 use rayon::prelude::*;
 
 use super::matmul::{Mat, for_each_tile};
+use super::values::{Buffer, Values};
 use super::{assume_init, init, uninit};
 
 /// Tile of the `[batch, features]` products (the output and the input gradient): samples x
@@ -41,7 +40,7 @@ pub struct LinearShape {
 }
 
 impl LinearShape {
-    fn check(&self, x: &[f32], weight: &[f32]) {
+    fn check(&self, x: Values<'_>, weight: Values<'_>) {
         assert_eq!(x.len(), self.batch * self.inputs, "linear: input size");
         assert_eq!(
             weight.len(),
@@ -51,23 +50,36 @@ impl LinearShape {
     }
 }
 
-/// Gradients of a dense layer.
+/// Gradients of a dense layer: the input's in the input's format, the parameters' in the
+/// weight's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinearGrads {
     /// `None` when the input gradient was not asked for.
-    pub x: Option<Vec<f32>>,
-    pub weight: Vec<f32>,
-    pub bias: Vec<f32>,
+    pub x: Option<Buffer>,
+    pub weight: Buffer,
+    pub bias: Buffer,
 }
 
-/// `y = x · weight + bias`, then `max(y, 0)` when `relu`: `[batch, outputs]`.
-pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: LinearShape, relu: bool) -> Vec<f32> {
+/// `y = x · weight + bias`, then `max(y, 0)` when `relu`: `[batch, outputs]`, in the format of
+/// `x`.
+pub fn forward<'a>(
+    x: impl Into<Values<'a>>,
+    weight: impl Into<Values<'a>>,
+    bias: impl Into<Values<'a>>,
+    s: LinearShape,
+    relu: bool,
+) -> Buffer {
+    let (x, weight, bias) = (x.into(), weight.into(), bias.into().to_f32());
     s.check(x, weight);
     assert_eq!(bias.len(), s.outputs, "linear: bias size");
-    let (x, weight) = (Mat::rows(x, s.inputs), Mat::rows(weight, s.outputs));
-    for_each_tile((s.batch, s.outputs), TILE, |tile| {
+    let (format, x, weight) = (
+        x.format(),
+        Mat::rows(x, s.inputs),
+        Mat::rows(weight, s.outputs),
+    );
+    for_each_tile(format, (s.batch, s.outputs), TILE, |tile| {
         // Bias first, then the product on top of it, then the ReLU while the tile is in cache.
-        tile.fill_rows(bias);
+        tile.fill_rows(&bias);
         tile.matmul(x, weight, s.inputs, true);
         if relu {
             tile.for_each_row(|_, row| relu_in_place(row));
@@ -86,51 +98,62 @@ fn relu_in_place(y: &mut [f32]) {
 ///
 /// `relu_output` is the forward output when the ReLU was fused: the gradient is zero wherever
 /// that output is not positive. The input gradient is computed only when `input_grad` is set.
-pub fn backward(
-    x: &[f32],
-    weight: &[f32],
-    dy: &[f32],
-    relu_output: Option<&[f32]>,
+pub fn backward<'a>(
+    x: impl Into<Values<'a>>,
+    weight: impl Into<Values<'a>>,
+    dy: impl Into<Values<'a>>,
+    relu_output: Option<Values<'a>>,
     s: LinearShape,
     input_grad: bool,
 ) -> LinearGrads {
+    let (x, weight, dy) = (x.into(), weight.into(), dy.into());
     s.check(x, weight);
     assert_eq!(
         dy.len(),
         s.batch * s.outputs,
         "linear backward: gradient size"
     );
-    let g = match relu_output {
-        Some(y) => {
-            assert_eq!(y.len(), dy.len(), "linear backward: output size");
-            Cow::Owned(relu_mask(dy, y, s))
-        }
-        None => Cow::Borrowed(dy),
-    };
-    let g = Mat::rows(&g, s.outputs);
+    // The masked gradient holds values of `dy` or zeros: exact in `dy`'s format.
+    let masked = relu_output.map(|y| {
+        assert_eq!(y.len(), dy.len(), "linear backward: output size");
+        relu_mask(dy, y, s)
+    });
+    let g = masked.as_ref().map_or(dy, Buffer::values);
+    let (x_format, param_format) = (x.format(), weight.format());
+    let g_rows = Mat::rows(g, s.outputs);
     // dW = xᵀ · g: the sum over the batch of each element inside one tile's GEMM.
-    let weight_grad = for_each_tile((s.inputs, s.outputs), WEIGHT_TILE, |tile| {
-        tile.matmul(Mat::transposed(x, s.inputs), g, s.batch, false);
+    let weight_grad = for_each_tile(param_format, (s.inputs, s.outputs), WEIGHT_TILE, |tile| {
+        tile.matmul(Mat::transposed(x, s.inputs), g_rows, s.batch, false);
     });
     // dx = g · Wᵀ, with Wᵀ copied out row-major first: GEMM packs a transposed operand for
     // every tile, which made this product 1.6x slower than the forward one.
     let x_grad = input_grad.then(|| {
         let weight_t = transpose(weight, s.inputs, s.outputs);
-        let weight_t = Mat::rows(&weight_t, s.inputs);
-        for_each_tile((s.batch, s.inputs), TILE, |tile| {
-            tile.matmul(g, weight_t, s.outputs, false);
+        let weight_t = Mat::rows(weight_t.values(), s.inputs);
+        for_each_tile(x_format, (s.batch, s.inputs), TILE, |tile| {
+            tile.matmul(g_rows, weight_t, s.outputs, false);
         })
     });
     LinearGrads {
         x: x_grad,
         weight: weight_grad,
-        bias: column_sums(g.data, s.batch, s.outputs),
+        bias: Buffer::from_f32(column_sums(g, s.batch, s.outputs), param_format),
     }
 }
 
-/// The transpose of the row-major `rows x cols` matrix `m`: `cols x rows`, row-major. A copy, no
-/// arithmetic: blocks of [`TRANSPOSE_ROWS`] output rows on rayon.
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+/// The transpose of the row-major `rows x cols` matrix `m`: `cols x rows`, row-major, in the
+/// format of `m`.
+fn transpose(m: Values<'_>, rows: usize, cols: usize) -> Buffer {
+    match m {
+        Values::F32(m) => Buffer::F32(transpose_of(m, rows, cols)),
+        Values::F16(m) => Buffer::F16(transpose_of(m, rows, cols)),
+        Values::Bf16(m) => Buffer::Bf16(transpose_of(m, rows, cols)),
+    }
+}
+
+/// [`transpose`] of one element type. A copy, no arithmetic: blocks of [`TRANSPOSE_ROWS`] output
+/// rows on rayon.
+fn transpose_of<T: Copy + Default + Send + Sync>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
     let mut t = uninit(rows * cols);
     if rows == 0 {
         return Vec::new();
@@ -138,7 +161,7 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t.par_chunks_mut(TRANSPOSE_ROWS * rows)
         .enumerate()
         .for_each(|(block, t)| {
-            let t = init(t, 0.0);
+            let t = init(t, T::default());
             let first = block * TRANSPOSE_ROWS;
             let width = t.len() / rows;
             // Row by row of `m`: contiguous reads of `width` elements, `width` write streams.
@@ -152,13 +175,17 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     unsafe { assume_init(t) }
 }
 
-/// `dy` where the fused ReLU's output `y` is positive, zero elsewhere.
-fn relu_mask(dy: &[f32], y: &[f32], s: LinearShape) -> Vec<f32> {
-    for_each_tile((s.batch, s.outputs), TILE, |tile| {
+/// `dy` where the fused ReLU's output `y` is positive, zero elsewhere, in the format of `dy`.
+fn relu_mask(dy: Values<'_>, y: Values<'_>, s: LinearShape) -> Buffer {
+    for_each_tile(dy.format(), (s.batch, s.outputs), TILE, |tile| {
         let columns = tile.columns();
+        let (mut dy_row, mut y_row) = (Vec::new(), Vec::new());
         tile.write_rows(|row, g| {
-            let start = row * s.outputs;
-            let (dy, y) = (&dy[start..][columns.clone()], &y[start..][columns.clone()]);
+            let range = row * s.outputs + columns.start..row * s.outputs + columns.end;
+            let (dy, y) = (
+                dy.read(range.clone(), &mut dy_row),
+                y.read(range, &mut y_row),
+            );
             for ((g, &d), &y) in g.iter_mut().zip(dy).zip(y) {
                 *g = if y > 0.0 { d } else { 0.0 };
             }
@@ -168,7 +195,7 @@ fn relu_mask(dy: &[f32], y: &[f32], s: LinearShape) -> Vec<f32> {
 
 /// The sum of each column of the row-major `rows x cols` matrix `g`. Each block of
 /// [`BIAS_COLUMNS`] columns is one task, which adds the rows in order: one fixed order per sum.
-fn column_sums(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+fn column_sums(g: Values<'_>, rows: usize, cols: usize) -> Vec<f32> {
     let mut sums = vec![0.0f32; cols];
     if rows == 0 {
         return sums;
@@ -177,8 +204,11 @@ fn column_sums(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         .enumerate()
         .for_each(|(block, sums)| {
             let start = block * BIAS_COLUMNS;
-            for row in g.chunks_exact(cols) {
-                for (s, v) in sums.iter_mut().zip(&row[start..]) {
+            let mut scratch = Vec::new();
+            for row in 0..rows {
+                let first = row * cols + start;
+                let values = g.read(first..first + sums.len(), &mut scratch);
+                for (s, v) in sums.iter_mut().zip(values) {
                     *s += v;
                 }
             }
@@ -243,9 +273,9 @@ mod tests {
                         };
                         let (x, w, b, dy) = &data[i];
                         let start = Instant::now();
-                        let y = forward(x, w, b, s, relu);
+                        let y = forward(x, w, b, s, relu).into_f32();
                         let middle = Instant::now();
-                        let g = backward(x, w, dy, relu.then_some(&y[..]), s, i > 0);
+                        let g = backward(x, w, dy, relu.then_some(Values::from(&y)), s, i > 0);
                         std::hint::black_box(g);
                         if rep >= 5 {
                             fwd[i] += (middle - start).as_secs_f64();
@@ -300,9 +330,13 @@ mod tests {
             let w = values(s.inputs * s.outputs, 2);
             let b = values(s.outputs, 3);
             let want = reference_forward(&x, &w, &b, s);
-            assert_close(&forward(&x, &w, &b, s, false), &want, "output");
+            assert_close(&forward(&x, &w, &b, s, false).into_f32(), &want, "output");
             let relu: Vec<f32> = want.iter().map(|v| v.max(0.0)).collect();
-            assert_close(&forward(&x, &w, &b, s, true), &relu, "ReLU output");
+            assert_close(
+                &forward(&x, &w, &b, s, true).into_f32(),
+                &relu,
+                "ReLU output",
+            );
         }
     }
 
@@ -315,13 +349,13 @@ mod tests {
             let b = values(s.outputs, 6);
             let dy = values(s.batch * s.outputs, 7);
             for relu in [false, true] {
-                let y = forward(&x, &w, &b, s, relu);
+                let y = forward(&x, &w, &b, s, relu).into_f32();
                 let g: Vec<f64> = dy
                     .iter()
                     .zip(&y)
                     .map(|(&d, &y)| if !relu || y > 0.0 { d as f64 } else { 0.0 })
                     .collect();
-                let grads = backward(&x, &w, &dy, relu.then_some(&y[..]), s, true);
+                let grads = backward(&x, &w, &dy, relu.then_some(Values::from(&y)), s, true);
                 let (n, i, o) = (s.batch, s.inputs, s.outputs);
                 let dx: Vec<f32> = (0..n * i)
                     .map(|e| {
@@ -342,10 +376,10 @@ mod tests {
                 let db: Vec<f32> = (0..o)
                     .map(|col| (0..n).map(|k| g[k * o + col]).sum::<f64>() as f32)
                     .collect();
-                assert_close(grads.x.as_ref().unwrap(), &dx, "input gradient");
-                assert_close(&grads.weight, &dw, "weight gradient");
-                assert_close(&grads.bias, &db, "bias gradient");
-                let no_x = backward(&x, &w, &dy, relu.then_some(&y[..]), s, false);
+                assert_close(&grads.x.clone().unwrap().into_f32(), &dx, "input gradient");
+                assert_close(&grads.weight.clone().into_f32(), &dw, "weight gradient");
+                assert_close(&grads.bias.clone().into_f32(), &db, "bias gradient");
+                let no_x = backward(&x, &w, &dy, relu.then_some(Values::from(&y)), s, false);
                 assert!(no_x.x.is_none());
                 assert_eq!(no_x.weight, grads.weight);
                 assert_eq!(no_x.bias, grads.bias);

@@ -4,34 +4,40 @@
 //! The kernels parallelise over samples or output tiles themselves; a GEMM that split its own
 //! work across threads would make the summation order depend on the thread count.
 
+use std::borrow::Cow;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::values::{Buffer, Format, Values};
+
 /// A read-only matrix view: `rows x cols`, element `(i, j)` at `data[i * row_stride + j *
-/// col_stride]`.
+/// col_stride]`, in any [`Format`](super::values::Format): the products widen half-precision
+/// blocks to f32 where they use them.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<'a> {
-    pub data: &'a [f32],
+    pub data: Values<'a>,
     pub row_stride: usize,
     pub col_stride: usize,
 }
 
 impl<'a> Mat<'a> {
     /// A row-major matrix with `cols` columns.
-    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+    pub fn rows(data: impl Into<Values<'a>>, cols: usize) -> Self {
         Self {
-            data,
+            data: data.into(),
             row_stride: cols,
             col_stride: 1,
         }
     }
 
     /// The transpose of a row-major matrix with `cols` columns.
-    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+    pub fn transposed(data: impl Into<Values<'a>>, cols: usize) -> Self {
         Self {
-            data,
+            data: data.into(),
             row_stride: 1,
             col_stride: cols,
         }
@@ -39,9 +45,9 @@ impl<'a> Mat<'a> {
 
     /// The view that starts at element `(row, col)` of this one.
     pub fn offset(self, row: usize, col: usize) -> Self {
+        let start = (row * self.row_stride + col * self.col_stride).min(self.data.len());
         Self {
-            data: &self.data
-                [(row * self.row_stride + col * self.col_stride).min(self.data.len())..],
+            data: self.data.tail(start),
             ..self
         }
     }
@@ -52,6 +58,55 @@ impl<'a> Mat<'a> {
             || cols == 0
             || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
     }
+
+    /// The `rows x cols` block at the start of this view, in f32: the view itself when it holds
+    /// f32, else a widened compact copy in the same orientation (row- or column-major), so that
+    /// the GEMM reads it the way it would read the original.
+    fn widened(self, rows: usize, cols: usize) -> Wide<'a> {
+        assert!(self.covers(rows, cols), "gemm: operand too small");
+        if let Values::F32(data) = self.data {
+            return Wide {
+                data: Cow::Borrowed(data),
+                row_stride: self.row_stride,
+                col_stride: self.col_stride,
+            };
+        }
+        let mut data = vec![0.0f32; rows * cols];
+        let (row_stride, col_stride) = if self.col_stride == 1 || self.row_stride != 1 {
+            (cols, 1)
+        } else {
+            (1, rows)
+        };
+        if rows * cols > 0 {
+            if self.col_stride == 1 {
+                for (i, out) in data.chunks_exact_mut(cols).enumerate() {
+                    self.data.widen_into(i * self.row_stride, out);
+                }
+            } else if self.row_stride == 1 {
+                for (j, out) in data.chunks_exact_mut(rows).enumerate() {
+                    self.data.widen_into(j * self.col_stride, out);
+                }
+            } else {
+                for (e, out) in data.chunks_exact_mut(1).enumerate() {
+                    let (i, j) = (e / cols, e % cols);
+                    self.data
+                        .widen_into(i * self.row_stride + j * self.col_stride, out);
+                }
+            }
+        }
+        Wide {
+            data: Cow::Owned(data),
+            row_stride,
+            col_stride,
+        }
+    }
+}
+
+/// An f32 operand of one GEMM call.
+struct Wide<'a> {
+    data: Cow<'a, [f32]>,
+    row_stride: usize,
+    col_stride: usize,
 }
 
 /// `dst = a · b` (or `dst += a · b` when `accumulate`), where `a` is `m x k`, `b` is `k x n` and
@@ -83,7 +138,6 @@ unsafe fn matmul_raw(
     (m, k, n): (usize, usize, usize),
     accumulate: bool,
 ) {
-    assert!(a.covers(m, k) && b.covers(k, n), "gemm: operand too small");
     if m == 0 || n == 0 {
         return;
     }
@@ -96,7 +150,8 @@ unsafe fn matmul_raw(
         }
         return;
     }
-    // SAFETY: the assert keeps every index the product reads inside `a` and `b`, the caller
+    let (a, b) = (a.widened(m, k), b.widened(k, n));
+    // SAFETY: `widened` asserted that every index the product reads lies inside `a` and `b`, the caller
     // vouches for the destination, and `Parallelism::None` runs the whole product on this
     // thread: the order of every sum depends on the shapes only.
     unsafe {
@@ -124,23 +179,45 @@ unsafe fn matmul_raw(
     }
 }
 
-/// The destination of a tiled product: a row-major `rows x cols` matrix, written by many tasks,
-/// each in its own tile.
-#[derive(Clone, Copy)]
-struct SharedDst {
-    ptr: *mut f32,
+/// Where a tiled product's tasks write: a row-major matrix of `T` with `cols` columns, each task
+/// in its own tile.
+struct SharedDst<T> {
+    ptr: *mut T,
     cols: usize,
 }
 
-// SAFETY: tasks reach the matrix only through disjoint `Tile`s.
-unsafe impl Send for SharedDst {}
-unsafe impl Sync for SharedDst {}
+impl<T> SharedDst<T> {
+    /// Element `(row, col)` of the matrix.
+    ///
+    /// # Safety
+    /// `(row, col)` must lie inside the matrix.
+    unsafe fn at(self, row: usize, col: usize) -> *mut T {
+        // SAFETY: the caller's contract.
+        unsafe { self.ptr.add(row * self.cols + col) }
+    }
+}
+
+impl<T> Clone for SharedDst<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SharedDst<T> {}
+
+// SAFETY: tasks reach the matrix only through disjoint tiles.
+unsafe impl<T> Send for SharedDst<T> {}
+unsafe impl<T> Sync for SharedDst<T> {}
 
 /// One tile of a matrix being computed by [`for_each_tile`]: rows `row..row + rows`, columns
-/// `col..col + cols`, owned by one task. It starts uninitialised: [`Tile::fill_rows`] or a
-/// [`Tile::matmul`] that does not accumulate must write it before anything reads it.
+/// `col..col + cols`, owned by one task and written in f32 on its canvas (the matrix itself, or a
+/// buffer of the task that is rounded into a half-precision matrix afterwards). It starts
+/// uninitialised: [`Tile::fill_rows`] or a [`Tile::matmul`] that does not accumulate must write it
+/// before anything reads it.
 pub(crate) struct Tile<'a> {
-    dst: SharedDst,
+    /// Element `(i, j)` of the tile is at `canvas + i * stride + j`.
+    canvas: *mut f32,
+    stride: usize,
     row: usize,
     col: usize,
     rows: usize,
@@ -156,15 +233,15 @@ impl Tile<'_> {
     }
 
     fn ptr(&self, i: usize) -> *mut f32 {
-        // SAFETY (of the offset): `i < rows`, so the element lies inside the matrix.
-        unsafe { self.dst.ptr.add((self.row + i) * self.dst.cols + self.col) }
+        // SAFETY (of the offset): `i < rows`, so the element lies inside the canvas.
+        unsafe { self.canvas.add(i * self.stride) }
     }
 
     /// Sets every row of the tile to `values[col..col + cols]` (a bias, say).
     pub fn fill_rows(&mut self, values: &[f32]) {
         let values = &values[self.col..self.col + self.cols];
         for i in 0..self.rows {
-            // SAFETY: row `i` of this tile: inside the matrix, owned by this task only.
+            // SAFETY: row `i` of this tile: inside the canvas, owned by this task only.
             unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr(i), self.cols) };
         }
         self.initialised = true;
@@ -172,7 +249,8 @@ impl Tile<'_> {
 
     /// `tile = a · b` over the tile's rows and columns (`+=` when `accumulate`), where `a` is the
     /// left factor of the whole matrix (`rows x k`) and `b` the right one (`k x cols`): the whole
-    /// sum over `k` of every element happens in this one call, on this thread.
+    /// sum over `k` of every element happens in this one call, on this thread. Half-precision
+    /// factors are widened block by block: only the tile's rows of `a` and columns of `b`.
     ///
     /// # Panics
     /// When accumulating onto a tile not written yet.
@@ -182,12 +260,12 @@ impl Tile<'_> {
             "tile: accumulating onto uninitialised memory"
         );
         let (a, b) = (a.offset(self.row, 0), b.offset(0, self.col));
-        // SAFETY: the tile lies inside the matrix, no other task touches it, it is initialised
+        // SAFETY: the tile lies inside the canvas, no other task touches it, it is initialised
         // when accumulating (asserted), and the factors are shared borrows of other buffers.
         unsafe {
             matmul_raw(
                 self.ptr(0),
-                self.dst.cols,
+                self.stride,
                 a,
                 b,
                 (self.rows, k, self.cols),
@@ -200,7 +278,7 @@ impl Tile<'_> {
     /// Hands every row of the tile (zeroed first) to `f`, which writes it.
     pub fn write_rows(&mut self, mut f: impl FnMut(usize, &mut [f32])) {
         for i in 0..self.rows {
-            // SAFETY: row `i` of this tile: inside the matrix, owned by this task only; zeroed
+            // SAFETY: row `i` of this tile: inside the canvas, owned by this task only; zeroed
             // before the slice is made, so it is initialised.
             let row = unsafe {
                 std::ptr::write_bytes(self.ptr(i), 0, self.cols);
@@ -225,44 +303,124 @@ impl Tile<'_> {
     }
 }
 
-/// Computes a row-major `rows x cols` matrix tile by tile: the matrix is cut into tiles of
-/// `tile_rows x tile_cols` (smaller at the right and bottom edges) and rayon runs `f` once per
-/// tile, which must write all of it. The tile size is the caller's constant and never depends on
-/// the thread count, so every element is computed by the same operations, in the same order, at
-/// any thread count; only which thread runs a tile changes.
+/// Computes a row-major `rows x cols` matrix in `format`, tile by tile: the matrix is cut into
+/// tiles of `tile_rows x tile_cols` (smaller at the right and bottom edges) and rayon runs `f`
+/// once per tile, which must write all of it (in f32; a half-precision matrix gets each tile
+/// rounded into place). The tile size is the caller's constant and never depends on the thread
+/// count, so every element is computed by the same operations, in the same order, at any thread
+/// count; only which thread runs a tile changes.
 ///
 /// # Panics
 /// When a tile is left unwritten, or on a zero tile size.
 pub(crate) fn for_each_tile<F>(
+    format: Format,
+    shape: (usize, usize),
+    tile: (usize, usize),
+    f: F,
+) -> Buffer
+where
+    F: Fn(&mut Tile<'_>) + Sync,
+{
+    match format {
+        Format::F32 => Buffer::F32(tiled::<f32, _>(shape, tile, f)),
+        Format::F16 => Buffer::F16(tiled::<f16, _>(shape, tile, f)),
+        Format::Bf16 => Buffer::Bf16(tiled::<bf16, _>(shape, tile, f)),
+    }
+}
+
+/// An element type a tiled product can write: f32 in place, the half formats through a buffer.
+trait TileElement: Copy + Send + Sync {
+    /// `dst` as f32 elements when tiles can be written there in place (f32 itself).
+    fn in_place(dst: *mut Self) -> Option<*mut f32>;
+
+    /// Writes `values` rounded to this type at `dst` (valid for `values.len()` writes).
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `values.len()` elements that nobody else touches.
+    unsafe fn store(values: &[f32], dst: *mut Self, scratch: &mut Vec<Self>);
+}
+
+impl TileElement for f32 {
+    fn in_place(dst: *mut f32) -> Option<*mut f32> {
+        Some(dst)
+    }
+
+    unsafe fn store(values: &[f32], dst: *mut f32, _: &mut Vec<f32>) {
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), dst, values.len()) }
+    }
+}
+
+macro_rules! half_tile_element {
+    ($t:ty) => {
+        impl TileElement for $t {
+            fn in_place(_: *mut $t) -> Option<*mut f32> {
+                None
+            }
+
+            unsafe fn store(values: &[f32], dst: *mut $t, scratch: &mut Vec<$t>) {
+                scratch.resize(values.len(), <$t>::ZERO);
+                scratch.convert_from_f32_slice(values);
+                // SAFETY: the caller's contract.
+                unsafe { std::ptr::copy_nonoverlapping(scratch.as_ptr(), dst, values.len()) }
+            }
+        }
+    };
+}
+half_tile_element!(f16);
+half_tile_element!(bf16);
+
+fn tiled<T: TileElement, F>(
     (rows, cols): (usize, usize),
     (tile_rows, tile_cols): (usize, usize),
     f: F,
-) -> Vec<f32>
+) -> Vec<T>
 where
     F: Fn(&mut Tile<'_>) + Sync,
 {
     assert!(tile_rows > 0 && tile_cols > 0, "tile: zero size");
-    let mut buffer: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(rows * cols);
+    let mut buffer: Box<[MaybeUninit<T>]> = Box::new_uninit_slice(rows * cols);
     let dst = SharedDst {
-        ptr: buffer.as_mut_ptr().cast(),
+        ptr: buffer.as_mut_ptr().cast::<T>(),
         cols,
     };
-    let across = cols.div_ceil(tile_cols);
+    let (across, cols_total) = (cols.div_ceil(tile_cols), cols);
     (0..rows.div_ceil(tile_rows) * across)
         .into_par_iter()
         .for_each(|t| {
             let (row, col) = ((t / across) * tile_rows, (t % across) * tile_cols);
+            let (rows, cols) = (tile_rows.min(rows - row), tile_cols.min(cols - col));
+            // SAFETY: `(row, col)` lies inside the matrix.
+            let corner = unsafe { dst.at(row, col) };
+            // f32 tiles are written in place; others on a canvas of their task, then stored.
+            let mut canvas = Vec::new();
+            let (canvas_ptr, stride) = match T::in_place(corner) {
+                Some(corner) => (corner, cols_total),
+                None => {
+                    canvas.resize(rows * cols, 0.0f32);
+                    (canvas.as_mut_ptr(), cols)
+                }
+            };
             let mut tile = Tile {
-                dst,
+                canvas: canvas_ptr,
+                stride,
                 row,
                 col,
-                rows: tile_rows.min(rows - row),
-                cols: tile_cols.min(cols - col),
+                rows,
+                cols,
                 initialised: false,
                 _matrix: PhantomData,
             };
             f(&mut tile);
             assert!(tile.initialised, "tile: left unwritten");
+            if !canvas.is_empty() {
+                let mut scratch = Vec::new();
+                for (i, values) in canvas.chunks_exact(cols).enumerate() {
+                    // SAFETY: row `i` of this task's tile, inside the matrix, written by no
+                    // other task.
+                    unsafe { T::store(values, dst.at(row + i, col), &mut scratch) };
+                }
+            }
         });
     // SAFETY: the tiles cover the matrix, and each was written by its task (asserted).
     unsafe { buffer.assume_init() }.into_vec()

@@ -22,6 +22,7 @@ mod fused;
 mod linear;
 mod matmul;
 mod pool;
+pub(crate) mod values;
 
 use std::mem::MaybeUninit;
 
@@ -284,12 +285,12 @@ mod tests {
             let reference = conv2d_relu_pool(x32.clone(), weight32.clone(), bias32.clone());
             let same = |a: Tensor<4>, b: Tensor<4>, what: &str| {
                 assert_eq!(a.dtype(), dtype, "{what}");
-                let a = a.cast(DType::F32).into_data().to_vec::<f32>().unwrap();
+                let a = a.cast(DType::F32).into_data().try_to_vec::<f32>().unwrap();
                 let b = b
                     .cast(dtype)
                     .cast(DType::F32)
                     .into_data()
-                    .to_vec::<f32>()
+                    .try_to_vec::<f32>()
                     .unwrap();
                 assert_eq!(a, b, "{what}");
             };
@@ -320,16 +321,26 @@ mod tests {
         device.seed(13);
         for dtype in [DType::F16, DType::BF16] {
             let leaf = |t: Tensor<2>| t.cast(dtype).detach().require_grad();
-            let x = leaf(Tensor::random([5, 7], Distribution::Default, &device));
-            let w = leaf(Tensor::random([7, 4], Distribution::Default, &device));
-            let b = Tensor::<1>::random([4], Distribution::Default, &device).cast(dtype);
+            // Several tiles of every product, with partial ones at the edges.
+            let (batch, inputs, outputs) = (130, 135, 140);
+            let x = leaf(Tensor::random(
+                [batch, inputs],
+                Distribution::Default,
+                &device,
+            ));
+            let w = leaf(Tensor::random(
+                [inputs, outputs],
+                Distribution::Default,
+                &device,
+            ));
+            let b = Tensor::<1>::random([outputs], Distribution::Default, &device).cast(dtype);
             let ours = linear(x.clone(), w.clone(), b.clone(), true);
             assert_eq!(ours.dtype(), dtype);
             let wide = |t: &Tensor<2>| t.clone().detach().cast(DType::F32).detach().require_grad();
             let (x32, w32) = (wide(&x), wide(&w));
             let reference = linear(x32.clone(), w32.clone(), b.cast(DType::F32), true);
             let rounded = |t: Tensor<2>| t.cast(dtype).cast(DType::F32).into_data();
-            let probe = Tensor::<2>::random([5, 4], Distribution::Default, &device)
+            let probe = Tensor::<2>::random([batch, outputs], Distribution::Default, &device)
                 .cast(dtype)
                 .cast(DType::F32);
             let grads = (ours.clone().cast(DType::F32) * probe.clone())

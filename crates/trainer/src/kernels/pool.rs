@@ -8,9 +8,7 @@
 //! top-right, bottom-left, bottom-right), as in PyTorch. A NaN counts as larger than any number,
 //! and the first NaN wins.
 
-use rayon::prelude::*;
-
-use super::{assume_init, init, uninit};
+use super::values::{Buffer, Values, build_as};
 
 /// Planes per rayon task: enough work per task to amortise scheduling.
 const PLANES_PER_TASK: usize = 16;
@@ -36,19 +34,24 @@ fn argmax4([a, b, c, d]: [f32; 4]) -> (usize, f32) {
     }
 }
 
-/// `x` is `planes` planes of `height x width`; returns `planes` planes of `height/2 x width/2`.
-pub fn forward(x: &[f32], planes: usize, height: usize, width: usize) -> Vec<f32> {
+/// `x` is `planes` planes of `height x width`; returns `planes` planes of `height/2 x width/2`,
+/// in the format of `x`.
+pub fn forward<'a>(x: impl Into<Values<'a>>, planes: usize, height: usize, width: usize) -> Buffer {
+    let x = x.into();
     assert_eq!(x.len(), planes * height * width, "max_pool2x2: input size");
     let (oh, ow) = (height / 2, width / 2);
     if planes * oh * ow == 0 {
-        return Vec::new();
+        return Buffer::from_f32(Vec::new(), x.format());
     }
-    let mut y = uninit(planes * oh * ow);
-    y.par_chunks_mut(oh * ow)
-        .zip(x.par_chunks(height * width))
-        .with_min_len(PLANES_PER_TASK)
-        .for_each(|(y, x)| {
-            let y = init(y, 0.0);
+    let task = PLANES_PER_TASK * oh * ow;
+    build_as(x.format(), planes * oh * ow, task, |chunk, y| {
+        let mut scratch = Vec::new();
+        for (k, y) in y.chunks_exact_mut(oh * ow).enumerate() {
+            let plane = chunk * PLANES_PER_TASK + k;
+            let x = x.read(
+                plane * height * width..(plane + 1) * height * width,
+                &mut scratch,
+            );
             for (i, y) in y.chunks_exact_mut(ow).enumerate() {
                 let top = &x[2 * i * width..][..2 * ow];
                 let bottom = &x[(2 * i + 1) * width..][..2 * ow];
@@ -58,14 +61,20 @@ pub fn forward(x: &[f32], planes: usize, height: usize, width: usize) -> Vec<f32
                         argmax4([top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]]).1;
                 }
             }
-        });
-    // SAFETY: one chunk of `y` per plane of `x` (sizes asserted above), each through `init`.
-    unsafe { assume_init(y) }
+        }
+    })
 }
 
 /// The input gradient of [`forward`]: `dy` goes to the maximum of each window (found again in
-/// `x`, the forward input), zero elsewhere.
-pub fn backward(x: &[f32], dy: &[f32], planes: usize, height: usize, width: usize) -> Vec<f32> {
+/// `x`, the forward input), zero elsewhere. In the format of `x`.
+pub fn backward<'a>(
+    x: impl Into<Values<'a>>,
+    dy: impl Into<Values<'a>>,
+    planes: usize,
+    height: usize,
+    width: usize,
+) -> Buffer {
+    let (x, dy) = (x.into(), dy.into());
     assert_eq!(
         x.len(),
         planes * height * width,
@@ -78,15 +87,18 @@ pub fn backward(x: &[f32], dy: &[f32], planes: usize, height: usize, width: usiz
         "max_pool2x2 backward: gradient size"
     );
     if oh * ow == 0 {
-        return vec![0.0; x.len()];
+        return Buffer::from_f32(vec![0.0; x.len()], x.format());
     }
-    let mut dx = uninit(x.len());
-    dx.par_chunks_mut(height * width)
-        .zip(x.par_chunks(height * width))
-        .zip(dy.par_chunks(oh * ow))
-        .with_min_len(PLANES_PER_TASK)
-        .for_each(|((dx, x), dy)| {
-            let dx = init(dx, 0.0);
+    let task = PLANES_PER_TASK * height * width;
+    build_as(x.format(), x.len(), task, |chunk, dx| {
+        let (mut x_scratch, mut dy_scratch) = (Vec::new(), Vec::new());
+        for (k, dx) in dx.chunks_exact_mut(height * width).enumerate() {
+            let plane = chunk * PLANES_PER_TASK + k;
+            let x = x.read(
+                plane * height * width..(plane + 1) * height * width,
+                &mut x_scratch,
+            );
+            let dy = dy.read(plane * oh * ow..(plane + 1) * oh * ow, &mut dy_scratch);
             for (i, dy) in dy.chunks_exact(ow).enumerate() {
                 let top = &x[2 * i * width..][..2 * ow];
                 let bottom = &x[(2 * i + 1) * width..][..2 * ow];
@@ -102,10 +114,8 @@ pub fn backward(x: &[f32], dy: &[f32], planes: usize, height: usize, width: usiz
                     dbottom[2 * j + 1] = if at == 3 { g } else { 0.0 };
                 }
             }
-        });
-    // SAFETY: one chunk of `dx` per plane of `x` and of `dy` (sizes asserted above), each
-    // through `init`.
-    unsafe { assume_init(dx) }
+        }
+    })
 }
 
 /// Pools one `height x width` plane into `y` (`height/2 x width/2`) and writes the index (0..4)
@@ -310,8 +320,8 @@ mod tests {
             3.0, 4.0, 8.0, 1.0, 9.0, //
             9.0, 9.0, 9.0, 9.0, 9.0,
         ];
-        assert_eq!(forward(&x, 1, 3, 5), vec![5.0, 8.0]);
-        let dx = backward(&x, &[10.0, 20.0], 1, 3, 5);
+        assert_eq!(forward(&x, 1, 3, 5).into_f32(), vec![5.0, 8.0]);
+        let dx = backward(&x, &[10.0, 20.0], 1, 3, 5).into_f32();
         let mut want = vec![0.0; 15];
         want[1] = 10.0;
         want[7] = 20.0;
@@ -325,8 +335,8 @@ mod tests {
             2.0, 2.0, 0.0, 1.0, //
             2.0, 2.0, 7.0, 7.0,
         ];
-        assert_eq!(forward(&x, 1, 2, 4), vec![2.0, 7.0]);
-        let dx = backward(&x, &[1.0, 1.0], 1, 2, 4);
+        assert_eq!(forward(&x, 1, 2, 4).into_f32(), vec![2.0, 7.0]);
+        let dx = backward(&x, &[1.0, 1.0], 1, 2, 4).into_f32();
         assert_eq!(dx, vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
     }
 
@@ -393,6 +403,6 @@ mod tests {
         assert_eq!(argmax4([1.0, 3.0, f32::NAN, 2.0]).0, 2);
         assert_eq!(argmax4([3.0, 3.0, 1.0, 3.0]).0, 0);
         assert_eq!(argmax4([1.0, 2.0, 3.0, 3.0]).0, 2);
-        assert!(forward(&[1.0, f32::NAN, 3.0, 2.0], 1, 2, 2)[0].is_nan());
+        assert!(forward(&[1.0, f32::NAN, 3.0, 2.0], 1, 2, 2).into_f32()[0].is_nan());
     }
 }
