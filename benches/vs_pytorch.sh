@@ -26,7 +26,7 @@ else
   if ! "$python" -c "import torch" 2>/dev/null; then
     echo "creating .venv-torch and installing torch (several GB)..." >&2
     python3 -m venv .venv-torch
-    .venv-torch/bin/pip install --quiet torch
+    .venv-torch/bin/pip install --quiet torch numpy
   fi
 fi
 exec "$python" benches/vs_pytorch.py --bin "$bin" "$@"
