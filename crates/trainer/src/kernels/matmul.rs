@@ -8,10 +8,10 @@ use std::borrow::Cow;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::convert::HalfFloat;
 use super::values::{Buffer, Format, Values};
 
 /// A read-only matrix view: `rows x cols`, element `(i, j)` at `data[i * row_stride + j *
@@ -71,29 +71,32 @@ impl<'a> Mat<'a> {
                 col_stride: self.col_stride,
             };
         }
-        let mut data = vec![0.0f32; rows * cols];
         let (row_stride, col_stride) = if self.col_stride == 1 || self.row_stride != 1 {
             (cols, 1)
         } else {
             (1, rows)
         };
+        let mut data = Vec::with_capacity(rows * cols);
+        let out = &mut data.spare_capacity_mut()[..rows * cols];
         if rows * cols > 0 {
             if self.col_stride == 1 {
-                for (i, out) in data.chunks_exact_mut(cols).enumerate() {
-                    self.data.widen_into(i * self.row_stride, out);
+                for (i, out) in out.chunks_exact_mut(cols).enumerate() {
+                    self.data.widen_into_uninit(i * self.row_stride, out);
                 }
             } else if self.row_stride == 1 {
-                for (j, out) in data.chunks_exact_mut(rows).enumerate() {
-                    self.data.widen_into(j * self.col_stride, out);
+                for (j, out) in out.chunks_exact_mut(rows).enumerate() {
+                    self.data.widen_into_uninit(j * self.col_stride, out);
                 }
             } else {
-                for (e, out) in data.chunks_exact_mut(1).enumerate() {
+                for (e, out) in out.chunks_exact_mut(1).enumerate() {
                     let (i, j) = (e / cols, e % cols);
                     self.data
-                        .widen_into(i * self.row_stride + j * self.col_stride, out);
+                        .widen_into_uninit(i * self.row_stride + j * self.col_stride, out);
                 }
             }
         }
+        // SAFETY: the loops above wrote all `rows * cols` elements.
+        unsafe { data.set_len(rows * cols) };
         Wide {
             data: Cow::Owned(data),
             row_stride,
@@ -337,7 +340,7 @@ trait TileElement: Copy + Send + Sync {
     ///
     /// # Safety
     /// `dst` must be valid for writes of `values.len()` elements that nobody else touches.
-    unsafe fn store(values: &[f32], dst: *mut Self, scratch: &mut Vec<Self>);
+    unsafe fn store(values: &[f32], dst: *mut Self);
 }
 
 impl TileElement for f32 {
@@ -345,30 +348,23 @@ impl TileElement for f32 {
         Some(dst)
     }
 
-    unsafe fn store(values: &[f32], dst: *mut f32, _: &mut Vec<f32>) {
+    unsafe fn store(values: &[f32], dst: *mut f32) {
         // SAFETY: the caller's contract.
         unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), dst, values.len()) }
     }
 }
 
-macro_rules! half_tile_element {
-    ($t:ty) => {
-        impl TileElement for $t {
-            fn in_place(_: *mut $t) -> Option<*mut f32> {
-                None
-            }
+impl<T: HalfFloat> TileElement for T {
+    fn in_place(_: *mut T) -> Option<*mut f32> {
+        None
+    }
 
-            unsafe fn store(values: &[f32], dst: *mut $t, scratch: &mut Vec<$t>) {
-                scratch.resize(values.len(), <$t>::ZERO);
-                scratch.convert_from_f32_slice(values);
-                // SAFETY: the caller's contract.
-                unsafe { std::ptr::copy_nonoverlapping(scratch.as_ptr(), dst, values.len()) }
-            }
-        }
-    };
+    unsafe fn store(values: &[f32], dst: *mut T) {
+        // SAFETY: the caller's contract: `values.len()` elements at `dst`, ours alone.
+        let dst = unsafe { std::slice::from_raw_parts_mut(dst.cast(), values.len()) };
+        T::narrow(values, dst);
+    }
 }
-half_tile_element!(f16);
-half_tile_element!(bf16);
 
 fn tiled<T: TileElement, F>(
     (rows, cols): (usize, usize),
@@ -414,11 +410,10 @@ where
             f(&mut tile);
             assert!(tile.initialised, "tile: left unwritten");
             if !canvas.is_empty() {
-                let mut scratch = Vec::new();
                 for (i, values) in canvas.chunks_exact(cols).enumerate() {
                     // SAFETY: row `i` of this task's tile, inside the matrix, written by no
                     // other task.
-                    unsafe { T::store(values, dst.at(row + i, col), &mut scratch) };
+                    unsafe { T::store(values, dst.at(row + i, col)) };
                 }
             }
         });

@@ -17,6 +17,7 @@
 //! (AVX2, AVX-512...).
 
 mod conv;
+pub(crate) mod convert;
 pub mod extension;
 mod fused;
 mod linear;

@@ -10,11 +10,13 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use half::slice::HalfFloatSliceExt;
+use std::mem::MaybeUninit;
+
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::{assume_init, build_in_parallel, init, uninit};
+use super::convert::{HalfFloat, as_uninit};
+use super::{assume_init, init, uninit};
 
 /// The storage format of a kernel's operand or result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,12 +80,31 @@ impl<'a> Values<'a> {
 
     /// `out.len()` values from `start` on, widened to f32 into `out`.
     pub fn widen_into(self, start: usize, out: &mut [f32]) {
+        // SAFETY: the conversion writes only initialised values.
+        self.widen_into_uninit(start, unsafe { as_uninit(out) });
+    }
+
+    /// `out.len()` values from `start` on, widened to f32 into `out`, which they initialise.
+    pub fn widen_into_uninit(self, start: usize, out: &mut [MaybeUninit<f32>]) {
         let range = start..start + out.len();
         match self {
-            Values::F32(v) => out.copy_from_slice(&v[range]),
-            Values::F16(v) => v[range].convert_to_f32_slice(out),
-            Values::Bf16(v) => v[range].convert_to_f32_slice(out),
+            Values::F32(v) => {
+                for (o, &v) in out.iter_mut().zip(&v[range]) {
+                    o.write(v);
+                }
+            }
+            Values::F16(v) => f16::widen(&v[range], out),
+            Values::Bf16(v) => bf16::widen(&v[range], out),
         }
+    }
+
+    /// The values of `range` widened into `out`, which they replace (no zeroing first).
+    fn widen_to_vec(self, range: Range<usize>, out: &mut Vec<f32>) {
+        out.clear();
+        out.reserve(range.len());
+        self.widen_into_uninit(range.start, &mut out.spare_capacity_mut()[..range.len()]);
+        // SAFETY: the first `range.len()` elements were just written.
+        unsafe { out.set_len(range.len()) };
     }
 
     /// The values of `range` as f32: borrowed when they are f32, widened into `scratch`
@@ -95,8 +116,7 @@ impl<'a> Values<'a> {
         match self {
             Values::F32(v) => &v[range],
             _ => {
-                scratch.resize(range.len(), 0.0);
-                self.widen_into(range.start, scratch);
+                self.widen_to_vec(range, scratch);
                 scratch
             }
         }
@@ -107,8 +127,8 @@ impl<'a> Values<'a> {
         match self {
             Values::F32(v) => Cow::Borrowed(&v[range]),
             _ => {
-                let mut out = vec![0.0; range.len()];
-                self.widen_into(range.start, &mut out);
+                let mut out = Vec::new();
+                self.widen_to_vec(range, &mut out);
                 Cow::Owned(out)
             }
         }
@@ -153,14 +173,14 @@ impl Buffer {
     /// A copy of `values` in `format`, rounded (to nearest, ties to even) when it is a half
     /// format. Converted on the pool, with the CPU's vector conversions.
     pub fn from_f32_slice(values: &[f32], format: Format) -> Self {
-        fn narrow<T>(values: &[f32]) -> Vec<T>
-        where
-            T: Copy + Default + Send + Sync,
-            [T]: HalfFloatSliceExt,
-        {
-            build_in_parallel(values.len(), CONVERT_CHUNK, |i, out: &mut [T]| {
-                out.convert_from_f32_slice(&values[i * CONVERT_CHUNK..][..out.len()])
-            })
+        fn narrow<T: HalfFloat>(values: &[f32]) -> Vec<T> {
+            let mut out = uninit(values.len());
+            out.par_chunks_mut(CONVERT_CHUNK)
+                .zip(values.par_chunks(CONVERT_CHUNK))
+                .for_each(|(out, values)| T::narrow(values, out));
+            // SAFETY: the chunks of `out` pair up with those of `values`, and each conversion
+            // wrote its whole chunk.
+            unsafe { assume_init(out) }
         }
         match format {
             Format::F32 => Buffer::F32(values.to_vec()),
@@ -214,17 +234,23 @@ where
     }
     fn rounded<T, F, R>(len: usize, chunk: usize, fill: F) -> (Vec<T>, Vec<R>)
     where
-        T: Copy + Default + Send + Sync,
-        [T]: HalfFloatSliceExt,
+        T: HalfFloat,
         F: Fn(usize, &mut [f32]) -> R + Sync,
         R: Send,
     {
-        build(len, chunk, |i, out: &mut [T]| {
-            let mut wide = vec![0.0f32; out.len()];
-            let result = fill(i, &mut wide);
-            out.convert_from_f32_slice(&wide);
-            result
-        })
+        let mut buffer = uninit(len);
+        let results = buffer
+            .par_chunks_mut(chunk.max(1))
+            .enumerate()
+            .map(|(i, out)| {
+                let mut wide = vec![0.0f32; out.len()];
+                let result = fill(i, &mut wide);
+                T::narrow(&wide, out);
+                result
+            })
+            .collect();
+        // SAFETY: every chunk was written by its conversion.
+        (unsafe { assume_init(buffer) }, results)
     }
     match format {
         Format::F32 => {

@@ -22,10 +22,10 @@ use half::f16;
 use std::borrow::Cow;
 
 use burn::tensor::DType;
-use half::slice::HalfFloatSliceExt;
 
 use super::HalfFormat;
 use crate::kernels::build_in_parallel;
+use crate::kernels::convert::HalfFloat;
 use crate::kernels::extension::HostF32;
 
 /// Elements per rayon task: rounding is element-wise, so the split changes no result.
@@ -108,10 +108,10 @@ fn round_slice(values: &[f32], bf16: bool) -> Vec<f32> {
                 *o = round_bf16(v);
             }
         } else {
-            // The slice conversions use the CPU's F16C instructions, 8 lanes at a time.
+            // There and back with the CPU's vector conversions.
             let mut half = vec![f16::ZERO; values.len()];
-            half.convert_from_f32_slice(values);
-            half.convert_to_f32_slice(out);
+            f16::narrow_slice(values, &mut half);
+            f16::widen_slice(&half, out);
         }
     })
 }
