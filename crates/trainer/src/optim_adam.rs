@@ -3,8 +3,8 @@
 //! burn's Adam updates a parameter with about ten tensor operations, each a pass over memory on
 //! one thread: a fifth of an MLP step at one thread, and the part of it that more threads did
 //! not speed up. This is the same arithmetic, element by element in the same order (so the same
-//! bits), in one pass split over the pool in fixed chunks: an element-wise update, so the split
-//! changes nothing. Its state is burn's own [`AdamState`], so checkpoints keep their format.
+//! bits), in one pass split over the pool in fixed chunks, in place (the parameter and its moments
+//! are updated where they lie): an element-wise update, so the split changes nothing. Its state is burn's own [`AdamState`], so checkpoints keep their format.
 #![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -22,7 +22,6 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use crate::kernels::extension::HostF32;
-use crate::kernels::{assume_init, init, uninit};
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -123,54 +122,61 @@ pub trait AdamBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// One chunk's update, element by element and operation by operation as burn's Adam does it.
-/// Every slice is cut to one length first, so that the loop carries no bounds checks and
-/// vectorises.
+/// One chunk's update, in place, element by element and operation by operation as burn's Adam
+/// does it. Every slice is cut to one length first, so that the loop carries no bounds checks
+/// and vectorises.
 #[inline(always)]
-fn update_chunk(
-    [new_p, new_m1, new_m2]: [&mut [f32]; 3],
-    [p, g, m1, m2]: [&[f32]; 4],
-    c: &AdamCoefficients,
-) {
-    let n = new_p.len();
-    let (new_m1, new_m2) = (&mut new_m1[..n], &mut new_m2[..n]);
-    let (p, g, m1, m2) = (&p[..n], &g[..n], &m1[..n], &m2[..n]);
+fn update_chunk([p, m1, m2]: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
+    let n = p.len();
+    let (m1, m2, g) = (&mut m1[..n], &mut m2[..n], &g[..n]);
     for i in 0..n {
-        let m1 = m1[i] * c.beta_1 + g[i] * c.keep_1;
-        let m2 = m2[i] * c.beta_2 + (g[i] * g[i]) * c.keep_2;
-        let step = (m1 * c.combined) / (m2.sqrt() + c.epsilon);
-        new_p[i] = p[i] - step * c.lr;
-        new_m1[i] = m1;
-        new_m2[i] = m2;
+        let new_m1 = m1[i] * c.beta_1 + g[i] * c.keep_1;
+        let new_m2 = m2[i] * c.beta_2 + (g[i] * g[i]) * c.keep_2;
+        let step = (new_m1 * c.combined) / (new_m2.sqrt() + c.epsilon);
+        p[i] -= step * c.lr;
+        m1[i] = new_m1;
+        m2[i] = new_m2;
     }
 }
 
 /// [`update_chunk`] compiled for wider vectors where the CPU has them. Rust never fuses a
 /// multiply and an add, and IEEE multiplication, addition, division and square root round the
 /// same at every vector width: the same bits on any of these paths.
-fn update_chunk_dispatch(out: [&mut [f32]; 3], inputs: [&[f32]; 4], c: &AdamCoefficients) {
+fn update_chunk_dispatch(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f")]
-        fn avx512(out: [&mut [f32]; 3], inputs: [&[f32]; 4], c: &AdamCoefficients) {
-            update_chunk(out, inputs, c)
+        fn avx512(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
+            update_chunk(state, g, c)
         }
         #[target_feature(enable = "avx2")]
-        fn avx2(out: [&mut [f32]; 3], inputs: [&[f32]; 4], c: &AdamCoefficients) {
-            update_chunk(out, inputs, c)
+        fn avx2(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
+            update_chunk(state, g, c)
         }
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F, checked just above.
-            return unsafe { avx512(out, inputs, c) };
+            return unsafe { avx512(state, g, c) };
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2, checked just above.
-            return unsafe { avx2(out, inputs, c) };
+            return unsafe { avx2(state, g, c) };
         }
     }
-    update_chunk(out, inputs, c)
+    update_chunk(state, g, c)
 }
 
+/// `tensor`, owned by nobody else and writable in place as f32: itself when it already is (the
+/// usual case: the step's working copy and graph are gone by the time the optimizer runs), else
+/// a copy.
+fn writable<B: HostF32>(mut tensor: FloatTensor<B>) -> FloatTensor<B> {
+    if B::f32_mut(&mut tensor).is_some() {
+        return tensor;
+    }
+    let shape = tensor.shape().to_vec();
+    B::write_f32(B::read_f32(&tensor).into_owned(), shape)
+}
+
+/// Updates the parameter and the moments in place: no new buffers, one pass over memory.
 fn adam_tensors<B: HostF32>(
     param: FloatTensor<B>,
     grad: FloatTensor<B>,
@@ -178,40 +184,28 @@ fn adam_tensors<B: HostF32>(
     moment_2: FloatTensor<B>,
     c: AdamCoefficients,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
-    let shape = param.shape().to_vec();
-    let (p, g) = (B::read_f32(&param), B::read_f32(&grad));
-    let (m1, m2) = (B::read_f32(&moment_1), B::read_f32(&moment_2));
+    let (mut param, mut moment_1, mut moment_2) = (
+        writable::<B>(param),
+        writable::<B>(moment_1),
+        writable::<B>(moment_2),
+    );
+    let g = B::read_f32(&grad);
+    let (p, m1, m2) = (
+        B::f32_mut(&mut param).expect("a tensor just made writable"),
+        B::f32_mut(&mut moment_1).expect("a tensor just made writable"),
+        B::f32_mut(&mut moment_2).expect("a tensor just made writable"),
+    );
     let n = p.len();
     assert!(
         g.len() == n && m1.len() == n && m2.len() == n,
         "adam: sizes differ"
     );
-    // Uninitialised, each chunk zeroed by the task that writes it: no serial zeroing pass.
-    let (mut new_p, mut new_m1, mut new_m2) = (uninit(n), uninit(n), uninit(n));
-    new_p
-        .par_chunks_mut(CHUNK)
-        .zip(new_m1.par_chunks_mut(CHUNK))
-        .zip(new_m2.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(chunk, ((out_p, out_m1), out_m2))| {
-            let range = chunk * CHUNK..chunk * CHUNK + out_p.len();
-            let inputs = [
-                &p[range.clone()],
-                &g[range.clone()],
-                &m1[range.clone()],
-                &m2[range],
-            ];
-            let out = [init(out_p, 0.0), init(out_m1, 0.0), init(out_m2, 0.0)];
-            update_chunk_dispatch(out, inputs, &c);
-        });
-    // SAFETY: every chunk of the three went through `init`.
-    let (new_p, new_m1, new_m2) =
-        unsafe { (assume_init(new_p), assume_init(new_m1), assume_init(new_m2)) };
-    (
-        B::write_f32(new_p, shape.clone()),
-        B::write_f32(new_m1, shape.clone()),
-        B::write_f32(new_m2, shape),
-    )
+    p.par_chunks_mut(CHUNK)
+        .zip(m1.par_chunks_mut(CHUNK))
+        .zip(m2.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(((p, m1), m2), g)| update_chunk_dispatch([p, m1, m2], g, &c));
+    (param, moment_1, moment_2)
 }
 
 impl AdamBackend for NdArray {

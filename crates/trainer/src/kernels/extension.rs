@@ -78,6 +78,10 @@ pub trait HostF32: Backend {
     /// A tensor owning `buffer` (no copy).
     fn write(buffer: Buffer, shape: Vec<usize>) -> FloatTensor<Self>;
 
+    /// The elements in row-major order, for writing in place: `Some` only when the tensor is f32,
+    /// contiguous and its storage shared with no other tensor.
+    fn f32_mut(tensor: &mut FloatTensor<Self>) -> Option<&mut [f32]>;
+
     /// The elements in row-major order, as f32 (a copy unless they are f32 and contiguous).
     fn read_f32(tensor: &FloatTensor<Self>) -> Cow<'_, [f32]> {
         match Self::read(tensor) {
@@ -146,6 +150,16 @@ impl HostF32 for NdArray {
         }
     }
 
+    fn f32_mut(tensor: &mut NdArrayTensor) -> Option<&mut [f32]> {
+        match tensor {
+            // Unique means owned (borrowed storage never is): `ensure_owned` copies nothing.
+            NdArrayTensor::F32(storage) if storage.is_unique() => {
+                storage.ensure_owned().as_slice_mut()
+            }
+            _ => None,
+        }
+    }
+
     fn write(buffer: Buffer, shape: Vec<usize>) -> NdArrayTensor {
         match buffer {
             Buffer::F32(data) => NdArrayTensor::from_data(TensorData::new(data, shape)),
@@ -177,6 +191,14 @@ impl HostF32 for Flex {
             DType::BF16 => held!(bf16, Bf16),
             other => not_f32(other),
         }
+    }
+
+    fn f32_mut(tensor: &mut FlexTensor) -> Option<&mut [f32]> {
+        if tensor.dtype() != DType::F32 {
+            return None;
+        }
+        let (start, end) = tensor.layout().contiguous_offsets()?;
+        Some(&mut tensor.try_storage_mut::<f32>()?[start..end])
     }
 
     fn write(buffer: Buffer, shape: Vec<usize>) -> FlexTensor {
