@@ -28,6 +28,9 @@ pub const WEIGHT_TILE: (usize, usize) = (128, 256);
 /// Rows of a transposed matrix per task.
 const TRANSPOSE_ROWS: usize = 64;
 
+/// Side of the squares a transpose copies at a time.
+const TRANSPOSE_SQUARE: usize = 16;
+
 /// Output columns per task when summing the bias gradient over the batch.
 const BIAS_COLUMNS: usize = 128;
 
@@ -152,7 +155,9 @@ fn transpose(m: Values<'_>, rows: usize, cols: usize) -> Buffer {
 }
 
 /// [`transpose`] of one element type. A copy, no arithmetic: blocks of [`TRANSPOSE_ROWS`] output
-/// rows on rayon.
+/// rows on rayon, each copied in squares of [`TRANSPOSE_SQUARE`] so that both the rows read and
+/// the rows written stay in cache (a column of a row-major matrix whose width is a power of two
+/// maps onto few cache sets).
 fn transpose_of<T: Copy + Default + Send + Sync>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
     let mut t = uninit(rows * cols);
     if rows == 0 {
@@ -164,10 +169,13 @@ fn transpose_of<T: Copy + Default + Send + Sync>(m: &[T], rows: usize, cols: usi
             let t = init(t, T::default());
             let first = block * TRANSPOSE_ROWS;
             let width = t.len() / rows;
-            // Row by row of `m`: contiguous reads of `width` elements, `width` write streams.
-            for (i, row) in m.chunks_exact(cols).enumerate() {
-                for (j, &v) in row[first..first + width].iter().enumerate() {
-                    t[j * rows + i] = v;
+            for i0 in (0..rows).step_by(TRANSPOSE_SQUARE) {
+                let i1 = (i0 + TRANSPOSE_SQUARE).min(rows);
+                for j in 0..width {
+                    let out = &mut t[j * rows + i0..j * rows + i1];
+                    for (o, i) in out.iter_mut().zip(i0..i1) {
+                        *o = m[i * cols + first + j];
+                    }
                 }
             }
         });
