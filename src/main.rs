@@ -100,6 +100,11 @@ enum Command {
         /// Override a setting of every run, e.g. --set training.batch_size=128 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// After each thread count n > 1, also run n one-thread runs at once: the efficiency
+        /// this machine gives independent work, a ceiling for the runs' (needs 1 first in
+        /// --threads).
+        #[arg(long)]
+        ceiling: bool,
         /// Print the report as one JSON object on the last line of stdout.
         #[arg(long)]
         json: bool,
@@ -218,6 +223,7 @@ fn run(command: Command) -> Result<(), Failure> {
             steps,
             warmup,
             overrides,
+            ceiling,
             json,
         } => {
             let report = allcores_eval::run_bench(&allcores_eval::BenchRequest {
@@ -227,6 +233,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 warmup: allcores_eval::bench::parse_count("--warmup", &warmup)?,
                 overrides,
                 program: None,
+                ceiling,
             })?;
             if json {
                 println!("{}", report.to_json());

@@ -219,3 +219,47 @@ fn a_run_that_refuses_its_data_stops_the_bench_with_2() {
         "{err}"
     );
 }
+
+/// `--ceiling` runs n one-thread runs at once after the run at n threads and reports what the
+/// machine gave them; it needs the run at 1 thread to compare with.
+#[test]
+fn the_ceiling_runs_independent_single_thread_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path());
+    let config = config.to_str().unwrap();
+    let args = ["bench", config, "--steps", "5", "--warmup", "1", "--json"];
+    let output = allcores_in(
+        dir.path(),
+        &[&args[..], &["--threads", "1,2", "--ceiling"]].concat(),
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let runs = last_json(&output)["runs"].as_array().unwrap().clone();
+    assert!(runs[0]["ceiling"].is_null(), "{}", runs[0]);
+    let independent = runs[1]["independent_samples_per_second"].as_f64().unwrap();
+    let ceiling = runs[1]["ceiling"].as_f64().unwrap();
+    let alone = runs[0]["samples_per_second"].as_f64().unwrap();
+    assert!(independent > 0.0 && ceiling > 0.0, "{}", runs[1]);
+    assert!(
+        (ceiling - independent / (2.0 * alone)).abs() < 1e-9,
+        "{}",
+        runs[1]
+    );
+    assert!(stderr(&output).contains("2 one-thread runs at once"));
+
+    let refused = allcores_in(
+        dir.path(),
+        &[&args[..], &["--threads", "2", "--ceiling"]].concat(),
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("--ceiling"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(
+        stderr(&refused).trim().lines().count(),
+        1,
+        "{}",
+        stderr(&refused)
+    );
+}

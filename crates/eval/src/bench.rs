@@ -9,7 +9,7 @@
 //! between steps and is not timed.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use allcores_trainer::{Layers, Settings, StepTime, Summary, thousands};
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,9 @@ pub struct BenchRequest {
     pub overrides: Vec<String>,
     /// The `allcores` executable that runs each thread count; `None`: this process's own.
     pub program: Option<PathBuf>,
+    /// After each run at n > 1 threads, also run n one-thread runs at once: what the machine
+    /// gives independent work (see [`BenchRun::ceiling`]). Needs 1 as the first thread count.
+    pub ceiling: bool,
 }
 
 /// One thread count's measurement.
@@ -68,6 +71,14 @@ pub struct BenchRun {
     pub speedup: f64,
     /// Samples/s over (threads / smallest thread count x its samples/s).
     pub parallel_efficiency: f64,
+    /// With `--ceiling`, at n > 1 threads: the summed samples/s of n one-thread runs at once.
+    #[serde(default)]
+    pub independent_samples_per_second: Option<f64>,
+    /// That over n x the one-thread run's samples/s: the parallel efficiency this machine gave
+    /// n independent single-threaded jobs right after this run, a ceiling for any program's
+    /// (a shared machine whose cores come and go lowers it; 1.0 on a quiet one).
+    #[serde(default)]
+    pub ceiling: Option<f64>,
     /// The child process's peak resident memory (data, model, optimizer state).
     pub peak_rss_bytes: u64,
     /// SHA-256 of the final weights: equal across thread counts when the result does not
@@ -127,6 +138,16 @@ fn run_sets(request: &BenchRequest, threads: usize) -> Vec<String> {
 /// settings of the runs (at the first thread count).
 fn check(request: &BenchRequest) -> Result<(Vec<usize>, Settings), EvalError> {
     let threads = parse_threads(&request.threads)?;
+    if request.ceiling && threads[0] != 1 {
+        return Err(EvalError::Argument {
+            arg: "--ceiling".into(),
+            message: format!(
+                "compares n one-thread runs with the run at 1 thread: start --threads with 1 \
+                 (got {})",
+                request.threads
+            ),
+        });
+    }
     if request.steps == 0 {
         return Err(EvalError::Argument {
             arg: "--steps".into(),
@@ -235,13 +256,50 @@ impl BenchRun {
             cpu_utilization: ratio(cpu, seconds * threads as f64),
             speedup: 1.0,
             parallel_efficiency: 1.0,
+            independent_samples_per_second: None,
+            ceiling: None,
             peak_rss_bytes: summary.peak_rss_bytes,
             weights_sha256: summary.weights_sha256.clone(),
         })
     }
 }
 
-/// Sets each run's speed-up and parallel efficiency against the first (smallest) thread count.
+/// Runs `n` one-thread children at once (each as a bench run at 1 thread) and returns their
+/// summed samples/s.
+fn independent_runs(
+    program: &Path,
+    request: &BenchRequest,
+    n: usize,
+) -> Result<f64, child::ChildFailure> {
+    let no_run_dir = ["--no-save", "--record-steps"];
+    let results: Vec<Result<Summary, child::ChildFailure>> = std::thread::scope(|scope| {
+        let children: Vec<_> = (0..n)
+            .map(|_| {
+                scope.spawn(|| {
+                    train_child(program, &request.config, run_sets(request, 1), &no_run_dir)
+                })
+            })
+            .collect();
+        children
+            .into_iter()
+            .map(|child| child.join().expect("a child-process thread panicked"))
+            .collect()
+    });
+    let mut total = 0.0;
+    for summary in results {
+        let run = BenchRun::from_summary(1, request.warmup, &summary?).map_err(|message| {
+            child::ChildFailure {
+                exit_status: Some(0),
+                message,
+            }
+        })?;
+        total += run.samples_per_second;
+    }
+    Ok(total)
+}
+
+/// Sets each run's speed-up and parallel efficiency against the first (smallest) thread count,
+/// and its ceiling against the first run (at 1 thread when there is a ceiling).
 fn relate(runs: &mut [BenchRun]) {
     let Some(base) = runs.first().cloned() else {
         return;
@@ -253,6 +311,9 @@ fn relate(runs: &mut [BenchRun]) {
             0.0
         };
         run.parallel_efficiency = run.speedup * base.threads as f64 / run.threads as f64;
+        run.ceiling = run.independent_samples_per_second.map(|independent| {
+            independent / (run.threads as f64 * base.samples_per_second).max(f64::MIN_POSITIVE)
+        });
     }
 }
 
@@ -287,7 +348,7 @@ pub fn run_bench(request: &BenchRequest) -> Result<BenchReport, EvalError> {
         };
         let summary = train_child(&program, &request.config, run_sets(request, t), &no_run_dir)
             .map_err(|f| failed(f.exit_status, f.message))?;
-        let run = BenchRun::from_summary(t, request.warmup, &summary)
+        let mut run = BenchRun::from_summary(t, request.warmup, &summary)
             .map_err(|message| failed(Some(0), message))?;
         eprintln!(
             "[{}/{}] threads {t}: {} samples/s · step {:.2} ms median · CPU {:.0}%",
@@ -297,6 +358,15 @@ pub fn run_bench(request: &BenchRequest) -> Result<BenchReport, EvalError> {
             run.step_ms_median,
             run.cpu_utilization * 100.0
         );
+        if request.ceiling && t > 1 {
+            let independent = independent_runs(&program, request, t)
+                .map_err(|f| failed(f.exit_status, f.message))?;
+            eprintln!(
+                "      {t} one-thread runs at once: {} samples/s in all",
+                thousands(independent)
+            );
+            run.independent_samples_per_second = Some(independent);
+        }
         runs.push(run);
     }
     relate(&mut runs);
@@ -332,20 +402,32 @@ impl BenchReport {
             self.timed_steps,
             self.threads_available
         );
-        out.push_str(
+        let ceiling = self.runs.iter().any(|r| r.ceiling.is_some());
+        out.push_str(if ceiling {
+            "| threads | samples/s | speed-up | parallel efficiency | machine ceiling | step ms \
+             median | p10 - p90 | spread | CPU utilisation | peak RSS | weights (SHA-256) |\n\
+             |--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:--|\n"
+        } else {
             "| threads | samples/s | speed-up | parallel efficiency | step ms median | \
              p10 - p90 | spread | CPU utilisation | peak RSS | weights (SHA-256) |\n\
-             |--:|--:|--:|--:|--:|--:|--:|--:|--:|:--|\n",
-        );
+             |--:|--:|--:|--:|--:|--:|--:|--:|--:|:--|\n"
+        });
         for r in &self.runs {
+            let efficiency = match (ceiling, r.ceiling) {
+                (false, _) => format!("{:.0}%", r.parallel_efficiency * 100.0),
+                (true, Some(c)) => {
+                    format!("{:.0}% | {:.0}%", r.parallel_efficiency * 100.0, c * 100.0)
+                }
+                (true, None) => format!("{:.0}% | -", r.parallel_efficiency * 100.0),
+            };
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.2}x | {:.0}% | {:.2} | {:.2} - {:.2} | {:.0}% | {:.0}% | {:.1} \
+                "| {} | {} | {:.2}x | {} | {:.2} | {:.2} - {:.2} | {:.0}% | {:.0}% | {:.1} \
                  MiB | `{}` |",
                 r.threads,
                 thousands(r.samples_per_second),
                 r.speedup,
-                r.parallel_efficiency * 100.0,
+                efficiency,
                 r.step_ms_median,
                 r.step_ms_p10,
                 r.step_ms_p90,
@@ -495,6 +577,7 @@ mod tests {
             warmup: 1,
             overrides: vec![],
             program: Some("/nonexistent/allcores".into()),
+            ceiling: false,
         }
     }
 
@@ -596,5 +679,45 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
         assert_eq!(json["runs"][1]["threads"], 2);
         assert_eq!(json["runs"][1]["parallel_efficiency"], 0.5);
+        assert!(json["runs"][1]["ceiling"].is_null());
+    }
+
+    /// The ceiling relates n independent one-thread runs to n times the run at 1 thread, and
+    /// the table grows a column for it.
+    #[test]
+    fn the_ceiling_is_independent_work_over_n_single_runs() {
+        let s = summary(&[(10, 0.01, 0.01)]);
+        let mut runs = vec![
+            BenchRun::from_summary(1, 0, &s).unwrap(),
+            BenchRun::from_summary(2, 0, &s).unwrap(),
+        ];
+        // Two one-thread runs at once made 1,800 samples/s in all, against 2 x 1,000 alone.
+        runs[1].independent_samples_per_second = Some(1_800.0);
+        relate(&mut runs);
+        assert_eq!(runs[0].ceiling, None);
+        assert!((runs[1].ceiling.unwrap() - 0.9).abs() < 1e-12);
+        let report = BenchReport {
+            config: "c.toml".into(),
+            overrides: vec![],
+            model: "mlp".into(),
+            backend: "ndarray".into(),
+            batch_size: 10,
+            effective_batch_size: 10,
+            warmup_steps: 0,
+            timed_steps: 1,
+            threads_available: 2,
+            runs,
+            identical_weights: true,
+        };
+        let text = report.to_text();
+        assert!(text.contains("| machine ceiling |"), "{text}");
+        assert!(
+            text.contains("| 1 | 1,000 | 1.00x | 100% | - | 10.00 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| 2 | 1,000 | 1.00x | 50% | 90% | 10.00 |"),
+            "{text}"
+        );
     }
 }

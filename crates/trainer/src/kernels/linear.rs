@@ -1,12 +1,14 @@
-//! Dense layer on plain f32 slices: `y = x · W + b`, optionally followed by ReLU, with burn's
-//! `Linear` layout (`x: [batch, inputs]`, `W: [inputs, outputs]`, `b: [outputs]`).
+//! Dense layer on plain slices (f32, f16 or bf16; computed in f32): `y = x · W + b`, optionally
+//! followed by ReLU, with burn's `Linear` layout (`x: [batch, inputs]`, `W: [inputs, outputs]`,
+//! `b: [outputs]`).
 //!
-//! Every product is cut into output tiles of a fixed size ([`TILE`], [`WEIGHT_TILE`]) and each
-//! tile is one single-threaded GEMM holding the whole sum over `k` ([`for_each_tile`]); rayon
-//! spreads the tiles over the threads. The tile sizes are constants, never derived from the
-//! thread count, and no sum is ever split between tasks: every element of every result is
-//! computed by the same operations in the same order at any thread count. The bias gradient is
-//! summed column block by column block, each column over the batch in sample order.
+//! Every product is cut into output tiles of at most [`TILE`] or [`WEIGHT_TILE`], equal parts of
+//! each dimension, and each tile is one single-threaded GEMM holding the whole sum over `k`
+//! ([`for_each_tile`]); rayon spreads the tiles over the threads. The tile sizes follow from the
+//! shapes, never from the thread count, and no sum is ever split between tasks: every element of
+//! every result is computed by the same operations in the same order at any thread count. The
+//! bias gradient is summed column block by column block, each column over the batch in sample
+//! order.
 
 use rayon::prelude::*;
 

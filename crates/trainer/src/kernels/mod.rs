@@ -5,15 +5,16 @@
 //! They reach burn as a backend extension ([`extension::CnnBackend`]): one implementation per
 //! CPU backend and one for `Autodiff<B, C>` whose backward pass calls the gradient kernels here,
 //! so a model keeps burn's `Linear` and `Conv2d` parameters (same names and shapes) and only its
-//! forward changes. Inside, a kernel works on plain f32 slices and packed single-threaded GEMMs
-//! (the `gemm` crate): for a convolution, im2col and one GEMM per sample, rayon over chunks of
-//! samples; for a dense layer, one GEMM per output tile of a fixed size, rayon over the tiles.
+//! forward changes. Inside, a kernel works on plain slices (f32, or burn-flex's f16 and bf16,
+//! widened where they are used: [`values`]) and packed single-threaded f32 GEMMs (the `gemm`
+//! crate): for a convolution, im2col and one GEMM per sample, rayon over chunks of samples; for
+//! a dense layer, one GEMM per output tile, rayon over the tiles.
 //!
 //! Results do not depend on the thread count. Convolutions: the forward pass and the input
 //! gradient are computed sample by sample, and the reductions over the batch (weight and bias
 //! gradients) are summed over fixed chunks of [`CHUNK`] samples, then chunk by chunk in order.
 //! Dense layers: every output element's whole sum lies inside one tile's GEMM, and the tile sizes
-//! are constants. The rounding still depends on the GEMM kernel that `gemm` picks for the CPU
+//! follow from the shapes alone. The rounding still depends on the GEMM kernel that `gemm` picks for the CPU
 //! (AVX2, AVX-512...).
 
 mod conv;
