@@ -105,6 +105,15 @@ enum Command {
         /// --threads).
         #[arg(long)]
         ceiling: bool,
+        /// Rounds over the thread counts (1 to 100); each thread count is reported by its
+        /// median run, so that a burst of load on a shared machine spoils no figure.
+        #[arg(
+            long,
+            value_name = "R",
+            default_value = "1",
+            allow_hyphen_values = true
+        )]
+        repeat: String,
         /// Print the report as one JSON object on the last line of stdout.
         #[arg(long)]
         json: bool,
@@ -224,6 +233,7 @@ fn run(command: Command) -> Result<(), Failure> {
             warmup,
             overrides,
             ceiling,
+            repeat,
             json,
         } => {
             let report = allcores_eval::run_bench(&allcores_eval::BenchRequest {
@@ -234,6 +244,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 overrides,
                 program: None,
                 ceiling,
+                repeat: allcores_eval::bench::parse_rounds(&repeat)?,
             })?;
             if json {
                 println!("{}", report.to_json());

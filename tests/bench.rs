@@ -175,6 +175,18 @@ fn bad_input_exits_2_on_one_line_before_any_run() {
             vec!["--threads", "1", "--set", "training.max_steps=2"],
             "use --steps and --warmup instead",
         ),
+        (
+            vec!["--threads", "1", "--repeat", "0"],
+            "--repeat: must be 1 to 100, got 0",
+        ),
+        (
+            vec!["--threads", "1", "--repeat", "twice"],
+            "--repeat: \"twice\" is not a number of rounds",
+        ),
+        (
+            vec!["--threads", "2,4", "--ceiling"],
+            "--ceiling: compares n one-thread runs",
+        ),
     ] {
         let mut all = vec!["bench", config];
         all.extend(&args);
@@ -245,21 +257,47 @@ fn the_ceiling_runs_independent_single_thread_jobs() {
         runs[1]
     );
     assert!(stderr(&output).contains("2 one-thread runs at once"));
+}
 
-    let refused = allcores_in(
+/// `--repeat R` runs the thread counts R times round after round and reports each by its
+/// median run, with every round's samples/s.
+#[test]
+fn repeated_rounds_report_the_median_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path());
+    let output = allcores_in(
         dir.path(),
-        &[&args[..], &["--threads", "2", "--ceiling"]].concat(),
+        &[
+            "bench",
+            config.to_str().unwrap(),
+            "--threads",
+            "1,2",
+            "--steps",
+            "5",
+            "--warmup",
+            "1",
+            "--repeat",
+            "3",
+            "--json",
+        ],
     );
-    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
-    assert!(
-        stderr(&refused).contains("--ceiling"),
-        "{}",
-        stderr(&refused)
-    );
-    assert_eq!(
-        stderr(&refused).trim().lines().count(),
-        1,
-        "{}",
-        stderr(&refused)
-    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = last_json(&output);
+    assert_eq!(report["identical_weights"], true);
+    for run in report["runs"].as_array().unwrap() {
+        let mut rounds: Vec<f64> = run["rounds_samples_per_second"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(rounds.len(), 3, "{run}");
+        rounds.sort_by(f64::total_cmp);
+        assert_eq!(
+            run["samples_per_second"].as_f64().unwrap(),
+            rounds[1],
+            "{run}"
+        );
+    }
+    assert_eq!(stderr(&output).matches("round 3/3").count(), 2);
 }

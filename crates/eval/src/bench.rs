@@ -22,6 +22,8 @@ use crate::sweep::parse_threads;
 pub const DEFAULT_WARMUP: u64 = 20;
 /// Timed steps of each run by default.
 pub const DEFAULT_STEPS: u64 = 200;
+/// At most this many rounds over the thread counts.
+pub const MAX_REPEAT: u64 = 100;
 /// At most this many steps (warm-up and timed) a run: each step's times travel in the child's
 /// summary.
 pub const MAX_TOTAL_STEPS: u64 = 100_000;
@@ -44,6 +46,8 @@ pub struct BenchRequest {
     /// After each run at n > 1 threads, also run n one-thread runs at once: what the machine
     /// gives independent work (see [`BenchRun::ceiling`]). Needs 1 as the first thread count.
     pub ceiling: bool,
+    /// Rounds over the thread counts (at least 1); each is reported by its median run.
+    pub repeat: u64,
 }
 
 /// One thread count's measurement.
@@ -71,6 +75,10 @@ pub struct BenchRun {
     pub speedup: f64,
     /// Samples/s over (threads / smallest thread count x its samples/s).
     pub parallel_efficiency: f64,
+    /// Samples/s of this thread count's run in each round (`--repeat`), in round order; the
+    /// other figures are those of the median run.
+    #[serde(default)]
+    pub rounds_samples_per_second: Vec<f64>,
     /// With `--ceiling`, at n > 1 threads: the summed samples/s of n one-thread runs at once.
     #[serde(default)]
     pub independent_samples_per_second: Option<f64>,
@@ -114,6 +122,16 @@ pub fn parse_count(arg: &str, text: &str) -> Result<u64, EvalError> {
     })
 }
 
+/// Parses the number of rounds given to `--repeat` (checked against its range later).
+pub fn parse_rounds(text: &str) -> Result<u64, EvalError> {
+    text.trim().parse().map_err(|_| EvalError::Argument {
+        arg: "--repeat".into(),
+        message: format!(
+            "\"{text}\" is not a number of rounds (a whole number, 1 to {MAX_REPEAT})"
+        ),
+    })
+}
+
 /// The settings that the bench sets itself, which `--set` must leave alone.
 const BENCH_KEYS: [(&str, &str); 3] = [
     ("training.threads", "--threads"),
@@ -152,6 +170,12 @@ fn check(request: &BenchRequest) -> Result<(Vec<usize>, Settings), EvalError> {
         return Err(EvalError::Argument {
             arg: "--steps".into(),
             message: "must be at least 1".into(),
+        });
+    }
+    if !(1..=MAX_REPEAT).contains(&request.repeat) {
+        return Err(EvalError::Argument {
+            arg: "--repeat".into(),
+            message: format!("must be 1 to {MAX_REPEAT}, got {}", request.repeat),
         });
     }
     if request.warmup.saturating_add(request.steps) > MAX_TOTAL_STEPS {
@@ -256,12 +280,23 @@ impl BenchRun {
             cpu_utilization: ratio(cpu, seconds * threads as f64),
             speedup: 1.0,
             parallel_efficiency: 1.0,
+            rounds_samples_per_second: vec![samples as f64 / seconds.max(f64::MIN_POSITIVE)],
             independent_samples_per_second: None,
             ceiling: None,
             peak_rss_bytes: summary.peak_rss_bytes,
             weights_sha256: summary.weights_sha256.clone(),
         })
     }
+}
+
+/// The run with the median samples/s of one thread count's rounds (the upper one of an even
+/// count), carrying every round's samples/s.
+fn median_run(mut rounds: Vec<BenchRun>) -> BenchRun {
+    let all: Vec<f64> = rounds.iter().map(|r| r.samples_per_second).collect();
+    rounds.sort_by(|a, b| a.samples_per_second.total_cmp(&b.samples_per_second));
+    let mut median = rounds.swap_remove(rounds.len() / 2);
+    median.rounds_samples_per_second = all;
+    median
 }
 
 /// Runs `n` one-thread children at once (each as a bench run at 1 thread) and returns their
@@ -339,40 +374,50 @@ pub fn run_bench(request: &BenchRequest) -> Result<BenchReport, EvalError> {
         request.steps
     );
     let no_run_dir = ["--no-save", "--record-steps"];
-    let mut runs = Vec::new();
-    for (i, &t) in threads.iter().enumerate() {
-        let failed = |exit_status: Option<i32>, message: String| EvalError::BenchRun {
-            threads: t,
-            exit_status,
-            message,
-        };
-        let summary = train_child(&program, &request.config, run_sets(request, t), &no_run_dir)
-            .map_err(|f| failed(f.exit_status, f.message))?;
-        let mut run = BenchRun::from_summary(t, request.warmup, &summary)
-            .map_err(|message| failed(Some(0), message))?;
-        eprintln!(
-            "[{}/{}] threads {t}: {} samples/s · step {:.2} ms median · CPU {:.0}%",
-            i + 1,
-            threads.len(),
-            thousands(run.samples_per_second),
-            run.step_ms_median,
-            run.cpu_utilization * 100.0
-        );
-        if request.ceiling && t > 1 {
-            let independent = independent_runs(&program, request, t)
+    // Round after round over the thread counts, so that a burst of load on a shared machine
+    // falls on one round's run rather than on one thread count.
+    let mut rounds: Vec<Vec<BenchRun>> = vec![Vec::new(); threads.len()];
+    for round in 1..=request.repeat {
+        for (i, &t) in threads.iter().enumerate() {
+            let failed = |exit_status: Option<i32>, message: String| EvalError::BenchRun {
+                threads: t,
+                exit_status,
+                message,
+            };
+            let summary = train_child(&program, &request.config, run_sets(request, t), &no_run_dir)
                 .map_err(|f| failed(f.exit_status, f.message))?;
+            let mut run = BenchRun::from_summary(t, request.warmup, &summary)
+                .map_err(|message| failed(Some(0), message))?;
+            let round_label = match request.repeat {
+                1 => String::new(),
+                n => format!("round {round}/{n} "),
+            };
             eprintln!(
-                "      {t} one-thread runs at once: {} samples/s in all",
-                thousands(independent)
+                "{round_label}[{}/{}] threads {t}: {} samples/s · step {:.2} ms median · CPU {:.0}%",
+                i + 1,
+                threads.len(),
+                thousands(run.samples_per_second),
+                run.step_ms_median,
+                run.cpu_utilization * 100.0
             );
-            run.independent_samples_per_second = Some(independent);
+            if request.ceiling && t > 1 {
+                let independent = independent_runs(&program, request, t)
+                    .map_err(|f| failed(f.exit_status, f.message))?;
+                eprintln!(
+                    "      {t} one-thread runs at once: {} samples/s in all",
+                    thousands(independent)
+                );
+                run.independent_samples_per_second = Some(independent);
+            }
+            rounds[i].push(run);
         }
-        runs.push(run);
     }
+    let identical_weights = rounds
+        .iter()
+        .flatten()
+        .all(|r| r.weights_sha256 == rounds[0][0].weights_sha256);
+    let mut runs: Vec<BenchRun> = rounds.into_iter().map(median_run).collect();
     relate(&mut runs);
-    let identical_weights = runs
-        .windows(2)
-        .all(|w| w[0].weights_sha256 == w[1].weights_sha256);
     Ok(BenchReport {
         config: request.config.display().to_string(),
         overrides: request.overrides.clone(),
@@ -578,6 +623,7 @@ mod tests {
             overrides: vec![],
             program: Some("/nonexistent/allcores".into()),
             ceiling: false,
+            repeat: 1,
         }
     }
 
@@ -680,6 +726,17 @@ mod tests {
         assert_eq!(json["runs"][1]["threads"], 2);
         assert_eq!(json["runs"][1]["parallel_efficiency"], 0.5);
         assert!(json["runs"][1]["ceiling"].is_null());
+    }
+
+    #[test]
+    fn rounds_are_reported_by_their_median_run() {
+        let runs: Vec<BenchRun> = [0.02, 0.01, 0.04]
+            .iter()
+            .map(|&wall| BenchRun::from_summary(1, 0, &summary(&[(10, wall, wall)])).unwrap())
+            .collect();
+        let median = median_run(runs);
+        assert_eq!(median.samples_per_second, 500.0);
+        assert_eq!(median.rounds_samples_per_second, [500.0, 1000.0, 250.0]);
     }
 
     /// The ceiling relates n independent one-thread runs to n times the run at 1 thread, and
