@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{Mat, for_each_tile};
-use super::values::{Buffer, Values};
+use super::values::{Buffer, Operand, Values};
 use super::{assume_init, init, uninit};
 
 /// Tile of the `[batch, features]` products (the output and the input gradient): samples x
@@ -77,10 +77,11 @@ pub fn forward<'a>(
     let (x, weight, bias) = (x.into(), weight.into(), bias.into().to_f32());
     s.check(x, weight);
     assert_eq!(bias.len(), s.outputs, "linear: bias size");
-    let (format, x, weight) = (
-        x.format(),
-        Mat::rows(x, s.inputs),
-        Mat::rows(weight, s.outputs),
+    let format = x.format();
+    let (x, weight) = (Operand::new(x), Operand::new(weight));
+    let (x, weight) = (
+        Mat::rows(x.values(), s.inputs),
+        Mat::rows(weight.values(), s.outputs),
     );
     for_each_tile(format, (s.batch, s.outputs), TILE, |tile| {
         // Bias first, then the product on top of it, then the ReLU while the tile is in cache.
@@ -125,15 +126,18 @@ pub fn backward<'a>(
     });
     let g = masked.as_ref().map_or(dy, Buffer::values);
     let (x_format, param_format) = (x.format(), weight.format());
-    let g_rows = Mat::rows(g, s.outputs);
+    let (x_operand, g_operand) = (Operand::new(x), Operand::new(g));
+    let g_rows = Mat::rows(g_operand.values(), s.outputs);
     // dW = xᵀ · g: the sum over the batch of each element inside one tile's GEMM.
+    let x_t = Mat::transposed(x_operand.values(), s.inputs);
     let weight_grad = for_each_tile(param_format, (s.inputs, s.outputs), WEIGHT_TILE, |tile| {
-        tile.matmul(Mat::transposed(x, s.inputs), g_rows, s.batch, false);
+        tile.matmul(x_t, g_rows, s.batch, false);
     });
     // dx = g · Wᵀ, with Wᵀ copied out row-major first: GEMM packs a transposed operand for
     // every tile, which made this product 1.6x slower than the forward one.
     let x_grad = input_grad.then(|| {
         let weight_t = transpose(weight, s.inputs, s.outputs);
+        let weight_t = Operand::new(weight_t.values());
         let weight_t = Mat::rows(weight_t.values(), s.inputs);
         for_each_tile(x_format, (s.batch, s.inputs), TILE, |tile| {
             tile.matmul(g_rows, weight_t, s.outputs, false);
@@ -311,6 +315,49 @@ mod tests {
                 (g - w).abs() <= 1e-5 * (1.0 + w.abs()) * 10.0,
                 "{what}[{i}]: {g} vs {w}"
             );
+        }
+    }
+
+    /// Half-precision operands give the f32 kernel's results on the widened values, rounded
+    /// once: large ones (widened tile by tile) and small ones (widened whole).
+    #[test]
+    fn half_operands_give_the_f32_results_rounded() {
+        use crate::kernels::values::{Format, WIDEN_WHOLE_MAX};
+        for (batch, inputs, outputs) in [(600, 450, 140), (5, 7, 4)] {
+            let s = LinearShape {
+                batch,
+                inputs,
+                outputs,
+            };
+            let half = |len, seed| Buffer::from_f32(values(len, seed), Format::F16);
+            let (x, w, b) = (
+                half(batch * inputs, 1),
+                half(inputs * outputs, 2),
+                half(outputs, 3),
+            );
+            let dy = half(batch * outputs, 4);
+            if batch == 600 {
+                assert!(x.len() > WIDEN_WHOLE_MAX, "the tile-by-tile path");
+            }
+            let wide = |b: &Buffer| b.clone().into_f32();
+            let (x32, w32, b32, dy32) = (wide(&x), wide(&w), wide(&b), wide(&dy));
+            let rounded = |v: Buffer| Buffer::from_f32(v.into_f32(), Format::F16);
+
+            let y = forward(x.values(), w.values(), b.values(), s, true);
+            assert_eq!(y, rounded(forward(&x32, &w32, &b32, s, true)));
+            let grads = backward(
+                x.values(),
+                w.values(),
+                dy.values(),
+                Some(y.values()),
+                s,
+                true,
+            );
+            let y32 = wide(&y);
+            let want = backward(&x32, &w32, &dy32, Some(Values::from(&y32)), s, true);
+            assert_eq!(grads.x, want.x.map(rounded));
+            assert_eq!(grads.weight, rounded(want.weight));
+            assert_eq!(grads.bias, rounded(want.bias));
         }
     }
 
