@@ -688,15 +688,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_table_has_a_row_per_thread_count() {
-        let s = summary(&[(10, 0.01, 0.01)]);
-        let mut runs = vec![
-            BenchRun::from_summary(1, 0, &s).unwrap(),
-            BenchRun::from_summary(2, 0, &s).unwrap(),
-        ];
-        relate(&mut runs);
-        let report = BenchReport {
+    /// A report of an MLP bench (batch 10, one timed step) with these runs.
+    fn report_of(runs: Vec<BenchRun>) -> BenchReport {
+        BenchReport {
             config: "c.toml".into(),
             overrides: vec![],
             model: "mlp".into(),
@@ -708,7 +702,18 @@ mod tests {
             threads_available: 2,
             runs,
             identical_weights: true,
-        };
+        }
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_thread_count() {
+        let s = summary(&[(10, 0.01, 0.01)]);
+        let mut runs = vec![
+            BenchRun::from_summary(1, 0, &s).unwrap(),
+            BenchRun::from_summary(2, 0, &s).unwrap(),
+        ];
+        relate(&mut runs);
+        let report = report_of(runs);
         let text = report.to_text();
         assert!(
             text.contains("| 1 | 1,000 | 1.00x | 100% | 10.00 |"),
@@ -753,19 +758,7 @@ mod tests {
         relate(&mut runs);
         assert_eq!(runs[0].ceiling, None);
         assert!((runs[1].ceiling.unwrap() - 0.9).abs() < 1e-12);
-        let report = BenchReport {
-            config: "c.toml".into(),
-            overrides: vec![],
-            model: "mlp".into(),
-            backend: "ndarray".into(),
-            batch_size: 10,
-            effective_batch_size: 10,
-            warmup_steps: 0,
-            timed_steps: 1,
-            threads_available: 2,
-            runs,
-            identical_weights: true,
-        };
+        let report = report_of(runs);
         let text = report.to_text();
         assert!(text.contains("| machine ceiling |"), "{text}");
         assert!(
