@@ -205,7 +205,7 @@ impl Trainer {
                 loss_fn: &loss_fn,
                 device: &device,
                 compute: Compute::new(training.precision, training.backend),
-                loss_scale: 1.0,
+                loss_scale: None,
                 concurrent: candidate.concurrent,
             };
             drop(pass.accumulate_gradients(&model, group));
@@ -330,7 +330,7 @@ impl Trainer {
             // One optimizer step: the summed gradients of the group's micro-batches.
             let step_started = Instant::now();
             let step_cpu = self.options.record_steps.then(process_cpu_time);
-            let loss_scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
+            let loss_scale = scaler.as_ref().map(LossScaler::scale);
             let pass = Pass {
                 data: train,
                 plan: &plan,
@@ -340,7 +340,7 @@ impl Trainer {
                 loss_scale,
                 concurrent,
             };
-            let (mut grads, loss) = pass.accumulate_gradients(&model, group);
+            let (grads, finite, loss) = pass.accumulate_gradients(&model, group);
             if !loss.is_finite() {
                 return Err(Error::Diverged {
                     step: state.step + 1,
@@ -350,7 +350,6 @@ impl Trainer {
             // A step with inf or NaN gradients is skipped (and counted): the scale shrinks.
             let apply = match &mut scaler {
                 Some(scaler) => {
-                    let finite = precision::unscale(&mut grads, &model, loss_scale);
                     let apply = scaler.update(finite);
                     state.scaler = scaler.state;
                     apply
@@ -603,8 +602,8 @@ struct Pass<'a> {
     loss_fn: &'a CrossEntropyLoss,
     device: &'a Device,
     compute: Compute,
-    /// The loss is multiplied by this before backward (1 without loss scaling).
-    loss_scale: f32,
+    /// With loss scaling, the scale the loss is multiplied by before backward.
+    loss_scale: Option<f32>,
     /// Run the step's pieces at once, one per thread, rather than one after the other.
     concurrent: bool,
 }
@@ -612,8 +611,8 @@ struct Pass<'a> {
 impl Pass<'_> {
     /// Forward and backward over the pieces of one step (micro-batches x shards), on the step's
     /// working copy of `model` (half precision or the f32 master itself); returns the summed f32
-    /// gradients, still multiplied by the loss scale, and the step's loss (mean over its
-    /// samples).
+    /// gradients, divided by the loss scale, whether they are all finite (checked only with loss
+    /// scaling: `true` without), and the step's loss (mean over its samples).
     ///
     /// Concurrent or not, every piece computes the same gradients and they are summed in the
     /// pieces' order: the result does not depend on how the threads were spent.
@@ -621,12 +620,20 @@ impl Pass<'_> {
         &self,
         model: &M,
         group: &[usize],
-    ) -> (GradientsParams, f32) {
+    ) -> (GradientsParams, bool, f32) {
         let working = self.compute.working_copy(model);
         let pieces = self.plan.pieces(group);
+        if let [piece] = &pieces[..] {
+            // One piece: its gradients are the step's, brought back to f32 and unscaled in one
+            // pass.
+            let (grads, loss) = self.piece_gradients(&working, piece, group.len());
+            let (grads, finite) = self.compute.gradients_to_f32(grads, model, self.loss_scale);
+            return (grads, finite, loss);
+        }
         let mut grads = GradientsAccumulator::new();
         let mut loss_sum = 0.0f32;
         let mut add = |(piece_grads, loss): (GradientsParams, f32)| {
+            let (piece_grads, _) = self.compute.gradients_to_f32(piece_grads, model, None);
             grads.accumulate(model, piece_grads);
             loss_sum += loss;
         };
@@ -637,24 +644,28 @@ impl Pass<'_> {
                 .par_iter()
                 .map(|piece| {
                     let fork = working.clone().fork(self.device);
-                    self.piece_gradients(&fork, model, piece, group.len())
+                    self.piece_gradients(&fork, piece, group.len())
                 })
                 .collect();
             results.into_iter().for_each(&mut add);
         } else {
             for piece in pieces {
-                add(self.piece_gradients(&working, model, piece, group.len()));
+                add(self.piece_gradients(&working, piece, group.len()));
             }
         }
-        (grads.grads(), loss_sum)
+        // Scaling and the overflow check apply to the step's summed gradients.
+        let mut grads = grads.grads();
+        let finite = self
+            .loss_scale
+            .is_none_or(|scale| precision::unscale(&mut grads, model, scale));
+        (grads, finite, loss_sum)
     }
 
-    /// The f32 gradients (keyed by `master`'s parameters) and the loss of one piece, its mean
-    /// loss weighted by its share of the step's `step_samples`.
+    /// The gradients (in the working copy's precision, keyed by the master's parameter ids) and
+    /// the loss of one piece, its mean loss weighted by its share of the step's `step_samples`.
     fn piece_gradients<M: Classifier>(
         &self,
         working: &M,
-        master: &M,
         piece: &[usize],
         step_samples: usize,
     ) -> (GradientsParams, f32) {
@@ -664,11 +675,10 @@ impl Pass<'_> {
         let loss = self.loss_fn.forward(logits, y).mul_scalar(share);
         let value = loss.clone().into_scalar::<f32>();
         let loss = match self.loss_scale {
-            1.0 => loss,
-            scale => loss.mul_scalar(scale),
+            Some(scale) => loss.mul_scalar(scale),
+            None => loss,
         };
-        let grads = GradientsParams::from_grads(loss.backward(), working);
-        (self.compute.gradients_to_f32(grads, master), value)
+        (GradientsParams::from_grads(loss.backward(), working), value)
     }
 }
 

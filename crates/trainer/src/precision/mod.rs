@@ -112,22 +112,38 @@ impl Compute {
 
     /// The gradients of the working copy as f32 gradients of the master (`master` names the
     /// parameters): cast up (native) or rounded to the format, as its gradients would be
-    /// (emulated).
+    /// (emulated). With a loss `scale`, also divided by it and checked, in the same pass where
+    /// the gradients are half tensors: returns whether all of them are finite (`true` without
+    /// a scale).
     pub fn gradients_to_f32<M: Module>(
         &self,
         mut grads: GradientsParams,
         master: &M,
-    ) -> GradientsParams {
-        if let Some(format) = self.half {
-            master.visit(&mut EachGradient {
-                grads: &mut grads,
-                map: |g: Tensor<1>| match self.mode {
-                    PrecisionMode::Native => convert(g, DType::F32),
-                    PrecisionMode::Emulated => round_to_half(g, format),
-                },
-            });
-        }
-        grads
+        scale: Option<f32>,
+    ) -> (GradientsParams, bool) {
+        let (half, mode) = (self.half, self.mode);
+        let mut finite = true;
+        master.visit(&mut EachGradient {
+            grads: &mut grads,
+            map: |g: Tensor<1>| {
+                let g = match (half, mode) {
+                    (Some(format), PrecisionMode::Emulated) => round_to_half(g, format),
+                    // Native half: the unscaling below reads the half tensor and writes f32.
+                    (Some(_), PrecisionMode::Native) if scale.is_some() => g,
+                    (Some(_), PrecisionMode::Native) => convert(g, DType::F32),
+                    (None, _) => g,
+                };
+                match scale {
+                    Some(scale) => {
+                        let (g, all_finite) = round::scale_and_check(g, 1.0 / scale);
+                        finite &= all_finite;
+                        g
+                    }
+                    None => g,
+                }
+            },
+        });
+        (grads, finite)
     }
 }
 

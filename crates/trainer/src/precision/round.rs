@@ -74,11 +74,14 @@ pub fn scale_and_check<const D: usize>(x: Tensor<D>, factor: f32) -> (Tensor<D>,
 
 fn scale_and_check_tensor<B: HostF32>(x: FloatTensor<B>, factor: f32) -> (FloatTensor<B>, bool) {
     let shape = x.shape().to_vec();
-    let values = B::read_f32(&x);
+    // Half tensors are widened chunk by chunk: one pass, and the result is f32.
+    let held = B::read(&x);
+    let values = held.values();
     // A logical "and" over chunks: the same answer whatever the split.
     let finite = std::sync::atomic::AtomicBool::new(true);
     let out = build_in_parallel(values.len(), CHUNK, |i, out| {
-        let values = &values[i * CHUNK..][..out.len()];
+        let mut scratch = Vec::new();
+        let values = values.read(i * CHUNK..i * CHUNK + out.len(), &mut scratch);
         let mut all = true;
         for (o, &v) in out.iter_mut().zip(values) {
             *o = v * factor;
