@@ -627,15 +627,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn bad_requests_stop_before_any_run() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("c.toml");
+    /// A config naming a CSV file `d.csv` (which the tests never write) in `dir`.
+    fn csv_config(dir: &Path) -> PathBuf {
+        let config = dir.join("c.toml");
         std::fs::write(
             &config,
             "[data]\nformat = \"csv\"\ntrain_csv = \"d.csv\"\ntest_fraction = 0.2\n",
         )
         .unwrap();
+        config
+    }
+
+    #[test]
+    fn bad_requests_stop_before_any_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = csv_config(dir.path());
         let refused = |r: &BenchRequest, expected: &str| {
             let err = run_bench(r).unwrap_err();
             assert!(err.is_bad_input(), "{err}");
@@ -673,12 +679,7 @@ mod tests {
     #[test]
     fn a_run_that_cannot_start_stops_the_bench_naming_its_threads() {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("c.toml");
-        std::fs::write(
-            &config,
-            "[data]\nformat = \"csv\"\ntrain_csv = \"d.csv\"\ntest_fraction = 0.2\n",
-        )
-        .unwrap();
+        let config = csv_config(dir.path());
         let err = run_bench(&request(config)).unwrap_err();
         assert!(!err.is_bad_input());
         let message = err.to_string();

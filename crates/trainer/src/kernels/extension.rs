@@ -22,7 +22,7 @@ use half::{bf16, f16};
 
 use super::conv::{self, ConvGrads, ConvShape};
 use super::linear::{self, LinearGrads, LinearShape};
-use super::values::{Buffer, Format, Values};
+use super::values::{Buffer, Format, Held, Values};
 use super::{fused, pool};
 
 /// Convolution and max-pool kernels for the CNN. Shapes are checked by the wrappers in
@@ -103,22 +103,6 @@ pub trait HostF32: Backend {
     /// A tensor of `dtype` holding a copy of `data`, rounded to it when it is a half format.
     fn write_slice_as(data: &[f32], shape: Vec<usize>, dtype: DType) -> FloatTensor<Self> {
         Self::write(Buffer::from_f32_slice(data, format_of(dtype)), shape)
-    }
-}
-
-/// A tensor's elements as [`HostF32::read`] hands them out.
-pub enum Held<'a> {
-    Borrowed(Values<'a>),
-    /// A contiguous copy of a strided tensor.
-    Owned(Buffer),
-}
-
-impl Held<'_> {
-    pub fn values(&self) -> Values<'_> {
-        match self {
-            Held::Borrowed(values) => *values,
-            Held::Owned(buffer) => buffer.values(),
-        }
     }
 }
 

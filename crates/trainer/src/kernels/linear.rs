@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{Mat, for_each_tile};
-use super::values::{Buffer, Operand, Values};
+use super::values::{Buffer, Held, Values};
 use super::{assume_init, init, uninit};
 
 /// Tile of the `[batch, features]` products (the output and the input gradient): samples x
@@ -78,7 +78,7 @@ pub fn forward<'a>(
     s.check(x, weight);
     assert_eq!(bias.len(), s.outputs, "linear: bias size");
     let format = x.format();
-    let (x, weight) = (Operand::new(x), Operand::new(weight));
+    let (x, weight) = (Held::operand(x), Held::operand(weight));
     let (x, weight) = (
         Mat::rows(x.values(), s.inputs),
         Mat::rows(weight.values(), s.outputs),
@@ -126,7 +126,7 @@ pub fn backward<'a>(
     });
     let g = masked.as_ref().map_or(dy, Buffer::values);
     let (x_format, param_format) = (x.format(), weight.format());
-    let (x_operand, g_operand) = (Operand::new(x), Operand::new(g));
+    let (x_operand, g_operand) = (Held::operand(x), Held::operand(g));
     let g_rows = Mat::rows(g_operand.values(), s.outputs);
     // dW = xᵀ · g: the sum over the batch of each element inside one tile's GEMM.
     let x_t = Mat::transposed(x_operand.values(), s.inputs);
@@ -137,7 +137,7 @@ pub fn backward<'a>(
     // every tile, which made this product 1.6x slower than the forward one.
     let x_grad = input_grad.then(|| {
         let weight_t = transpose(weight, s.inputs, s.outputs);
-        let weight_t = Operand::new(weight_t.values());
+        let weight_t = Held::operand(weight_t.values());
         let weight_t = Mat::rows(weight_t.values(), s.inputs);
         for_each_tile(x_format, (s.batch, s.inputs), TILE, |tile| {
             tile.matmul(g_rows, weight_t, s.outputs, false);

@@ -71,28 +71,21 @@ impl<'a> Mat<'a> {
                 col_stride: self.col_stride,
             };
         }
-        let (row_stride, col_stride) = if self.col_stride == 1 || self.row_stride != 1 {
-            (cols, 1)
-        } else {
-            (1, rows)
-        };
+        // Views are made by `Mat::rows` or `Mat::transposed`: one of the strides is 1.
+        let row_major = self.col_stride == 1;
+        debug_assert!(row_major || self.row_stride == 1, "a strided view");
+        let (row_stride, col_stride) = if row_major { (cols, 1) } else { (1, rows) };
         let mut data = Vec::with_capacity(rows * cols);
         let out = &mut data.spare_capacity_mut()[..rows * cols];
         if rows * cols > 0 {
-            if self.col_stride == 1 {
-                for (i, out) in out.chunks_exact_mut(cols).enumerate() {
-                    self.data.widen_into_uninit(i * self.row_stride, out);
-                }
-            } else if self.row_stride == 1 {
-                for (j, out) in out.chunks_exact_mut(rows).enumerate() {
-                    self.data.widen_into_uninit(j * self.col_stride, out);
-                }
+            let (lines, line_len, line_stride) = if row_major {
+                (rows, cols, self.row_stride)
             } else {
-                for (e, out) in out.chunks_exact_mut(1).enumerate() {
-                    let (i, j) = (e / cols, e % cols);
-                    self.data
-                        .widen_into_uninit(i * self.row_stride + j * self.col_stride, out);
-                }
+                (cols, rows, self.col_stride)
+            };
+            debug_assert_eq!(lines * line_len, out.len());
+            for (line, out) in out.chunks_exact_mut(line_len).enumerate() {
+                self.data.widen_into_uninit(line * line_stride, out);
             }
         }
         // SAFETY: the loops above wrote all `rows * cols` elements.

@@ -67,14 +67,26 @@ where
     T: Copy + Default + Send + Sync,
     F: Fn(usize, &mut [T]) + Sync,
 {
+    build_in_parallel_with(len, chunk, fill).0
+}
+
+/// [`build_in_parallel`], where each chunk's task also returns a value: those come back in
+/// chunk order.
+pub(crate) fn build_in_parallel_with<T, F, R>(len: usize, chunk: usize, fill: F) -> (Vec<T>, Vec<R>)
+where
+    T: Copy + Default + Send + Sync,
+    F: Fn(usize, &mut [T]) -> R + Sync,
+    R: Send,
+{
     use rayon::prelude::*;
     let mut buffer = uninit(len);
-    buffer
+    let results = buffer
         .par_chunks_mut(chunk.max(1))
         .enumerate()
-        .for_each(|(i, part)| fill(i, init(part, T::default())));
+        .map(|(i, part)| fill(i, init(part, T::default())))
+        .collect();
     // SAFETY: every chunk went through `init`.
-    unsafe { assume_init(buffer) }
+    (unsafe { assume_init(buffer) }, results)
 }
 
 /// Whether the kernels run for tensors of this dtype on this device (f32 on burn-ndarray; f32,

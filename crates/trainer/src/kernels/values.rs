@@ -16,7 +16,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::convert::{HalfFloat, as_uninit};
-use super::{assume_init, init, uninit};
+use super::{assume_init, build_in_parallel_with, uninit};
 
 /// The storage format of a kernel's operand or result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,26 +149,29 @@ impl<'a> Values<'a> {
 /// stay half and are widened tile by tile, so the memory saving stays.
 pub const WIDEN_WHOLE_MAX: usize = 1 << 18;
 
-/// A product's operand as the tiles will read it: as given, or widened whole when it is a small
-/// half-precision one ([`WIDEN_WHOLE_MAX`]).
-pub enum Operand<'a> {
-    AsGiven(Values<'a>),
-    Widened(Vec<f32>),
+/// Values that are either borrowed or owned: a tensor's elements as a backend hands them out
+/// (a copy only for strided storage), or a product's operand widened whole.
+pub enum Held<'a> {
+    Borrowed(Values<'a>),
+    Owned(Buffer),
 }
 
-impl<'a> Operand<'a> {
-    pub fn new(values: Values<'a>) -> Self {
-        match values {
-            Values::F32(_) => Operand::AsGiven(values),
-            _ if values.len() <= WIDEN_WHOLE_MAX => Operand::Widened(values.to_f32().into_owned()),
-            _ => Operand::AsGiven(values),
+impl<'a> Held<'a> {
+    pub fn values(&self) -> Values<'_> {
+        match self {
+            Held::Borrowed(values) => *values,
+            Held::Owned(buffer) => buffer.values(),
         }
     }
 
-    pub fn values(&self) -> Values<'_> {
-        match self {
-            Operand::AsGiven(values) => *values,
-            Operand::Widened(values) => Values::F32(values),
+    /// A product's operand as the tiles will read it: `values` themselves, or widened whole
+    /// when they are a small half-precision operand ([`WIDEN_WHOLE_MAX`]).
+    pub fn operand(values: Values<'a>) -> Self {
+        match values {
+            Values::F16(_) | Values::Bf16(_) if values.len() <= WIDEN_WHOLE_MAX => {
+                Held::Owned(Buffer::F32(values.to_f32().into_owned()))
+            }
+            _ => Held::Borrowed(values),
         }
     }
 }
@@ -249,21 +252,6 @@ where
     F: Fn(usize, &mut [f32]) -> R + Sync,
     R: Send,
 {
-    fn build<T, F, R>(len: usize, chunk: usize, fill: F) -> (Vec<T>, Vec<R>)
-    where
-        T: Copy + Default + Send + Sync,
-        F: Fn(usize, &mut [T]) -> R + Sync,
-        R: Send,
-    {
-        let mut buffer = uninit(len);
-        let results = buffer
-            .par_chunks_mut(chunk.max(1))
-            .enumerate()
-            .map(|(i, part)| fill(i, init(part, T::default())))
-            .collect();
-        // SAFETY: every chunk went through `init`.
-        (unsafe { assume_init(buffer) }, results)
-    }
     fn rounded<T, F, R>(len: usize, chunk: usize, fill: F) -> (Vec<T>, Vec<R>)
     where
         T: HalfFloat,
@@ -286,7 +274,7 @@ where
     }
     match format {
         Format::F32 => {
-            let (v, r) = build(len, chunk, fill);
+            let (v, r) = build_in_parallel_with(len, chunk, fill);
             (Buffer::F32(v), r)
         }
         Format::F16 => {
