@@ -18,7 +18,7 @@ use burn::backend::{
     Autodiff, Backend, Dispatch, Flex, NdArray, TensorMetadata, backend_extension,
 };
 use burn::prelude::*;
-use half::f16;
+use half::{bf16, f16};
 use std::borrow::Cow;
 
 use burn::tensor::DType;
@@ -103,28 +103,22 @@ pub fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor
     ))
 }
 
+/// `values` rounded to f16 (or bf16) and back: there and back with the CPU's vector conversions
+/// ([`HalfFloat`]), chunk by chunk in cache.
 fn round_slice(values: &[f32], bf16: bool) -> Vec<f32> {
+    fn there_and_back<T: HalfFloat + Default>(values: &[f32], out: &mut [f32]) {
+        let mut half = vec![T::default(); values.len()];
+        T::narrow_slice(values, &mut half);
+        T::widen_slice(&half, out);
+    }
     build_in_parallel(values.len(), CHUNK, |i, out| {
         let values = &values[i * CHUNK..][..out.len()];
         if bf16 {
-            for (o, &v) in out.iter_mut().zip(values) {
-                *o = round_bf16(v);
-            }
+            there_and_back::<bf16>(values, out);
         } else {
-            // There and back with the CPU's vector conversions.
-            let mut half = vec![f16::ZERO; values.len()];
-            f16::narrow_slice(values, &mut half);
-            f16::widen_slice(&half, out);
+            there_and_back::<f16>(values, out);
         }
     })
-}
-
-/// `bf16::from_f32(v).to_f32()` without branches, so that the loop vectorises: round the
-/// 16 low bits away, to nearest, ties to even (a NaN stays a NaN).
-fn round_bf16(v: f32) -> f32 {
-    let bits = v.to_bits();
-    let rounded = f32::from_bits(bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000);
-    if v.is_nan() { v } else { rounded }
 }
 
 fn round_tensor<B: HostF32>(x: FloatTensor<B>, bf16: bool) -> FloatTensor<B> {
@@ -290,9 +284,9 @@ mod tests {
             })
             .collect();
         samples.extend([f32::MAX, f32::MIN, f32::INFINITY, -0.0, 1.0 + 2f32.powi(-8)]);
-        for v in samples {
+        let rounded = round_slice(&samples, true);
+        for (&v, &got) in samples.iter().zip(&rounded) {
             let expected = bf16::from_f32(v).to_f32();
-            let got = round_bf16(v);
             assert!(
                 got.to_bits() == expected.to_bits() || (got.is_nan() && expected.is_nan()),
                 "{v:e}: {got:e} != {expected:e}"
