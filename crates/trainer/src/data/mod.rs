@@ -102,12 +102,16 @@ impl Dataset {
     fn gather(&self, indices: &[usize]) -> Vec<f32> {
         const ROWS: usize = 16;
         let width = self.shape.len();
-        crate::kernels::build_in_parallel(indices.len() * width, ROWS * width, |block, out| {
+        let copy_rows = |block: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
             let rows = &indices[block * ROWS..];
             for (row, &i) in out.chunks_exact_mut(width.max(1)).zip(rows) {
-                row.copy_from_slice(&self.features[i * width..(i + 1) * width]);
+                row.write_copy_of_slice(&self.features[i * width..(i + 1) * width]);
             }
-        })
+        };
+        // SAFETY: a block of `out` holds whole rows, one per index, and each is copied in.
+        unsafe {
+            crate::kernels::build_in_parallel_uninit(indices.len() * width, ROWS * width, copy_rows)
+        }
     }
 
     fn check_labels(&self, classes: usize, source: &Path) -> Result<()> {

@@ -18,12 +18,6 @@ pub trait HalfFloat: Copy + Send + Sync {
     /// `dst[i] = src[i]` rounded to this format (to nearest, ties to even).
     fn narrow(src: &[f32], dst: &mut [MaybeUninit<Self>]);
 
-    /// [`HalfFloat::widen`] into initialised memory.
-    fn widen_slice(src: &[Self], dst: &mut [f32]) {
-        // SAFETY: the conversion writes only initialised values.
-        Self::widen(src, unsafe { as_uninit(dst) })
-    }
-
     /// [`HalfFloat::narrow`] into initialised memory.
     fn narrow_slice(src: &[f32], dst: &mut [Self]) {
         // SAFETY: the conversion writes only initialised values.
@@ -101,14 +95,49 @@ pub fn f32_to_f16(src: &[f32], dst: &mut [MaybeUninit<f16>]) {
 /// `dst[i] = src[i]` as f32 (exact: a bf16 is the top 16 bits of an f32).
 pub fn bf16_to_f32(src: &[bf16], dst: &mut [MaybeUninit<f32>]) {
     assert_eq!(src.len(), dst.len(), "conversion: lengths");
-    for (d, s) in dst.iter_mut().zip(src) {
-        d.write(f32::from_bits((s.to_bits() as u32) << 16));
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            return unsafe { x86::bf16_to_f32_avx512(src, dst) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { x86::bf16_to_f32_avx2(src, dst) };
+        }
     }
+    bf16_to_f32_loop(src, dst)
 }
 
 /// `dst[i] = src[i]` rounded to bf16 (to nearest, ties to even; a NaN stays a quiet NaN).
 pub fn f32_to_bf16(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     assert_eq!(src.len(), dst.len(), "conversion: lengths");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            return unsafe { x86::f32_to_bf16_avx512(src, dst) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { x86::f32_to_bf16_avx2(src, dst) };
+        }
+    }
+    f32_to_bf16_loop(src, dst)
+}
+
+// The bf16 conversions are plain loops, compiled once per instruction set below (the default
+// target has only SSE2's 4 lanes and no 32-to-16-bit narrowing: the loops ran 2x slower).
+
+#[inline(always)]
+fn bf16_to_f32_loop(src: &[bf16], dst: &mut [MaybeUninit<f32>]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        d.write(f32::from_bits((s.to_bits() as u32) << 16));
+    }
+}
+
+#[inline(always)]
+fn f32_to_bf16_loop(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         let bits = s.to_bits();
         // Adding 0x7fff plus the lowest kept bit rounds the 16 dropped bits to nearest, ties to
@@ -137,7 +166,43 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
-    use half::f16;
+    use half::{bf16, f16};
+
+    /// [`super::bf16_to_f32_loop`] in 16 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn bf16_to_f32_avx512(src: &[bf16], dst: &mut [MaybeUninit<f32>]) {
+        super::bf16_to_f32_loop(src, dst)
+    }
+
+    /// [`super::f32_to_bf16_loop`] in 16 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn f32_to_bf16_avx512(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+        super::f32_to_bf16_loop(src, dst)
+    }
+
+    /// [`super::bf16_to_f32_loop`] in 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn bf16_to_f32_avx2(src: &[bf16], dst: &mut [MaybeUninit<f32>]) {
+        super::bf16_to_f32_loop(src, dst)
+    }
+
+    /// [`super::f32_to_bf16_loop`] in 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn f32_to_bf16_avx2(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+        super::f32_to_bf16_loop(src, dst)
+    }
 
     /// Round to nearest, ties to even (AVX-512: and raise no floating-point exception).
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
@@ -219,6 +284,86 @@ mod x86 {
 mod tests {
     use super::*;
 
+    /// Times each conversion over 1M values (in L3, as a step's): `cargo test --release -p
+    /// allcores-trainer time_conversions -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn time_conversions() {
+        use std::hint::black_box;
+        use std::time::Instant;
+        fn time(what: &str, mut f: impl FnMut()) {
+            f();
+            let reps = 200;
+            let start = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            let ns = start.elapsed().as_secs_f64() * 1e9 / (reps * N) as f64;
+            eprintln!("{what}: {ns:.3} ns a value");
+        }
+        const N: usize = 1 << 20;
+        let wide: Vec<f32> = (0..N).map(|i| (i as f32 * 0.37).sin() * 100.0).collect();
+        let mut out = vec![MaybeUninit::<f32>::uninit(); N];
+        let (mut f16s, mut bf16s) = (vec![f16::ZERO; N], vec![bf16::ZERO; N]);
+        time("f32 -> f16", || {
+            f32_to_f16(black_box(&wide), as_uninit_ref(&mut f16s))
+        });
+        time("f16 -> f32", || f16_to_f32(black_box(&f16s), &mut out));
+        time("f32 -> bf16", || {
+            f32_to_bf16(black_box(&wide), as_uninit_ref(&mut bf16s))
+        });
+        time("bf16 -> f32", || bf16_to_f32(black_box(&bf16s), &mut out));
+        time("f32 -> bf16, default target", || {
+            f32_to_bf16_loop(black_box(&wide), as_uninit_ref(&mut bf16s))
+        });
+        time("bf16 -> f32, default target", || {
+            bf16_to_f32_loop(black_box(&bf16s), &mut out)
+        });
+    }
+
+    /// Every compiled bf16 conversion (default target, AVX2, AVX-512) gives the same bits.
+    fn bf16_variants_agree(halves: &[u16], floats: &[f32]) {
+        let bf16s: Vec<bf16> = halves.iter().map(|&b| bf16::from_bits(b)).collect();
+        let widen = |f: &dyn Fn(&[bf16], &mut [MaybeUninit<f32>])| {
+            let mut out = vec![0.0f32; bf16s.len()];
+            f(&bf16s, as_uninit_ref(&mut out));
+            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let narrow = |f: &dyn Fn(&[f32], &mut [MaybeUninit<bf16>])| {
+            let mut out = vec![bf16::ZERO; floats.len()];
+            f(floats, as_uninit_ref(&mut out));
+            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let (wide, narrowed) = (widen(&bf16_to_f32_loop), narrow(&f32_to_bf16_loop));
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2, checked just above.
+                assert_eq!(widen(&|s, d| unsafe { x86::bf16_to_f32_avx2(s, d) }), wide);
+                assert_eq!(
+                    narrow(&|s, d| unsafe { x86::f32_to_bf16_avx2(s, d) }),
+                    narrowed
+                );
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, checked just above.
+                assert_eq!(
+                    widen(&|s, d| unsafe { x86::bf16_to_f32_avx512(s, d) }),
+                    wide
+                );
+                assert_eq!(
+                    narrow(&|s, d| unsafe { x86::f32_to_bf16_avx512(s, d) }),
+                    narrowed
+                );
+            }
+        }
+    }
+
+    fn as_uninit_ref<T>(values: &mut [T]) -> &mut [MaybeUninit<T>] {
+        // SAFETY: the conversions write initialised values only.
+        unsafe { as_uninit(values) }
+    }
+
     /// Every f16 and every bf16 value widens as `half` widens it, and f32 values around every
     /// rounding boundary (ties included), infinities, NaN, subnormals and overflow round as
     /// `half` rounds them. Odd lengths exercise the scalar tails.
@@ -261,6 +406,7 @@ mod tests {
             65520.0,
         ]);
         floats.push(0.1); // an odd length
+        bf16_variants_agree(&halves, &floats);
         let mut f16_out = vec![MaybeUninit::uninit(); floats.len()];
         f32_to_f16(&floats, &mut f16_out);
         let mut bf16_out = vec![MaybeUninit::uninit(); floats.len()];

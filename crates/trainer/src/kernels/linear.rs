@@ -10,11 +10,13 @@
 //! bias gradient is summed column block by column block, each column over the batch in sample
 //! order.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
+use super::build_in_parallel_uninit;
 use super::matmul::{Mat, for_each_tile};
 use super::values::{Buffer, Held, Values};
-use super::{assume_init, init, uninit};
 
 /// Tile of the `[batch, features]` products (the output and the input gradient): samples x
 /// features. A batch of 128 through a 512-wide layer is 4 equal tasks. Smaller tiles made the
@@ -164,29 +166,25 @@ fn transpose(m: Values<'_>, rows: usize, cols: usize) -> Buffer {
 /// rows on rayon, each copied in squares of [`TRANSPOSE_SQUARE`] so that both the rows read and
 /// the rows written stay in cache (a column of a row-major matrix whose width is a power of two
 /// maps onto few cache sets).
-fn transpose_of<T: Copy + Default + Send + Sync>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
-    let mut t = uninit(rows * cols);
+fn transpose_of<T: Copy + Send + Sync>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
     if rows == 0 {
         return Vec::new();
     }
-    t.par_chunks_mut(TRANSPOSE_ROWS * rows)
-        .enumerate()
-        .for_each(|(block, t)| {
-            let t = init(t, T::default());
-            let first = block * TRANSPOSE_ROWS;
-            let width = t.len() / rows;
-            for i0 in (0..rows).step_by(TRANSPOSE_SQUARE) {
-                let i1 = (i0 + TRANSPOSE_SQUARE).min(rows);
-                for j in 0..width {
-                    let out = &mut t[j * rows + i0..j * rows + i1];
-                    for (o, i) in out.iter_mut().zip(i0..i1) {
-                        *o = m[i * cols + first + j];
-                    }
+    let copy_block = |block: usize, t: &mut [MaybeUninit<T>]| {
+        let first = block * TRANSPOSE_ROWS;
+        let width = t.len() / rows;
+        for i0 in (0..rows).step_by(TRANSPOSE_SQUARE) {
+            let i1 = (i0 + TRANSPOSE_SQUARE).min(rows);
+            for j in 0..width {
+                let out = &mut t[j * rows + i0..j * rows + i1];
+                for (o, i) in out.iter_mut().zip(i0..i1) {
+                    o.write(m[i * cols + first + j]);
                 }
             }
-        });
-    // SAFETY: every chunk went through `init`.
-    unsafe { assume_init(t) }
+        }
+    };
+    // SAFETY: the squares cover every row `j < width` and column `i < rows` of a block.
+    unsafe { build_in_parallel_uninit(rows * cols, TRANSPOSE_ROWS * rows, copy_block) }
 }
 
 /// `dy` where the fused ReLU's output `y` is positive, zero elsewhere, in the format of `dy`.

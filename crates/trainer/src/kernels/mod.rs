@@ -60,18 +60,9 @@ pub(crate) unsafe fn assume_init<T>(buffer: Box<[MaybeUninit<T>]>) -> Vec<T> {
 }
 
 /// A `Vec` of `len` elements built in chunks of `chunk` on the pool: `fill(i, part)` writes
-/// chunk `i` (elements `i * chunk ..`), which starts out as `T::default()`. No serial zeroing
-/// pass, and each chunk's pages are touched by the thread that writes them.
-pub(crate) fn build_in_parallel<T, F>(len: usize, chunk: usize, fill: F) -> Vec<T>
-where
-    T: Copy + Default + Send + Sync,
-    F: Fn(usize, &mut [T]) + Sync,
-{
-    build_in_parallel_with(len, chunk, fill).0
-}
-
-/// [`build_in_parallel`], where each chunk's task also returns a value: those come back in
-/// chunk order.
+/// chunk `i` (elements `i * chunk ..`), which starts out as `T::default()`, and returns a value:
+/// those come back in chunk order. No serial zeroing pass, and each chunk's pages are touched by
+/// the thread that writes them.
 pub(crate) fn build_in_parallel_with<T, F, R>(len: usize, chunk: usize, fill: F) -> (Vec<T>, Vec<R>)
 where
     T: Copy + Default + Send + Sync,
@@ -87,6 +78,27 @@ where
         .collect();
     // SAFETY: every chunk went through `init`.
     (unsafe { assume_init(buffer) }, results)
+}
+
+/// [`build_in_parallel_with`] for a `fill` that writes every element of its chunk: the chunks are
+/// handed over uninitialised, without the zeroing pass (a memory pass as long as the writing
+/// one: 6% of an emulated half-precision MLP step went to it).
+///
+/// # Safety
+/// `fill(i, part)` must initialise every element of `part`.
+pub(crate) unsafe fn build_in_parallel_uninit<T, F>(len: usize, chunk: usize, fill: F) -> Vec<T>
+where
+    T: Send + Sync,
+    F: Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+{
+    use rayon::prelude::*;
+    let mut buffer = uninit(len);
+    buffer
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, part)| fill(i, part));
+    // SAFETY: the caller's contract: every chunk was initialised by `fill`.
+    unsafe { assume_init(buffer) }
 }
 
 /// Whether the kernels run for tensors of this dtype on this device (f32 on burn-ndarray; f32,

@@ -20,11 +20,12 @@ use burn::backend::{
 use burn::prelude::*;
 use half::{bf16, f16};
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use burn::tensor::DType;
 
 use super::HalfFormat;
-use crate::kernels::build_in_parallel;
+use crate::kernels::build_in_parallel_uninit;
 use crate::kernels::convert::HalfFloat;
 use crate::kernels::extension::HostF32;
 
@@ -79,18 +80,19 @@ fn scale_and_check_tensor<B: HostF32>(x: FloatTensor<B>, factor: f32) -> (FloatT
     let values = held.values();
     // A logical "and" over chunks: the same answer whatever the split.
     let finite = std::sync::atomic::AtomicBool::new(true);
-    let out = build_in_parallel(values.len(), CHUNK, |i, out| {
+    let scale_chunk = |i: usize, out: &mut [MaybeUninit<f32>]| {
         let mut scratch = Vec::new();
         let values = values.read(i * CHUNK..i * CHUNK + out.len(), &mut scratch);
         let mut all = true;
         for (o, &v) in out.iter_mut().zip(values) {
-            *o = v * factor;
-            all &= o.is_finite();
+            all &= o.write(v * factor).is_finite();
         }
         if !all {
             finite.store(false, std::sync::atomic::Ordering::Relaxed);
         }
-    });
+    };
+    // SAFETY: `values.read` gives as many values as `out` has elements, and each is written.
+    let out = unsafe { build_in_parallel_uninit(values.len(), CHUNK, scale_chunk) };
     let finite = finite.into_inner();
     (B::write_f32(out, shape), finite)
 }
@@ -104,21 +106,27 @@ pub fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor
 }
 
 /// `values` rounded to f16 (or bf16) and back: there and back with the CPU's vector conversions
-/// ([`HalfFloat`]), chunk by chunk in cache.
+/// ([`HalfFloat`]), through a small buffer that stays in the L1 cache.
 fn round_slice(values: &[f32], bf16: bool) -> Vec<f32> {
-    fn there_and_back<T: HalfFloat + Default>(values: &[f32], out: &mut [f32]) {
-        let mut half = vec![T::default(); values.len()];
-        T::narrow_slice(values, &mut half);
-        T::widen_slice(&half, out);
+    /// Writes every element of `out`.
+    fn there_and_back<T: HalfFloat + Default>(values: &[f32], out: &mut [MaybeUninit<f32>]) {
+        let mut half = [T::default(); 512];
+        for (values, out) in values.chunks(half.len()).zip(out.chunks_mut(half.len())) {
+            let half = &mut half[..values.len()];
+            T::narrow_slice(values, half);
+            T::widen(half, out);
+        }
     }
-    build_in_parallel(values.len(), CHUNK, |i, out| {
+    let round_chunk = |i: usize, out: &mut [MaybeUninit<f32>]| {
         let values = &values[i * CHUNK..][..out.len()];
         if bf16 {
             there_and_back::<bf16>(values, out);
         } else {
             there_and_back::<f16>(values, out);
         }
-    })
+    };
+    // SAFETY: `there_and_back` writes every element of its chunk.
+    unsafe { build_in_parallel_uninit(values.len(), CHUNK, round_chunk) }
 }
 
 fn round_tensor<B: HostF32>(x: FloatTensor<B>, bf16: bool) -> FloatTensor<B> {
