@@ -10,14 +10,37 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, SgdConfig};
 
 use crate::error::{Error, Result};
-use crate::optim_adam::FusedAdam;
+use crate::optim_adam::{FusedAdam, GradientFactor};
 use crate::settings::{OptimizerKind, OptimizerSettings, Schedule};
 
+/// An optimizer built from the settings.
+pub struct Optimizer {
+    pub module: ModuleOptimizer,
+    /// Set when the optimizer reads gradients in any format and multiplies them by this factor
+    /// as it reads them (the fused Adam): it can be handed a scaled loss's half-precision
+    /// gradients as they are.
+    pub gradient_factor: Option<GradientFactor>,
+}
+
 /// The optimizer the settings name.
-pub fn optimizer(settings: &OptimizerSettings) -> ModuleOptimizer {
+pub fn optimizer(settings: &OptimizerSettings) -> Optimizer {
     let decay =
         (settings.weight_decay > 0.0).then(|| WeightDecayConfig::new(settings.weight_decay as f32));
-    match settings.kind {
+    if settings.kind == OptimizerKind::Adam && decay.is_none() {
+        // Without weight decay (the common case), the same arithmetic in one parallel pass.
+        let gradient_factor = GradientFactor::default();
+        let adam = FusedAdam {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: settings.epsilon as f32,
+            gradient_factor: gradient_factor.clone(),
+        };
+        return Optimizer {
+            module: ModuleOptimizer::from(adam),
+            gradient_factor: Some(gradient_factor),
+        };
+    }
+    let module = match settings.kind {
         OptimizerKind::Sgd => SgdConfig::new()
             .with_momentum((settings.momentum > 0.0).then(|| {
                 // Plain heavy-ball momentum, as torch.optim.SGD: no dampening.
@@ -27,12 +50,6 @@ pub fn optimizer(settings: &OptimizerSettings) -> ModuleOptimizer {
             }))
             .with_weight_decay(decay)
             .init(),
-        // Without weight decay (the common case), the same arithmetic in one parallel pass.
-        OptimizerKind::Adam if decay.is_none() => ModuleOptimizer::from(FusedAdam {
-            beta_1: 0.9,
-            beta_2: 0.999,
-            epsilon: settings.epsilon as f32,
-        }),
         OptimizerKind::Adam => AdamConfig::new()
             .with_epsilon(settings.epsilon as f32)
             .with_weight_decay(decay)
@@ -41,6 +58,10 @@ pub fn optimizer(settings: &OptimizerSettings) -> ModuleOptimizer {
             .with_epsilon(settings.epsilon as f32)
             .with_weight_decay(settings.weight_decay as f32)
             .init(),
+    };
+    Optimizer {
+        module,
+        gradient_factor: None,
     }
 }
 

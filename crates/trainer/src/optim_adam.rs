@@ -20,6 +20,8 @@ use burn::backend::{
 use burn::optim::{AdamState, AdaptiveMomentumState, LearningRate, Optimizer};
 use burn::prelude::*;
 use rayon::prelude::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::kernels::extension::HostF32;
 
@@ -32,6 +34,32 @@ pub struct FusedAdam {
     pub beta_1: f32,
     pub beta_2: f32,
     pub epsilon: f32,
+    /// What each gradient is multiplied by as it is read (1 unless set).
+    pub gradient_factor: GradientFactor,
+}
+
+/// A factor the fused Adam multiplies every gradient by as it reads it, set before each step:
+/// `1 / loss scale` when it is handed the gradients of a scaled loss, as PyTorch's GradScaler
+/// hands its `grad_scale` to a fused Adam. The gradients of a half-precision step then go from
+/// the backward pass to the update as they are, read once, instead of being widened and divided
+/// into a new f32 buffer first. A handle: clones share the factor.
+#[derive(Debug, Clone)]
+pub struct GradientFactor(Arc<AtomicU32>);
+
+impl GradientFactor {
+    pub fn set(&self, factor: f32) {
+        self.0.store(factor.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> f32 {
+        f32::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+impl Default for GradientFactor {
+    fn default() -> Self {
+        Self(Arc::new(AtomicU32::new(1.0f32.to_bits())))
+    }
 }
 
 /// The per-step constants of the update, computed as burn computes them.
@@ -47,6 +75,8 @@ pub struct AdamCoefficients {
     /// `epsilon * sqrt(1 - beta_2^t)`.
     epsilon: f32,
     lr: f32,
+    /// [`GradientFactor`].
+    gradient_factor: f32,
 }
 
 impl FusedAdam {
@@ -61,6 +91,7 @@ impl FusedAdam {
             combined: correction_2 / (1.0 - self.beta_1.powi(time)),
             epsilon: self.epsilon * correction_2,
             lr: lr as f32,
+            gradient_factor: self.gradient_factor.get(),
         }
     }
 }
@@ -81,8 +112,9 @@ impl Optimizer for FusedAdam {
                 state.momentum.moment_1,
                 state.momentum.moment_2,
             ),
-            // Zero moments give burn's first step exactly: 0 * beta + x = x.
-            None => (1, grad.zeros_like(), grad.zeros_like()),
+            // Zero moments give burn's first step exactly: 0 * beta + x = x. f32 like the
+            // parameter, whatever the gradient's format.
+            None => (1, tensor.zeros_like(), tensor.zeros_like()),
         };
         let c = self.coefficients(time, lr);
         let (tensor, moment_1, moment_2) = <Dispatch as AdamBackend>::adam_update(
@@ -123,15 +155,16 @@ pub trait AdamBackend: Backend {
 }
 
 /// One chunk's update, in place, element by element and operation by operation as burn's Adam
-/// does it. Every slice is cut to one length first, so that the loop carries no bounds checks
-/// and vectorises.
+/// does it (the gradient first multiplied by the factor: by 1, the same bits). Every slice is cut
+/// to one length first, so that the loop carries no bounds checks and vectorises.
 #[inline(always)]
 fn update_chunk([p, m1, m2]: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
     let n = p.len();
     let (m1, m2, g) = (&mut m1[..n], &mut m2[..n], &g[..n]);
     for i in 0..n {
-        let new_m1 = m1[i] * c.beta_1 + g[i] * c.keep_1;
-        let new_m2 = m2[i] * c.beta_2 + (g[i] * g[i]) * c.keep_2;
+        let g = g[i] * c.gradient_factor;
+        let new_m1 = m1[i] * c.beta_1 + g * c.keep_1;
+        let new_m2 = m2[i] * c.beta_2 + (g * g) * c.keep_2;
         let step = (new_m1 * c.combined) / (new_m2.sqrt() + c.epsilon);
         p[i] -= step * c.lr;
         m1[i] = new_m1;
@@ -189,7 +222,9 @@ fn adam_tensors<B: HostF32>(
         writable::<B>(moment_1),
         writable::<B>(moment_2),
     );
-    let g = B::read_f32(&grad);
+    // A half-precision gradient is widened chunk by chunk, in cache, as the update reads it.
+    let g = B::read(&grad);
+    let g = g.values();
     let (p, m1, m2) = (
         B::f32_mut(&mut param).expect("a tensor just made writable"),
         B::f32_mut(&mut moment_1).expect("a tensor just made writable"),
@@ -203,8 +238,12 @@ fn adam_tensors<B: HostF32>(
     p.par_chunks_mut(CHUNK)
         .zip(m1.par_chunks_mut(CHUNK))
         .zip(m2.par_chunks_mut(CHUNK))
-        .zip(g.par_chunks(CHUNK))
-        .for_each(|(((p, m1), m2), g)| update_chunk_dispatch([p, m1, m2], g, &c));
+        .enumerate()
+        .for_each(|(i, ((p, m1), m2))| {
+            let mut scratch = Vec::new();
+            let g = g.read(i * CHUNK..i * CHUNK + p.len(), &mut scratch);
+            update_chunk_dispatch([p, m1, m2], g, &c)
+        });
     (param, moment_1, moment_2)
 }
 
@@ -320,6 +359,7 @@ mod tests {
                     beta_1: 0.9,
                     beta_2: 0.999,
                     epsilon: 1e-8,
+                    gradient_factor: GradientFactor::default(),
                 })
             };
             let reference = train(AdamConfig::new().with_epsilon(1e-8).init(), &device, 1);
@@ -330,5 +370,48 @@ mod tests {
                 reference
             );
         }
+    }
+
+    /// A half-precision gradient of a scaled loss, read with the factor `1 / scale`, updates
+    /// the parameter and the moments to the same bits as its f32 value divided beforehand.
+    #[test]
+    fn a_scaled_half_gradient_is_unscaled_as_it_is_read() {
+        use burn::tensor::{DType, Distribution};
+        let device = Device::flex();
+        device.seed(5);
+        let adam = |factor: f32| {
+            let gradient_factor = GradientFactor::default();
+            gradient_factor.set(factor);
+            FusedAdam {
+                beta_1: 0.9,
+                beta_2: 0.999,
+                epsilon: 1e-8,
+                gradient_factor,
+            }
+        };
+        // Several rayon chunks, and a tail.
+        let param = Tensor::<2>::random([300, 201], Distribution::Default, &device);
+        let scaled = |step: f32| {
+            let g = Tensor::<2>::random([300, 201], Distribution::Normal(0.0, 1.0), &device);
+            crate::precision::convert(g.mul_scalar(1024.0 * step), DType::F16)
+        };
+        let (mut fused, mut fused_state) = (param.clone(), None);
+        let (mut reference, mut reference_state) = (param, None);
+        for step in 1..=3 {
+            let half = scaled(step as f32);
+            let unscaled =
+                crate::precision::convert(half.clone(), DType::F32).mul_scalar(1.0 / 1024.0);
+            (fused, fused_state) = adam(1.0 / 1024.0).step(1e-2, fused, half, fused_state);
+            (reference, reference_state) =
+                adam(1.0).step(1e-2, reference, unscaled, reference_state);
+        }
+        let bits = |t: &Tensor<2>| t.to_data().to_vec::<f32>().unwrap();
+        assert_eq!(fused.dtype(), DType::F32);
+        assert_eq!(bits(&fused), bits(&reference));
+        let (fused_state, reference_state) = (fused_state.unwrap(), reference_state.unwrap());
+        assert_eq!(
+            bits(&fused_state.momentum.moment_2),
+            bits(&reference_state.momentum.moment_2)
+        );
     }
 }

@@ -28,8 +28,8 @@ use crate::checkpoint::{self, Checkpoint, LoopState};
 use crate::data::{Dataset, Splits, epoch_order};
 use crate::error::{Error, Result};
 use crate::model::{BuiltinModel, Classifier};
-use crate::optim::{optimizer, schedule};
-use crate::precision::{self, Compute, LossScaler, ScalerState};
+use crate::optim::{Optimizer, optimizer, schedule};
+use crate::precision::{self, Compute, LossScaler, ScalerState, Unscaling};
 use crate::progress::{Progress, thousands};
 use crate::resume::check_resumable;
 use crate::run_dir::RunDir;
@@ -206,6 +206,7 @@ impl Trainer {
                 device: &device,
                 compute: Compute::new(training.precision, training.backend),
                 loss_scale: None,
+                unscaling: Unscaling::Before,
                 concurrent: candidate.concurrent,
             };
             drop(pass.accumulate_gradients(&model, group));
@@ -229,7 +230,14 @@ impl Trainer {
         let plan = StepPlan::new(train.len(), training);
         let device = device(training.backend);
         let model = seeded_init(&device, training.seed, &init)?;
-        let optimizer = optimizer(&self.settings.optimizer);
+        let Optimizer {
+            module: optimizer,
+            gradient_factor,
+        } = optimizer(&self.settings.optimizer);
+        let unscaling = match gradient_factor {
+            Some(_) => Unscaling::ByOptimizer,
+            None => Unscaling::Before,
+        };
         let scheduler = schedule(&self.settings.optimizer, plan.total_steps)?;
         let loss_fn = CrossEntropyLossConfig::new().init(&device);
         let compute = Compute::new(training.precision, training.backend);
@@ -338,6 +346,7 @@ impl Trainer {
                 device: &device,
                 compute,
                 loss_scale,
+                unscaling,
                 concurrent,
             };
             let (grads, finite, loss) = pass.accumulate_gradients(&model, group);
@@ -360,6 +369,9 @@ impl Trainer {
             let rate = scheduler.step();
             lr = rate.base();
             if apply {
+                if let Some(factor) = &gradient_factor {
+                    factor.set(loss_scale.map_or(1.0, |scale| 1.0 / scale));
+                }
                 model = optimizer.step(rate, model, grads);
             }
             let seconds = step_started.elapsed().as_secs_f64();
@@ -604,6 +616,8 @@ struct Pass<'a> {
     compute: Compute,
     /// With loss scaling, the scale the loss is multiplied by before backward.
     loss_scale: Option<f32>,
+    /// Whether the gradients are divided by the loss scale here or by the optimizer.
+    unscaling: Unscaling,
     /// Run the step's pieces at once, one per thread, rather than one after the other.
     concurrent: bool,
 }
@@ -627,13 +641,18 @@ impl Pass<'_> {
             // One piece: its gradients are the step's, brought back to f32 and unscaled in one
             // pass.
             let (grads, loss) = self.piece_gradients(&working, piece, group.len());
-            let (grads, finite) = self.compute.gradients_to_f32(grads, model, self.loss_scale);
+            let (grads, finite) =
+                self.compute
+                    .gradients_for_optimizer(grads, model, self.loss_scale, self.unscaling);
             return (grads, finite, loss);
         }
         let mut grads = GradientsAccumulator::new();
         let mut loss_sum = 0.0f32;
         let mut add = |(piece_grads, loss): (GradientsParams, f32)| {
-            let (piece_grads, _) = self.compute.gradients_to_f32(piece_grads, model, None);
+            // In f32 to be summed.
+            let (piece_grads, _) =
+                self.compute
+                    .gradients_for_optimizer(piece_grads, model, None, Unscaling::Before);
             grads.accumulate(model, piece_grads);
             loss_sum += loss;
         };
@@ -657,7 +676,7 @@ impl Pass<'_> {
         let mut grads = grads.grads();
         let finite = self
             .loss_scale
-            .is_none_or(|scale| precision::unscale(&mut grads, model, scale));
+            .is_none_or(|scale| precision::unscale(&mut grads, model, scale, self.unscaling));
         (grads, finite, loss_sum)
     }
 

@@ -2,9 +2,11 @@
 //!
 //! Each step the trainer makes a half-precision working copy of the master weights
 //! ([`Compute::working_copy`]: the same parameter ids, so its gradients are keyed like the
-//! master's), runs forward and backward on it, brings the gradients back to f32
-//! ([`Compute::gradients_to_f32`]) and the optimizer updates the f32 master with its f32 state.
-//! The loss and its softmax run in f32, on logits cast up, as PyTorch's autocast does.
+//! master's), runs forward and backward on it, hands the gradients to the optimizer
+//! ([`Compute::gradients_for_optimizer`]: divided by the loss scale, in f32) and the optimizer
+//! updates the f32 master with its f32 state. The fused Adam takes them as they are, in half
+//! precision, and divides as it reads them ([`Unscaling::ByOptimizer`]). The loss and its softmax
+//! run in f32, on logits cast up, as PyTorch's autocast does.
 //!
 //! - burn-flex has F16 and BF16 tensors: there the working copy, the inputs and every activation
 //!   are real half precision ("native").
@@ -55,6 +57,17 @@ pub enum PrecisionMode {
     Native,
     /// f32 tensors rounded to the format's values.
     Emulated,
+}
+
+/// Where the gradients of a step are divided by the loss scale and brought to f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unscaling {
+    /// In a pass of their own, before the optimizer: it takes them as they come.
+    Before,
+    /// By the optimizer, as it reads them (the fused Adam's
+    /// [`GradientFactor`](crate::optim_adam::GradientFactor)): before it they are only checked,
+    /// one pass that reads, and half-precision gradients stay half.
+    ByOptimizer,
 }
 
 /// The precision of a run's forward and backward passes on its backend.
@@ -110,16 +123,17 @@ impl Compute {
         }
     }
 
-    /// The gradients of the working copy as f32 gradients of the master (`master` names the
-    /// parameters): cast up (native) or rounded to the format, as its gradients would be
-    /// (emulated). With a loss `scale`, also divided by it and checked, in the same pass where
-    /// the gradients are half tensors: returns whether all of them are finite (`true` without
-    /// a scale).
-    pub fn gradients_to_f32<M: Module>(
+    /// The gradients of the working copy as gradients of the master for the optimizer (`master`
+    /// names the parameters), and whether all of them are finite (checked only with a loss
+    /// `scale`: `true` without). Emulated half precision first rounds them to the format, as
+    /// its gradients would be; then they are divided by the scale and brought to f32, or only
+    /// checked, as `unscaling` says.
+    pub fn gradients_for_optimizer<M: Module>(
         &self,
         mut grads: GradientsParams,
         master: &M,
         scale: Option<f32>,
+        unscaling: Unscaling,
     ) -> (GradientsParams, bool) {
         let (half, mode) = (self.half, self.mode);
         let mut finite = true;
@@ -128,39 +142,49 @@ impl Compute {
             map: |g: Tensor<1>| {
                 let g = match (half, mode) {
                     (Some(format), PrecisionMode::Emulated) => round_to_half(g, format),
-                    // Native half: the unscaling below reads the half tensor and writes f32.
-                    (Some(_), PrecisionMode::Native) if scale.is_some() => g,
-                    (Some(_), PrecisionMode::Native) => convert(g, DType::F32),
-                    (None, _) => g,
+                    _ => g,
                 };
-                match scale {
-                    Some(scale) => {
-                        let (g, all_finite) = round::scale_and_check(g, 1.0 / scale);
-                        finite &= all_finite;
-                        g
-                    }
-                    None => g,
-                }
+                let (g, all_finite) = unscale_one(g, scale, unscaling);
+                finite &= all_finite;
+                g
             },
         });
         (grads, finite)
     }
 }
 
-/// Divides the (summed) gradients of a step by the loss scale, in f32, and says whether every
-/// one of them is finite.
-pub fn unscale<M: Module>(grads: &mut GradientsParams, master: &M, scale: f32) -> bool {
-    let inverse = 1.0 / scale;
+/// Divides the summed f32 gradients of a step by the loss scale, or only checks them, as
+/// `unscaling` says; returns whether every one of them is finite.
+pub fn unscale<M: Module>(
+    grads: &mut GradientsParams,
+    master: &M,
+    scale: f32,
+    unscaling: Unscaling,
+) -> bool {
     let mut finite = true;
     master.visit(&mut EachGradient {
         grads,
         map: |g: Tensor<1>| {
-            let (g, all_finite) = round::scale_and_check(g, inverse);
+            let (g, all_finite) = unscale_one(g, Some(scale), unscaling);
             finite &= all_finite;
             g
         },
     });
     finite
+}
+
+/// One gradient ready for the optimizer, and whether it is finite (`true` without a scale).
+fn unscale_one(g: Tensor<1>, scale: Option<f32>, unscaling: Unscaling) -> (Tensor<1>, bool) {
+    match (scale, unscaling) {
+        (Some(scale), Unscaling::ByOptimizer) => {
+            let finite = round::all_finite(&g, 1.0 / scale);
+            (g, finite)
+        }
+        // Half tensors are read and widened chunk by chunk: one pass, f32 out.
+        (Some(scale), Unscaling::Before) => round::scale_and_check(g, 1.0 / scale),
+        (None, Unscaling::ByOptimizer) => (g, true),
+        (None, Unscaling::Before) => (convert(g, DType::F32), true),
+    }
 }
 
 /// Whether every weight of `model` is finite.

@@ -43,6 +43,10 @@ pub trait RoundBackend: Backend {
     /// tensor operations would take three, one of them serial.
     fn scale_and_check(x: FloatTensor<Self>, factor: f32) -> (FloatTensor<Self>, bool);
 
+    /// Whether every element of `x * factor` is finite, computed in f32 as
+    /// [`RoundBackend::scale_and_check`] computes it, without writing it: one pass that reads.
+    fn all_finite(x: FloatTensor<Self>, factor: f32) -> bool;
+
     /// `x` in `dtype` (f32, or on burn-flex f16 or bf16): burn's cast, with the CPU's vector
     /// conversions on every thread rather than one element at a time.
     fn convert(x: FloatTensor<Self>, dtype: DType) -> FloatTensor<Self>;
@@ -97,6 +101,26 @@ fn scale_and_check_tensor<B: HostF32>(x: FloatTensor<B>, factor: f32) -> (FloatT
     (B::write_f32(out, shape), finite)
 }
 
+/// Whether every element of `x * factor` is finite (in f32).
+pub fn all_finite<const D: usize>(x: &Tensor<D>, factor: f32) -> bool {
+    <Dispatch as RoundBackend>::all_finite(x.clone().into_dispatch(), factor)
+}
+
+fn all_finite_tensor<B: HostF32>(x: FloatTensor<B>, factor: f32) -> bool {
+    use rayon::prelude::*;
+    let held = B::read(&x);
+    let values = held.values();
+    // A logical "and": the same answer whatever the split.
+    (0..values.len().div_ceil(CHUNK)).into_par_iter().all(|i| {
+        let mut scratch = Vec::new();
+        let range = i * CHUNK..(i * CHUNK + CHUNK).min(values.len());
+        let values = values.read(range, &mut scratch);
+        values
+            .iter()
+            .fold(true, |all, &v| all & (v * factor).is_finite())
+    })
+}
+
 /// `x` with every element rounded to `format` (to nearest, ties to even), still f32.
 pub fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as RoundBackend>::round_to_half(
@@ -143,6 +167,10 @@ impl RoundBackend for NdArray {
         scale_and_check_tensor::<Self>(x, factor)
     }
 
+    fn all_finite(x: NdArrayTensor, factor: f32) -> bool {
+        all_finite_tensor::<Self>(x, factor)
+    }
+
     fn convert(x: NdArrayTensor, dtype: DType) -> NdArrayTensor {
         convert_tensor::<Self>(x, dtype)
     }
@@ -155,6 +183,10 @@ impl RoundBackend for Flex {
 
     fn scale_and_check(x: FlexTensor, factor: f32) -> (FlexTensor, bool) {
         scale_and_check_tensor::<Self>(x, factor)
+    }
+
+    fn all_finite(x: FlexTensor, factor: f32) -> bool {
+        all_finite_tensor::<Self>(x, factor)
     }
 
     fn convert(x: FlexTensor, dtype: DType) -> FlexTensor {
@@ -203,6 +235,10 @@ impl<B: RoundBackend, C: CheckpointStrategy> RoundBackend for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         (y, finite)
+    }
+
+    fn all_finite(x: FloatTensor<Self>, factor: f32) -> bool {
+        B::all_finite(x.into_primitive(), factor)
     }
 
     fn convert(x: FloatTensor<Self>, dtype: DType) -> FloatTensor<Self> {
