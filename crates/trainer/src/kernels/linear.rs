@@ -249,60 +249,73 @@ mod tests {
     use super::*;
     use crate::kernels::test_values as values;
 
-    /// Times the MLP 784-512-512-10's layers, forward and backward, at batch 128 and 256 and 1
-    /// and 2 threads: `cargo test --release -p allcores-trainer time_mlp_layers -- --ignored
-    /// --nocapture`.
+    /// Times the MLP 784-512-512-10's layers, forward and backward, in f32 and f16, at batch 128
+    /// and 256 and 1 and 2 threads: `cargo test --release -p allcores-trainer time_mlp_layers --
+    /// --ignored --nocapture`.
     #[test]
     #[ignore]
     fn time_mlp_layers() {
+        use crate::kernels::values::Format;
         use std::time::Instant;
         let layers = [(784, 512, true), (512, 512, true), (512, 10, false)];
-        for (batch, threads) in [(128, 1), (128, 2), (256, 1), (256, 2)] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let data: Vec<_> = (0..3u32)
-                .map(|i| {
-                    let (inputs, outputs, _) = layers[i as usize];
-                    (
-                        values(batch * inputs, i),
-                        values(inputs * outputs, 10 + i),
-                        values(outputs, 20 + i),
-                        values(batch * outputs, 30 + i),
-                    )
-                })
-                .collect();
-            let reps = 100;
-            let (mut fwd, mut bwd) = ([0.0f64; 3], [0.0f64; 3]);
-            pool.install(|| {
-                for rep in 0..reps + 5 {
-                    for (i, &(inputs, outputs, relu)) in layers.iter().enumerate() {
-                        let s = LinearShape {
-                            batch,
-                            inputs,
-                            outputs,
-                        };
-                        let (x, w, b, dy) = &data[i];
-                        let start = Instant::now();
-                        let y = forward(x, w, b, s, relu).into_f32();
-                        let middle = Instant::now();
-                        let g = backward(x, w, dy, relu.then_some(Values::from(&y)), s, i > 0);
-                        std::hint::black_box(g);
-                        if rep >= 5 {
-                            fwd[i] += (middle - start).as_secs_f64();
-                            bwd[i] += middle.elapsed().as_secs_f64();
+        for format in [Format::F32, Format::F16] {
+            for (batch, threads) in [(128, 1), (128, 2), (256, 1), (256, 2)] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let data: Vec<_> = (0..3u32)
+                    .map(|i| {
+                        let (inputs, outputs, _) = layers[i as usize];
+                        let v = |n, seed| Buffer::from_f32(values(n, seed), format);
+                        (
+                            v(batch * inputs, i),
+                            v(inputs * outputs, 10 + i),
+                            v(outputs, 20 + i),
+                            v(batch * outputs, 30 + i),
+                        )
+                    })
+                    .collect();
+                let reps = 100;
+                let (mut fwd, mut bwd) = ([0.0f64; 3], [0.0f64; 3]);
+                pool.install(|| {
+                    for rep in 0..reps + 5 {
+                        for (i, &(inputs, outputs, relu)) in layers.iter().enumerate() {
+                            let s = LinearShape {
+                                batch,
+                                inputs,
+                                outputs,
+                            };
+                            let (x, w, b, dy) = &data[i];
+                            let start = Instant::now();
+                            let y = forward(x.values(), w.values(), b.values(), s, relu);
+                            let middle = Instant::now();
+                            let relu_output = relu.then(|| y.values());
+                            let g = backward(
+                                x.values(),
+                                w.values(),
+                                dy.values(),
+                                relu_output,
+                                s,
+                                i > 0,
+                            );
+                            std::hint::black_box(g);
+                            if rep >= 5 {
+                                fwd[i] += (middle - start).as_secs_f64();
+                                bwd[i] += middle.elapsed().as_secs_f64();
+                            }
                         }
                     }
-                }
-            });
-            let ms = |v: &[f64; 3]| v.map(|t| format!("{:.3}", t * 1e3 / reps as f64));
-            let total: f64 = fwd.iter().chain(&bwd).sum::<f64>() * 1e3 / reps as f64;
-            eprintln!(
-                "batch {batch}, {threads} thread(s): forward {:?} backward {:?} ms, {total:.3} ms",
-                ms(&fwd),
-                ms(&bwd)
-            );
+                });
+                let ms = |v: &[f64; 3]| v.map(|t| format!("{:.3}", t * 1e3 / reps as f64));
+                let total: f64 = fwd.iter().chain(&bwd).sum::<f64>() * 1e3 / reps as f64;
+                eprintln!(
+                    "{format:?}, batch {batch}, {threads} thread(s): forward {:?} backward {:?} ms, \
+                     {total:.3} ms",
+                    ms(&fwd),
+                    ms(&bwd)
+                );
+            }
         }
     }
 

@@ -16,7 +16,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::convert::{HalfFloat, as_uninit};
-use super::{assume_init, build_in_parallel_with, uninit};
+use super::{assume_init, build_in_parallel_uninit, build_in_parallel_with, uninit};
 
 /// The storage format of a kernel's operand or result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +134,14 @@ impl<'a> Values<'a> {
         }
     }
 
+    /// All the values widened to f32 (a copy for f32 too), chunk by chunk on the pool.
+    pub fn widened_on_pool(self) -> Vec<f32> {
+        let widen_chunk =
+            |i: usize, out: &mut [MaybeUninit<f32>]| self.widen_into_uninit(i * CONVERT_CHUNK, out);
+        // SAFETY: each chunk is widened whole into its part of the buffer.
+        unsafe { build_in_parallel_uninit(self.len(), CONVERT_CHUNK, widen_chunk) }
+    }
+
     /// All the values as f32 (borrowed when they are f32): for small operands such as a
     /// convolution's weights.
     pub fn to_f32(self) -> Cow<'a, [f32]> {
@@ -169,7 +177,7 @@ impl<'a> Held<'a> {
     pub fn operand(values: Values<'a>) -> Self {
         match values {
             Values::F16(_) | Values::Bf16(_) if values.len() <= WIDEN_WHOLE_MAX => {
-                Held::Owned(Buffer::F32(values.to_f32().into_owned()))
+                Held::Owned(Buffer::F32(values.widened_on_pool()))
             }
             _ => Held::Borrowed(values),
         }
@@ -228,7 +236,7 @@ impl Buffer {
     pub fn into_f32(self) -> Vec<f32> {
         match self {
             Buffer::F32(v) => v,
-            other => other.values().to_f32().into_owned(),
+            other => other.values().widened_on_pool(),
         }
     }
 }
