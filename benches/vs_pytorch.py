@@ -3,7 +3,9 @@ with torch), not by hand.
 
 For each cell (model, batch, backend, threads) it runs `allcores bench` (one thread count, so
 one process) and then benches/torch_steps.py, alternating, so that the two sides of a ratio
-meet the same machine load. Both train with Adam, lr 1e-3, f32, on batches gathered from the
+meet the same machine load; with --rounds R, R times in a row: a cell's samples/s are each
+side's median, its ratio the median of the rounds' ratios (a shared machine's bad second falls
+on one round, not on the figure). Both train with Adam, lr 1e-3, f32, on batches gathered from the
 shipped MNIST digits, and both time steady-state steps after a warm-up.
 
 Cells: MLP 784-512-512-10 at batch 128 and 256 and the CNN of examples/mnist-cnn.toml at batch
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -70,6 +73,12 @@ def pytorch(model, batch, threads, steps, warmup):
     return run_json(command, env)
 
 
+def median_run(runs):
+    """The run with the median samples/s (the lower middle one of an even count)."""
+    ordered = sorted(runs, key=lambda r: r["samples_per_second"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def cpu_model():
     """The CPU's model name, from /proc/cpuinfo where there is one."""
     try:
@@ -89,7 +98,7 @@ def efficiency(sps, threads, base_sps, base_threads):
 
 def table(cells):
     head = ("| model | batch | backend | threads | allcores samples/s | PyTorch samples/s "
-            "| allcores / PyTorch | allcores efficiency | PyTorch efficiency |")
+            "| allcores / PyTorch (median round) | allcores efficiency | PyTorch efficiency |")
     lines = [head, "|---|--:|---|--:|--:|--:|--:|--:|--:|"]
     for c in cells:
         lines.append(
@@ -107,16 +116,18 @@ def main():
                         help="thread counts, e.g. 1,2,4,8,16 (default: $BENCH_THREADS or 1,2)")
     parser.add_argument("--steps", type=int, default=200, help="timed steps a run (200)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (20)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each side per cell, alternating; medians (3)")
     parser.add_argument("--out", help="also write the cells and the machine as JSON here")
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be at least 1, --warmup at least 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--steps and --rounds must be at least 1, --warmup at least 0")
 
     import torch  # noqa: E402  (only its version; the runs import it in their own process)
 
     started = time.time()
     total = len(MODELS) * len(BACKENDS) * len(args.threads)
-    print(f"allcores vs PyTorch {torch.__version__}: {total} cells x 2 runs, "
+    print(f"allcores vs PyTorch {torch.__version__}: {total} cells x 2 x {args.rounds} runs, "
           f"{args.warmup} warm-up + {args.steps} timed steps each, threads "
           f"{','.join(map(str, args.threads))}, {os.cpu_count()} CPUs ({cpu_model()})", file=sys.stderr)
     cells, done = [], 0
@@ -126,14 +137,19 @@ def main():
             for threads in args.threads:
                 done += 1
                 load = os.getloadavg()[0]
-                ours = allcores(args.bin, config, batch, backend, threads, args.steps, args.warmup)
-                theirs = pytorch(model, batch, threads, args.steps, args.warmup)
+                rounds = [(allcores(args.bin, config, batch, backend, threads, args.steps,
+                                    args.warmup),
+                           pytorch(model, batch, threads, args.steps, args.warmup))
+                          for _ in range(args.rounds)]
+                ours, theirs = median_run([r[0] for r in rounds]), median_run([r[1] for r in rounds])
                 a, p = ours["samples_per_second"], theirs["samples_per_second"]
+                ratios = [o["samples_per_second"] / t["samples_per_second"] for o, t in rounds]
+                ratio = statistics.median(ratios)
                 if base is None:
                     base = (threads, a, p)
                 cell = {
                     "model": model, "batch": batch, "backend": backend, "threads": threads,
-                    "allcores_sps": a, "pytorch_sps": p, "ratio": a / p,
+                    "allcores_sps": a, "pytorch_sps": p, "ratio": ratio, "round_ratios": ratios,
                     "allcores_efficiency": efficiency(a, threads, base[1], base[0]),
                     "pytorch_efficiency": efficiency(p, threads, base[2], base[0]),
                     "allcores_step_ms_median": ours["step_ms_median"],
@@ -145,12 +161,14 @@ def main():
                 }
                 cells.append(cell)
                 print(f"[{done}/{total}] {model} batch {batch} {backend} {threads} threads: "
-                      f"allcores {a:,.0f} · PyTorch {p:,.0f} samples/s · {a / p:.2f}x "
-                      f"(load average {load:.1f})",
+                      f"allcores {a:,.0f} · PyTorch {p:,.0f} samples/s · {ratio:.2f}x "
+                      f"(rounds {min(ratios):.2f}x to {max(ratios):.2f}x; load average "
+                      f"{load:.1f})",
                       file=sys.stderr)
 
     print(table(cells))
-    print(f"\n{len(cells)} cells in {time.time() - started:.0f} s; efficiency: samples/s at n "
+    print(f"\n{len(cells)} cells in {time.time() - started:.0f} s; samples/s: median of "
+          f"{args.rounds} runs a side; ratio: median of the rounds' ratios; efficiency: samples/s at n "
           f"threads / (n / {args.threads[0]} x samples/s at {args.threads[0]}), per model, "
           "batch and backend")
     loads = [c["load_average_1min"] for c in cells]
@@ -162,6 +180,7 @@ def main():
                         "platform": platform.platform()},
             "torch_version": torch.__version__,
             "warmup_steps": args.warmup, "timed_steps": args.steps, "threads": args.threads,
+            "rounds": args.rounds,
             "cells": cells,
         }
         with open(args.out, "w") as f:
