@@ -28,26 +28,29 @@ fn allcores_in(dir: &Path, args: &[&str]) -> Output {
         .expect("the binary runs")
 }
 
-#[test]
-fn a_bench_measures_each_thread_count_in_its_own_process() {
+/// `allcores bench` on [`small_config`] in a fresh folder, with `args` after the config; the
+/// folder is handed back for the test to look into.
+fn bench_small(args: &[&str]) -> (tempfile::TempDir, Output) {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config(dir.path());
+    let command = [&["bench", config.to_str().unwrap()][..], args].concat();
+    let output = allcores_in(dir.path(), &command);
+    (dir, output)
+}
+
+#[test]
+fn a_bench_measures_each_thread_count_in_its_own_process() {
     // 1,438 training rows in batches of 64: 23 steps an epoch, so 32 steps cross an epoch
     // end (and its short step) although the config asks for one epoch.
-    let output = allcores_in(
-        dir.path(),
-        &[
-            "bench",
-            config.to_str().unwrap(),
-            "--threads",
-            "2,1",
-            "--steps",
-            "30",
-            "--warmup",
-            "2",
-            "--json",
-        ],
-    );
+    let (dir, output) = bench_small(&[
+        "--threads",
+        "2,1",
+        "--steps",
+        "30",
+        "--warmup",
+        "2",
+        "--json",
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let report = last_json(&output);
     assert_eq!(report["model"], "mlp");
@@ -104,23 +107,16 @@ fn a_bench_measures_each_thread_count_in_its_own_process() {
 
 #[test]
 fn text_output_is_a_table_with_a_row_per_thread_count() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = small_config(dir.path());
-    let output = allcores_in(
-        dir.path(),
-        &[
-            "bench",
-            config.to_str().unwrap(),
-            "--threads",
-            "1,2",
-            "--steps",
-            "3",
-            "--warmup",
-            "0",
-            "--set",
-            "training.backend=flex",
-        ],
-    );
+    let (_dir, output) = bench_small(&[
+        "--threads",
+        "1,2",
+        "--steps",
+        "3",
+        "--warmup",
+        "0",
+        "--set",
+        "training.backend=flex",
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
     assert!(
@@ -236,14 +232,16 @@ fn a_run_that_refuses_its_data_stops_the_bench_with_2() {
 /// machine gave them; it needs the run at 1 thread to compare with.
 #[test]
 fn the_ceiling_runs_independent_single_thread_jobs() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = small_config(dir.path());
-    let config = config.to_str().unwrap();
-    let args = ["bench", config, "--steps", "5", "--warmup", "1", "--json"];
-    let output = allcores_in(
-        dir.path(),
-        &[&args[..], &["--threads", "1,2", "--ceiling"]].concat(),
-    );
+    let (_dir, output) = bench_small(&[
+        "--steps",
+        "5",
+        "--warmup",
+        "1",
+        "--json",
+        "--threads",
+        "1,2",
+        "--ceiling",
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let runs = last_json(&output)["runs"].as_array().unwrap().clone();
     assert!(runs[0]["ceiling"].is_null(), "{}", runs[0]);
@@ -263,24 +261,17 @@ fn the_ceiling_runs_independent_single_thread_jobs() {
 /// median run, with every round's samples/s.
 #[test]
 fn repeated_rounds_report_the_median_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = small_config(dir.path());
-    let output = allcores_in(
-        dir.path(),
-        &[
-            "bench",
-            config.to_str().unwrap(),
-            "--threads",
-            "1,2",
-            "--steps",
-            "5",
-            "--warmup",
-            "1",
-            "--repeat",
-            "3",
-            "--json",
-        ],
-    );
+    let (_dir, output) = bench_small(&[
+        "--threads",
+        "1,2",
+        "--steps",
+        "5",
+        "--warmup",
+        "1",
+        "--repeat",
+        "3",
+        "--json",
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let report = last_json(&output);
     assert_eq!(report["identical_weights"], true);

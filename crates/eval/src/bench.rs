@@ -706,13 +706,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_table_has_a_row_per_thread_count() {
+    /// Runs at 1 and 2 threads of one 10-sample step of 10 ms each: 1,000 samples/s.
+    fn runs_at_1_and_2_threads() -> Vec<BenchRun> {
         let s = summary(&[(10, 0.01, 0.01)]);
-        let mut runs = vec![
+        vec![
             BenchRun::from_summary(1, 0, &s).unwrap(),
             BenchRun::from_summary(2, 0, &s).unwrap(),
-        ];
+        ]
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_thread_count() {
+        let mut runs = runs_at_1_and_2_threads();
         relate(&mut runs);
         let report = report_of(runs);
         let text = report.to_text();
@@ -749,11 +754,7 @@ mod tests {
     /// the table grows a column for it.
     #[test]
     fn the_ceiling_is_independent_work_over_n_single_runs() {
-        let s = summary(&[(10, 0.01, 0.01)]);
-        let mut runs = vec![
-            BenchRun::from_summary(1, 0, &s).unwrap(),
-            BenchRun::from_summary(2, 0, &s).unwrap(),
-        ];
+        let mut runs = runs_at_1_and_2_threads();
         // Two one-thread runs at once made 1,800 samples/s in all, against 2 x 1,000 alone.
         runs[1].independent_samples_per_second = Some(1_800.0);
         relate(&mut runs);

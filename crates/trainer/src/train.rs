@@ -624,9 +624,10 @@ struct Pass<'a> {
 
 impl Pass<'_> {
     /// Forward and backward over the pieces of one step (micro-batches x shards), on the step's
-    /// working copy of `model` (half precision or the f32 master itself); returns the summed f32
-    /// gradients, divided by the loss scale, whether they are all finite (checked only with loss
-    /// scaling: `true` without), and the step's loss (mean over its samples).
+    /// working copy of `model` (half precision or the f32 master itself); returns the summed
+    /// gradients ready for the optimizer (divided by the loss scale and in f32, or left to the
+    /// optimizer to unscale as `unscaling` says), whether they are all finite (checked only with
+    /// loss scaling: `true` without), and the step's loss (mean over its samples).
     ///
     /// Concurrent or not, every piece computes the same gradients and they are summed in the
     /// pieces' order: the result does not depend on how the threads were spent.
@@ -638,8 +639,7 @@ impl Pass<'_> {
         let working = self.compute.working_copy(model);
         let pieces = self.plan.pieces(group);
         if let [piece] = &pieces[..] {
-            // One piece: its gradients are the step's, brought back to f32 and unscaled in one
-            // pass.
+            // One piece: its gradients are the step's, made ready for the optimizer in one pass.
             let (grads, loss) = self.piece_gradients(&working, piece, group.len());
             let (grads, finite) =
                 self.compute
@@ -674,9 +674,7 @@ impl Pass<'_> {
         }
         // Scaling and the overflow check apply to the step's summed gradients.
         let mut grads = grads.grads();
-        let finite = self
-            .loss_scale
-            .is_none_or(|scale| precision::unscale(&mut grads, model, scale, self.unscaling));
+        let finite = precision::unscale(&mut grads, model, self.loss_scale, self.unscaling);
         (grads, finite, loss_sum)
     }
 

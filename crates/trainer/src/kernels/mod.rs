@@ -14,8 +14,8 @@
 //! gradient are computed sample by sample, and the reductions over the batch (weight and bias
 //! gradients) are summed over fixed chunks of [`CHUNK`] samples, then chunk by chunk in order.
 //! Dense layers: every output element's whole sum lies inside one tile's GEMM, and the tile sizes
-//! follow from the shapes alone. The rounding still depends on the GEMM kernel that `gemm` picks for the CPU
-//! (AVX2, AVX-512...).
+//! follow from the shapes alone. The rounding still depends on the GEMM kernel that `gemm` picks
+//! for the CPU (AVX2, AVX-512...).
 
 mod conv;
 pub(crate) mod convert;

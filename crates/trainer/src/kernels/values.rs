@@ -217,13 +217,11 @@ impl Buffer {
     /// format. Converted on the pool, with the CPU's vector conversions.
     pub fn from_f32_slice(values: &[f32], format: Format) -> Self {
         fn narrow<T: HalfFloat>(values: &[f32]) -> Vec<T> {
-            let mut out = uninit(values.len());
-            out.par_chunks_mut(CONVERT_CHUNK)
-                .zip(values.par_chunks(CONVERT_CHUNK))
-                .for_each(|(out, values)| T::narrow(values, out));
-            // SAFETY: the chunks of `out` pair up with those of `values`, and each conversion
-            // wrote its whole chunk.
-            unsafe { assume_init(out) }
+            let narrow_chunk = |i: usize, out: &mut [MaybeUninit<T>]| {
+                T::narrow(&values[i * CONVERT_CHUNK..][..out.len()], out)
+            };
+            // SAFETY: each conversion writes its whole chunk.
+            unsafe { build_in_parallel_uninit(values.len(), CONVERT_CHUNK, narrow_chunk) }
         }
         match format {
             Format::F32 => Buffer::F32(values.to_vec()),

@@ -135,37 +135,31 @@ impl Compute {
         scale: Option<f32>,
         unscaling: Unscaling,
     ) -> (GradientsParams, bool) {
-        let (half, mode) = (self.half, self.mode);
-        let mut finite = true;
-        master.visit(&mut EachGradient {
-            grads: &mut grads,
-            map: |g: Tensor<1>| {
-                let g = match (half, mode) {
-                    (Some(format), PrecisionMode::Emulated) => round_to_half(g, format),
-                    _ => g,
-                };
-                let (g, all_finite) = unscale_one(g, scale, unscaling);
-                finite &= all_finite;
-                g
-            },
-        });
+        if let (Some(format), PrecisionMode::Emulated) = (self.half, self.mode) {
+            master.visit(&mut EachGradient {
+                grads: &mut grads,
+                map: |g: Tensor<1>| round_to_half(g, format),
+            });
+        }
+        let finite = unscale(&mut grads, master, scale, unscaling);
         (grads, finite)
     }
 }
 
-/// Divides the summed f32 gradients of a step by the loss scale, or only checks them, as
-/// `unscaling` says; returns whether every one of them is finite.
+/// Makes gradients ready for the optimizer as `unscaling` says: divided by the loss `scale` and
+/// brought to f32, or only checked; returns whether every one of them is finite (`true`
+/// without a scale).
 pub fn unscale<M: Module>(
     grads: &mut GradientsParams,
     master: &M,
-    scale: f32,
+    scale: Option<f32>,
     unscaling: Unscaling,
 ) -> bool {
     let mut finite = true;
     master.visit(&mut EachGradient {
         grads,
         map: |g: Tensor<1>| {
-            let (g, all_finite) = unscale_one(g, Some(scale), unscaling);
+            let (g, all_finite) = unscale_one(g, scale, unscaling);
             finite &= all_finite;
             g
         },
