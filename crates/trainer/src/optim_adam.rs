@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::kernels::extension::HostF32;
+use crate::kernels::extension::HostSlices;
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -201,7 +201,7 @@ fn update_chunk_dispatch(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients
 /// `tensor`, owned by nobody else and writable in place as f32: itself when it already is (the
 /// usual case: the step's working copy and graph are gone by the time the optimizer runs), else
 /// a copy.
-fn writable<B: HostF32>(mut tensor: FloatTensor<B>) -> FloatTensor<B> {
+fn writable<B: HostSlices>(mut tensor: FloatTensor<B>) -> FloatTensor<B> {
     if B::f32_mut(&mut tensor).is_some() {
         return tensor;
     }
@@ -210,7 +210,7 @@ fn writable<B: HostF32>(mut tensor: FloatTensor<B>) -> FloatTensor<B> {
 }
 
 /// Updates the parameter and the moments in place: no new buffers, one pass over memory.
-fn adam_tensors<B: HostF32>(
+fn adam_tensors<B: HostSlices>(
     param: FloatTensor<B>,
     grad: FloatTensor<B>,
     moment_1: FloatTensor<B>,

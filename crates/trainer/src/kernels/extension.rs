@@ -1,8 +1,9 @@
 //! The kernels as a burn backend extension: one implementation per CPU backend, plus an
 //! `Autodiff<B, C>` implementation whose backward pass calls the hand-written gradient kernels.
 //!
-//! Inside an implementation the tensor is a plain f32 slice ([`HostF32`]): borrowed when the
-//! backend's storage is contiguous, copied otherwise; results go back without a copy.
+//! Inside an implementation the tensor is a plain slice of its elements ([`HostSlices`]): f32, or
+//! f16 and bf16 on burn-flex; borrowed when the backend's storage is contiguous, copied
+//! otherwise; results go back without a copy.
 #![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
 
 use std::borrow::Cow;
@@ -26,7 +27,7 @@ use super::values::{Buffer, Format, Held, Values};
 use super::{fused, pool};
 
 /// Convolution and max-pool kernels for the CNN. Shapes are checked by the wrappers in
-/// [`super`]; the operations panic on anything but f32.
+/// [`super`]; the operations panic on dtypes that [`HostSlices`] cannot read.
 #[backend_extension(NdArray, Flex, Autodiff)]
 pub trait CnnBackend: Backend {
     /// Valid (no padding), stride-1 convolution of `x: [n, c_in, h, w]` with
@@ -50,7 +51,7 @@ pub trait CnnBackend: Backend {
 }
 
 /// The dense-layer kernel for the MLP and the CNN's dense layers. Shapes are checked by the
-/// wrapper in [`super`]; the operation panics on dtypes that [`HostF32`] cannot read.
+/// wrapper in [`super`]; the operation panics on dtypes that [`HostSlices`] cannot read.
 #[backend_extension(NdArray, Flex, Autodiff)]
 pub trait DenseBackend: Backend {
     /// `x · weight + bias` for `x: [batch, inputs]`, `weight: [inputs, outputs]` (burn's
@@ -71,7 +72,7 @@ pub trait DenseBackend: Backend {
 /// ([`super::values`]), so that what a kernel keeps for its backward pass stays half precision:
 /// the arithmetic of CPU half-precision kernels (this CPU has no half arithmetic in AVX2), the
 /// memory of half storage.
-pub trait HostF32: Backend {
+pub trait HostSlices: Backend {
     /// The elements in row-major order, in their format: borrowed when the storage is contiguous.
     fn read(tensor: &FloatTensor<Self>) -> Held<'_>;
 
@@ -120,7 +121,7 @@ fn not_f32(dtype: DType) -> ! {
     panic!("the CPU kernels run on f32 (or, on burn-flex, f16 and bf16) tensors, got {dtype:?}")
 }
 
-impl HostF32 for NdArray {
+impl HostSlices for NdArray {
     fn read(tensor: &NdArrayTensor) -> Held<'_> {
         match tensor {
             NdArrayTensor::F32(storage) => {
@@ -152,7 +153,7 @@ impl HostF32 for NdArray {
     }
 }
 
-impl HostF32 for Flex {
+impl HostSlices for Flex {
     fn read(tensor: &FlexTensor) -> Held<'_> {
         /// Borrowed when contiguous, else a contiguous copy.
         macro_rules! held {
@@ -232,7 +233,7 @@ fn linear_shape<B: Backend>(x: &FloatTensor<B>, weight: &FloatTensor<B>) -> Line
     }
 }
 
-fn linear_forward<B: HostF32>(
+fn linear_forward<B: HostSlices>(
     x: FloatTensor<B>,
     weight: FloatTensor<B>,
     bias: FloatTensor<B>,
@@ -265,7 +266,7 @@ impl DenseBackend for Flex {
 #[derive(Debug)]
 struct LinearBackward;
 
-impl<B: HostF32> Backward<B, 3> for LinearBackward {
+impl<B: HostSlices> Backward<B, 3> for LinearBackward {
     /// Input, weight and (when the ReLU was fused) output of the forward pass.
     type State = ConvState<B>;
 
@@ -300,7 +301,7 @@ impl<B: HostF32> Backward<B, 3> for LinearBackward {
     }
 }
 
-impl<B: DenseBackend + HostF32, C: CheckpointStrategy> DenseBackend for Autodiff<B, C> {
+impl<B: DenseBackend + HostSlices, C: CheckpointStrategy> DenseBackend for Autodiff<B, C> {
     fn linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -313,7 +314,7 @@ impl<B: DenseBackend + HostF32, C: CheckpointStrategy> DenseBackend for Autodiff
     }
 }
 
-fn conv_forward<B: HostF32>(
+fn conv_forward<B: HostSlices>(
     x: FloatTensor<B>,
     weight: FloatTensor<B>,
     bias: FloatTensor<B>,
@@ -326,7 +327,7 @@ fn conv_forward<B: HostF32>(
 }
 
 /// The fused forward pass: pooled output and the index of each window's maximum.
-fn fused_forward<B: HostF32>(
+fn fused_forward<B: HostSlices>(
     x: &FloatTensor<B>,
     weight: &FloatTensor<B>,
     bias: &FloatTensor<B>,
@@ -338,7 +339,7 @@ fn fused_forward<B: HostF32>(
     (B::write(pooled.y, shape), pooled.argmax)
 }
 
-fn pool_forward<B: HostF32>(x: FloatTensor<B>) -> FloatTensor<B> {
+fn pool_forward<B: HostSlices>(x: FloatTensor<B>) -> FloatTensor<B> {
     let [n, c, h, w] = dims4(&x);
     let y = pool::forward(B::read(&x).values(), n * c, h, w);
     B::write(y, vec![n, c, h / 2, w / 2])
@@ -398,7 +399,7 @@ fn keep_for_backward<B, C, BO>(
     forward: impl Fn([FloatTensor<B>; 3]) -> FloatTensor<B>,
 ) -> FloatTensor<Autodiff<B, C>>
 where
-    B: HostF32,
+    B: HostSlices,
     C: CheckpointStrategy,
     BO: Backward<B, 3, State = ConvState<B>>,
 {
@@ -419,7 +420,7 @@ where
     }
 }
 
-impl<B: HostF32> Backward<B, 3> for ConvBackward {
+impl<B: HostSlices> Backward<B, 3> for ConvBackward {
     type State = ConvState<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -444,7 +445,7 @@ impl<B: HostF32> Backward<B, 3> for ConvBackward {
 
 /// Hands the convolution's gradients to the parents that want them.
 /// `dtypes`: those of the input and of the parameters.
-fn register_conv_grads<B: HostF32>(
+fn register_conv_grads<B: HostSlices>(
     grads: &mut Gradients,
     [node_x, node_weight, node_bias]: [Option<NodeId>; 3],
     g: ConvGrads,
@@ -472,7 +473,7 @@ struct ConvReluPoolBackward;
 /// Input, weight, pooled output and the window index of each pooled maximum.
 type ConvReluPoolState<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Arc<Vec<u8>>);
 
-impl<B: HostF32> Backward<B, 3> for ConvReluPoolBackward {
+impl<B: HostSlices> Backward<B, 3> for ConvReluPoolBackward {
     type State = ConvReluPoolState<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -500,7 +501,7 @@ impl<B: HostF32> Backward<B, 3> for ConvReluPoolBackward {
 #[derive(Debug)]
 struct PoolBackward;
 
-impl<B: HostF32> Backward<B, 1> for PoolBackward {
+impl<B: HostSlices> Backward<B, 1> for PoolBackward {
     type State = FloatTensor<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -515,7 +516,7 @@ impl<B: HostF32> Backward<B, 1> for PoolBackward {
     }
 }
 
-impl<B: CnnBackend + HostF32, C: CheckpointStrategy> CnnBackend for Autodiff<B, C> {
+impl<B: CnnBackend + HostSlices, C: CheckpointStrategy> CnnBackend for Autodiff<B, C> {
     fn conv2d_valid(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

@@ -27,7 +27,7 @@ use burn::tensor::DType;
 use super::HalfFormat;
 use crate::kernels::build_in_parallel_uninit;
 use crate::kernels::convert::HalfFloat;
-use crate::kernels::extension::HostF32;
+use crate::kernels::extension::HostSlices;
 
 /// Elements per rayon task: rounding is element-wise, so the split changes no result.
 const CHUNK: usize = 1 << 14;
@@ -63,7 +63,7 @@ pub fn convert<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
     ))
 }
 
-fn convert_tensor<B: HostF32>(x: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+fn convert_tensor<B: HostSlices>(x: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
     let shape = x.shape().to_vec();
     match B::read_f32(&x) {
         Cow::Owned(values) => B::write_as(values, shape, dtype),
@@ -77,7 +77,7 @@ pub fn scale_and_check<const D: usize>(x: Tensor<D>, factor: f32) -> (Tensor<D>,
     (Tensor::from_dispatch(x), finite)
 }
 
-fn scale_and_check_tensor<B: HostF32>(x: FloatTensor<B>, factor: f32) -> (FloatTensor<B>, bool) {
+fn scale_and_check_tensor<B: HostSlices>(x: FloatTensor<B>, factor: f32) -> (FloatTensor<B>, bool) {
     let shape = x.shape().to_vec();
     // Half tensors are widened chunk by chunk: one pass, and the result is f32.
     let held = B::read(&x);
@@ -106,7 +106,7 @@ pub fn all_finite<const D: usize>(x: &Tensor<D>, factor: f32) -> bool {
     <Dispatch as RoundBackend>::all_finite(x.clone().into_dispatch(), factor)
 }
 
-fn all_finite_tensor<B: HostF32>(x: FloatTensor<B>, factor: f32) -> bool {
+fn all_finite_tensor<B: HostSlices>(x: FloatTensor<B>, factor: f32) -> bool {
     use rayon::prelude::*;
     let held = B::read(&x);
     let values = held.values();
@@ -153,7 +153,7 @@ fn round_slice(values: &[f32], bf16: bool) -> Vec<f32> {
     unsafe { build_in_parallel_uninit(values.len(), CHUNK, round_chunk) }
 }
 
-fn round_tensor<B: HostF32>(x: FloatTensor<B>, bf16: bool) -> FloatTensor<B> {
+fn round_tensor<B: HostSlices>(x: FloatTensor<B>, bf16: bool) -> FloatTensor<B> {
     let shape = x.shape().to_vec();
     B::write_f32(round_slice(&B::read_f32(&x), bf16), shape)
 }
