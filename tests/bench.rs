@@ -258,7 +258,7 @@ fn the_ceiling_runs_independent_single_thread_jobs() {
 }
 
 /// `--repeat R` runs the thread counts R times round after round and reports each by its
-/// median run, with every round's samples/s.
+/// median run, with every round's samples/s and efficiency.
 #[test]
 fn repeated_rounds_report_the_median_run() {
     let (_dir, output) = bench_small(&[
@@ -275,13 +275,17 @@ fn repeated_rounds_report_the_median_run() {
     assert!(output.status.success(), "{}", stderr(&output));
     let report = last_json(&output);
     assert_eq!(report["identical_weights"], true);
-    for run in report["runs"].as_array().unwrap() {
-        let mut rounds: Vec<f64> = run["rounds_samples_per_second"]
+    let numbers = |run: &serde_json::Value, key: &str| -> Vec<f64> {
+        run[key]
             .as_array()
             .unwrap()
             .iter()
             .map(|v| v.as_f64().unwrap())
-            .collect();
+            .collect()
+    };
+    let runs = report["runs"].as_array().unwrap();
+    for run in runs {
+        let mut rounds = numbers(run, "rounds_samples_per_second");
         assert_eq!(rounds.len(), 3, "{run}");
         rounds.sort_by(f64::total_cmp);
         assert_eq!(
@@ -289,6 +293,16 @@ fn repeated_rounds_report_the_median_run() {
             rounds[1],
             "{run}"
         );
+    }
+    // Round i of 2 threads against round i of 1 thread.
+    let (one, two) = (
+        numbers(&runs[0], "rounds_samples_per_second"),
+        numbers(&runs[1], "rounds_samples_per_second"),
+    );
+    let efficiency = numbers(&runs[1], "rounds_parallel_efficiency");
+    assert_eq!(efficiency.len(), 3);
+    for i in 0..3 {
+        assert!((efficiency[i] - two[i] / (2.0 * one[i])).abs() < 1e-9);
     }
     assert_eq!(stderr(&output).matches("round 3/3").count(), 2);
 }

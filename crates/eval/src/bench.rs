@@ -79,6 +79,11 @@ pub struct BenchRun {
     /// other figures are those of the median run.
     #[serde(default)]
     pub rounds_samples_per_second: Vec<f64>,
+    /// Each round's parallel efficiency: this thread count's run against the smallest count's
+    /// run of the same round, seconds apart. A paired figure: load that lasts a round weighs on
+    /// both of its runs, where the median runs may come from different rounds.
+    #[serde(default)]
+    pub rounds_parallel_efficiency: Vec<f64>,
     /// With `--ceiling`, at n > 1 threads: the summed samples/s of n one-thread runs at once.
     #[serde(default)]
     pub independent_samples_per_second: Option<f64>,
@@ -281,6 +286,7 @@ impl BenchRun {
             speedup: 1.0,
             parallel_efficiency: 1.0,
             rounds_samples_per_second: vec![samples as f64 / seconds.max(f64::MIN_POSITIVE)],
+            rounds_parallel_efficiency: vec![1.0],
             independent_samples_per_second: None,
             ceiling: None,
             peak_rss_bytes: summary.peak_rss_bytes,
@@ -333,8 +339,9 @@ fn independent_runs(
     Ok(total)
 }
 
-/// Sets each run's speed-up and parallel efficiency against the first (smallest) thread count,
-/// and its ceiling against the first run (at 1 thread when there is a ceiling).
+/// Sets each run's speed-up and parallel efficiency (of the median runs, and round by round)
+/// against the first (smallest) thread count, and its ceiling against the first run (at 1
+/// thread when there is a ceiling).
 fn relate(runs: &mut [BenchRun]) {
     let Some(base) = runs.first().cloned() else {
         return;
@@ -345,7 +352,14 @@ fn relate(runs: &mut [BenchRun]) {
         } else {
             0.0
         };
-        run.parallel_efficiency = run.speedup * base.threads as f64 / run.threads as f64;
+        let share = base.threads as f64 / run.threads as f64;
+        run.parallel_efficiency = run.speedup * share;
+        run.rounds_parallel_efficiency = run
+            .rounds_samples_per_second
+            .iter()
+            .zip(&base.rounds_samples_per_second)
+            .map(|(&sps, &base_sps)| sps / base_sps.max(f64::MIN_POSITIVE) * share)
+            .collect();
         run.ceiling = run.independent_samples_per_second.map(|independent| {
             independent / (run.threads as f64 * base.samples_per_second).max(f64::MIN_POSITIVE)
         });
@@ -433,6 +447,26 @@ pub fn run_bench(request: &BenchRequest) -> Result<BenchReport, EvalError> {
     })
 }
 
+/// With several rounds: `threads 2, efficiency round by round: 97% 92% 72% (median 92%)`.
+fn rounds_line(run: &BenchRun) -> Option<String> {
+    let rounds = &run.rounds_parallel_efficiency;
+    if rounds.len() < 2 {
+        return None;
+    }
+    let mut sorted = rounds.clone();
+    sorted.sort_by(f64::total_cmp);
+    let each: Vec<String> = rounds
+        .iter()
+        .map(|e| format!("{:.0}%", e * 100.0))
+        .collect();
+    Some(format!(
+        "threads {}, efficiency round by round: {} (median {:.0}%)\n",
+        run.threads,
+        each.join(" "),
+        quantile(&sorted, 0.5) * 100.0
+    ))
+}
+
 impl BenchReport {
     /// What `allcores bench` prints: a Markdown table, one row per thread count, and a line on
     /// the weights.
@@ -483,6 +517,11 @@ impl BenchReport {
             );
         }
         out.push('\n');
+        for r in self.runs.iter().skip(1) {
+            if let Some(line) = rounds_line(r) {
+                out.push_str(&line);
+            }
+        }
         out.push_str(if self.runs.len() < 2 {
             "weights: one thread count, nothing to compare"
         } else if self.identical_weights {
@@ -748,6 +787,30 @@ mod tests {
         let median = median_run(runs);
         assert_eq!(median.samples_per_second, 500.0);
         assert_eq!(median.rounds_samples_per_second, [500.0, 1000.0, 250.0]);
+    }
+
+    /// Round by round, each run meets the first thread count's run of its own round; the
+    /// median runs may come from different rounds and say less.
+    #[test]
+    fn each_round_has_its_own_efficiency() {
+        let mut runs = runs_at_1_and_2_threads();
+        runs[0].rounds_samples_per_second = vec![1_000.0, 500.0, 800.0];
+        runs[1].rounds_samples_per_second = vec![1_800.0, 1_000.0, 1_200.0];
+        relate(&mut runs);
+        assert_eq!(runs[0].rounds_parallel_efficiency, [1.0, 1.0, 1.0]);
+        let got = &runs[1].rounds_parallel_efficiency;
+        for (e, want) in got.iter().zip([0.9, 1.0, 0.75]) {
+            assert!((e - want).abs() < 1e-12, "{got:?}");
+        }
+        let text = report_of(runs).to_text();
+        assert!(
+            text.contains("threads 2, efficiency round by round: 90% 100% 75% (median 90%)\n"),
+            "{text}"
+        );
+        // One round: nothing to list.
+        let mut runs = runs_at_1_and_2_threads();
+        relate(&mut runs);
+        assert!(!report_of(runs).to_text().contains("round by round"));
     }
 
     /// The ceiling relates n independent one-thread runs to n times the run at 1 thread, and
