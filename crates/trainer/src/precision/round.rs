@@ -19,6 +19,7 @@ use burn::backend::{
 };
 use burn::prelude::*;
 use half::{bf16, f16};
+use rayon::prelude::*;
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
@@ -26,11 +27,14 @@ use burn::tensor::DType;
 
 use super::HalfFormat;
 use crate::kernels::build_in_parallel_uninit;
-use crate::kernels::convert::HalfFloat;
+use crate::kernels::convert::{HalfFloat, as_uninit};
 use crate::kernels::extension::HostSlices;
 
 /// Elements per rayon task: rounding is element-wise, so the split changes no result.
 const CHUNK: usize = 1 << 14;
+
+/// Values rounded at a time through a half-precision buffer that stays in the L1 cache.
+const HALF_BLOCK: usize = 512;
 
 /// Rounding to a half format, values kept in f32; and the loss scaler's unscaling.
 #[backend_extension(NdArray, Flex, Autodiff)]
@@ -129,12 +133,11 @@ pub fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor
     ))
 }
 
-/// `values` rounded to f16 (or bf16) and back: there and back with the CPU's vector conversions
-/// ([`HalfFloat`]), through a small buffer that stays in the L1 cache.
+/// `values` rounded to f16 (or bf16) and back, in a new buffer.
 fn round_slice(values: &[f32], bf16: bool) -> Vec<f32> {
     /// Writes every element of `out`.
     fn there_and_back<T: HalfFloat + Default>(values: &[f32], out: &mut [MaybeUninit<f32>]) {
-        let mut half = [T::default(); 512];
+        let mut half = [T::default(); HALF_BLOCK];
         for (values, out) in values.chunks(half.len()).zip(out.chunks_mut(half.len())) {
             let half = &mut half[..values.len()];
             T::narrow_slice(values, half);
@@ -153,7 +156,34 @@ fn round_slice(values: &[f32], bf16: bool) -> Vec<f32> {
     unsafe { build_in_parallel_uninit(values.len(), CHUNK, round_chunk) }
 }
 
-fn round_tensor<B: HostSlices>(x: FloatTensor<B>, bf16: bool) -> FloatTensor<B> {
+/// `values` rounded to f16 (or bf16) and back where they lie: no new buffer to write, for a
+/// tensor no one else holds.
+fn round_in_place(values: &mut [f32], bf16: bool) {
+    fn there_and_back<T: HalfFloat + Default>(values: &mut [f32]) {
+        let mut half = [T::default(); HALF_BLOCK];
+        for block in values.chunks_mut(half.len()) {
+            let half = &mut half[..block.len()];
+            T::narrow_slice(block, half);
+            // SAFETY: the widening writes only initialised values.
+            T::widen(half, unsafe { as_uninit(block) });
+        }
+    }
+    values.par_chunks_mut(CHUNK).for_each(|chunk| {
+        if bf16 {
+            there_and_back::<bf16>(chunk);
+        } else {
+            there_and_back::<f16>(chunk);
+        }
+    });
+}
+
+/// Rounds in place when the tensor is unshared f32 (a fresh activation, a gradient), else
+/// into a copy (the working copy of a weight, whose storage the master shares).
+fn round_tensor<B: HostSlices>(mut x: FloatTensor<B>, bf16: bool) -> FloatTensor<B> {
+    if let Some(values) = B::f32_mut(&mut x) {
+        round_in_place(values, bf16);
+        return x;
+    }
     let shape = x.shape().to_vec();
     B::write_f32(round_slice(&B::read_f32(&x), bf16), shape)
 }
@@ -334,6 +364,40 @@ mod tests {
             assert!(
                 got.to_bits() == expected.to_bits() || (got.is_nan() && expected.is_nan()),
                 "{v:e}: {got:e} != {expected:e}"
+            );
+        }
+    }
+
+    /// An unshared tensor is rounded where it lies, a shared one into a copy that leaves the
+    /// other holder's values alone; both give the values of `round_slice`.
+    #[test]
+    fn rounds_in_place_only_what_no_one_else_holds() {
+        let values: Vec<f32> = (0..3 * CHUNK + 7)
+            .map(|i| (i as f32 * 0.37).sin() * 1e3)
+            .collect();
+        for bf16 in [false, true] {
+            let want = round_slice(&values, bf16);
+            let unshared = NdArray::write_f32(values.clone(), vec![values.len()]);
+            let storage = NdArray::read_f32(&unshared).as_ptr();
+            let rounded = round_tensor::<NdArray>(unshared, bf16);
+            assert_eq!(
+                NdArray::read_f32(&rounded).as_ptr(),
+                storage,
+                "rounded in place"
+            );
+            assert_eq!(NdArray::read_f32(&rounded).into_owned(), want);
+
+            let kept = NdArray::write_f32(values.clone(), vec![values.len()]);
+            let rounded = round_tensor::<NdArray>(kept.clone(), bf16);
+            assert_ne!(
+                NdArray::read_f32(&rounded).as_ptr(),
+                NdArray::read_f32(&kept).as_ptr()
+            );
+            assert_eq!(NdArray::read_f32(&rounded).into_owned(), want);
+            assert_eq!(
+                NdArray::read_f32(&kept).into_owned(),
+                values,
+                "the other holder's values"
             );
         }
     }
