@@ -11,6 +11,7 @@ use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, SgdConfig};
 
 use crate::error::{Error, Result};
 use crate::optim_adam::{FusedAdam, GradientFactor};
+use crate::precision::Unscaling;
 use crate::settings::{OptimizerKind, OptimizerSettings, Schedule};
 
 /// An optimizer built from the settings.
@@ -20,6 +21,17 @@ pub struct Optimizer {
     /// as it reads them (the fused Adam): it can be handed a scaled loss's half-precision
     /// gradients as they are.
     pub gradient_factor: Option<GradientFactor>,
+}
+
+impl Optimizer {
+    /// Where a step's gradients are divided by the loss scale: by the optimizer as it reads
+    /// them when it can, else before it.
+    pub fn unscaling(&self) -> Unscaling {
+        match self.gradient_factor {
+            Some(_) => Unscaling::ByOptimizer,
+            None => Unscaling::Before,
+        }
+    }
 }
 
 /// The optimizer the settings name.

@@ -230,14 +230,12 @@ impl Trainer {
         let plan = StepPlan::new(train.len(), training);
         let device = device(training.backend);
         let model = seeded_init(&device, training.seed, &init)?;
+        let optimizer = optimizer(&self.settings.optimizer);
+        let unscaling = optimizer.unscaling();
         let Optimizer {
             module: optimizer,
             gradient_factor,
-        } = optimizer(&self.settings.optimizer);
-        let unscaling = match gradient_factor {
-            Some(_) => Unscaling::ByOptimizer,
-            None => Unscaling::Before,
-        };
+        } = optimizer;
         let scheduler = schedule(&self.settings.optimizer, plan.total_steps)?;
         let loss_fn = CrossEntropyLossConfig::new().init(&device);
         let compute = Compute::new(training.precision, training.backend);

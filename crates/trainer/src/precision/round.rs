@@ -111,7 +111,6 @@ pub fn all_finite<const D: usize>(x: &Tensor<D>, factor: f32) -> bool {
 }
 
 fn all_finite_tensor<B: HostSlices>(x: FloatTensor<B>, factor: f32) -> bool {
-    use rayon::prelude::*;
     let held = B::read(&x);
     let values = held.values();
     // A logical "and": the same answer whatever the split.
@@ -133,59 +132,52 @@ pub fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor
     ))
 }
 
-/// `values` rounded to f16 (or bf16) and back, in a new buffer.
-fn round_slice(values: &[f32], bf16: bool) -> Vec<f32> {
-    /// Writes every element of `out`.
-    fn there_and_back<T: HalfFloat + Default>(values: &[f32], out: &mut [MaybeUninit<f32>]) {
+/// `values` rounded to `T` and back, in a new buffer.
+fn round_slice<T: HalfFloat + Default>(values: &[f32]) -> Vec<f32> {
+    let round_chunk = |i: usize, out: &mut [MaybeUninit<f32>]| {
+        let values = &values[i * CHUNK..][..out.len()];
         let mut half = [T::default(); HALF_BLOCK];
-        for (values, out) in values.chunks(half.len()).zip(out.chunks_mut(half.len())) {
+        for (values, out) in values.chunks(HALF_BLOCK).zip(out.chunks_mut(HALF_BLOCK)) {
             let half = &mut half[..values.len()];
             T::narrow_slice(values, half);
             T::widen(half, out);
         }
-    }
-    let round_chunk = |i: usize, out: &mut [MaybeUninit<f32>]| {
-        let values = &values[i * CHUNK..][..out.len()];
-        if bf16 {
-            there_and_back::<bf16>(values, out);
-        } else {
-            there_and_back::<f16>(values, out);
-        }
     };
-    // SAFETY: `there_and_back` writes every element of its chunk.
+    // SAFETY: every block of every chunk is widened whole into `out`.
     unsafe { build_in_parallel_uninit(values.len(), CHUNK, round_chunk) }
 }
 
-/// `values` rounded to f16 (or bf16) and back where they lie: no new buffer to write, for a
-/// tensor no one else holds.
-fn round_in_place(values: &mut [f32], bf16: bool) {
-    fn there_and_back<T: HalfFloat + Default>(values: &mut [f32]) {
+/// `values` rounded to `T` and back where they lie: no new buffer to write, for a tensor no one
+/// else holds.
+fn round_in_place<T: HalfFloat + Default>(values: &mut [f32]) {
+    values.par_chunks_mut(CHUNK).for_each(|chunk| {
         let mut half = [T::default(); HALF_BLOCK];
-        for block in values.chunks_mut(half.len()) {
+        for block in chunk.chunks_mut(HALF_BLOCK) {
             let half = &mut half[..block.len()];
             T::narrow_slice(block, half);
             // SAFETY: the widening writes only initialised values.
             T::widen(half, unsafe { as_uninit(block) });
         }
-    }
-    values.par_chunks_mut(CHUNK).for_each(|chunk| {
-        if bf16 {
-            there_and_back::<bf16>(chunk);
-        } else {
-            there_and_back::<f16>(chunk);
-        }
     });
 }
 
-/// Rounds in place when the tensor is unshared f32 (a fresh activation, a gradient), else
-/// into a copy (the working copy of a weight, whose storage the master shares).
-fn round_tensor<B: HostSlices>(mut x: FloatTensor<B>, bf16: bool) -> FloatTensor<B> {
-    if let Some(values) = B::f32_mut(&mut x) {
-        round_in_place(values, bf16);
-        return x;
+/// Rounds to bf16 (or f16) values: in place when the tensor is unshared f32 (a fresh
+/// activation, a gradient), else into a copy (the working copy of a weight, whose storage the
+/// master shares).
+fn round_tensor<B: HostSlices>(x: FloatTensor<B>, bf16: bool) -> FloatTensor<B> {
+    fn round_as<B: HostSlices, T: HalfFloat + Default>(mut x: FloatTensor<B>) -> FloatTensor<B> {
+        if let Some(values) = B::f32_mut(&mut x) {
+            round_in_place::<T>(values);
+            return x;
+        }
+        let shape = x.shape().to_vec();
+        B::write_f32(round_slice::<T>(&B::read_f32(&x)), shape)
     }
-    let shape = x.shape().to_vec();
-    B::write_f32(round_slice(&B::read_f32(&x), bf16), shape)
+    if bf16 {
+        round_as::<B, bf16>(x)
+    } else {
+        round_as::<B, f16>(x)
+    }
 }
 
 impl RoundBackend for NdArray {
@@ -358,7 +350,7 @@ mod tests {
             })
             .collect();
         samples.extend([f32::MAX, f32::MIN, f32::INFINITY, -0.0, 1.0 + 2f32.powi(-8)]);
-        let rounded = round_slice(&samples, true);
+        let rounded = round_slice::<bf16>(&samples);
         for (&v, &got) in samples.iter().zip(&rounded) {
             let expected = bf16::from_f32(v).to_f32();
             assert!(
@@ -376,7 +368,11 @@ mod tests {
             .map(|i| (i as f32 * 0.37).sin() * 1e3)
             .collect();
         for bf16 in [false, true] {
-            let want = round_slice(&values, bf16);
+            let want = if bf16 {
+                round_slice::<half::bf16>(&values)
+            } else {
+                round_slice::<f16>(&values)
+            };
             let unshared = NdArray::write_f32(values.clone(), vec![values.len()]);
             let storage = NdArray::read_f32(&unshared).as_ptr();
             let rounded = round_tensor::<NdArray>(unshared, bf16);
