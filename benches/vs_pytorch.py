@@ -74,9 +74,10 @@ def pytorch(model, batch, threads, steps, warmup):
 
 
 def median_run(runs):
-    """The run with the median samples/s (the lower middle one of an even count)."""
+    """The run with the median samples/s (the upper middle one of an even count, as
+    `allcores bench --repeat` takes it)."""
     ordered = sorted(runs, key=lambda r: r["samples_per_second"])
-    return ordered[(len(ordered) - 1) // 2]
+    return ordered[len(ordered) // 2]
 
 
 def cpu_model():

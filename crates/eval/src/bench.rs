@@ -15,7 +15,7 @@ use allcores_trainer::{Layers, Settings, StepTime, Summary, thousands};
 use serde::{Deserialize, Serialize};
 
 use crate::EvalError;
-use crate::child::{self, train_child};
+use crate::child::{self, refuse_owned_keys, train_child};
 use crate::sweep::parse_threads;
 
 /// Warm-up steps dropped from each run by default.
@@ -194,18 +194,7 @@ fn check(request: &BenchRequest) -> Result<(Vec<usize>, Settings), EvalError> {
             ),
         });
     }
-    for item in &request.overrides {
-        let key = item
-            .split_once('=')
-            .map_or(item.as_str(), |(k, _)| k)
-            .trim();
-        if let Some((_, flag)) = BENCH_KEYS.iter().find(|(set, _)| *set == key) {
-            return Err(EvalError::Argument {
-                arg: format!("--set {key}"),
-                message: format!("the bench sets {key} for each run: use {flag} instead"),
-            });
-        }
-    }
+    refuse_owned_keys(&request.overrides, &BENCH_KEYS, "bench")?;
     // The config must load with every override a run gets: a config error stops here.
     let settings = Settings::load(
         &request.config,

@@ -31,6 +31,28 @@ pub(crate) fn program(given: Option<&PathBuf>) -> Result<PathBuf, EvalError> {
     }
 }
 
+/// Refuses a `--set` of a key the command sets for each child run itself: `owned` pairs each
+/// such key with the flag that sets it (named in the error).
+pub(crate) fn refuse_owned_keys(
+    overrides: &[String],
+    owned: &[(&str, &str)],
+    command: &str,
+) -> Result<(), EvalError> {
+    for item in overrides {
+        let key = item
+            .split_once('=')
+            .map_or(item.as_str(), |(k, _)| k)
+            .trim();
+        if let Some((_, flag)) = owned.iter().find(|(set, _)| *set == key) {
+            return Err(EvalError::Argument {
+                arg: format!("--set {key}"),
+                message: format!("the {command} sets {key} for each run: use {flag} instead"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Warns (stderr) about each thread count above what this machine allows; returns that number.
 pub(crate) fn warn_beyond_available(threads: &[usize]) -> usize {
     let available = available_threads();

@@ -15,7 +15,7 @@ use allcores_trainer::{Layers, Settings, Summary};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::EvalError;
-use crate::child::{self, train_child};
+use crate::child::{self, refuse_owned_keys, train_child};
 use crate::diff::{Weights, max_abs_diff, read_weights};
 use crate::plot;
 use crate::report::{Report, RunFailure, RunRecord, SweepPlan, Timing, build_report, thousands};
@@ -118,18 +118,7 @@ fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf), EvalError> {
             message: "must be at least 1".into(),
         });
     }
-    for item in &request.overrides {
-        let key = item
-            .split_once('=')
-            .map_or(item.as_str(), |(k, _)| k)
-            .trim();
-        if let Some((_, flag)) = SWEPT_KEYS.iter().find(|(swept, _)| *swept == key) {
-            return Err(EvalError::Argument {
-                arg: format!("--set {key}"),
-                message: format!("the sweep sets {key} for each run: use {flag} instead"),
-            });
-        }
-    }
+    refuse_owned_keys(&request.overrides, &SWEPT_KEYS, "sweep")?;
     // The config must load with the user's overrides: a config error stops the sweep here.
     Settings::load(
         &request.config,

@@ -8,9 +8,9 @@
 
 use rayon::prelude::*;
 
-use super::CHUNK;
 use super::matmul::{Mat, matmul};
 use super::values::{Buffer, Values, build_as, build_as_with};
+use super::{CHUNK, relu_in_place};
 
 /// The sizes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,13 +173,6 @@ pub(crate) fn sample_forward(
         (s.c_out, kk, p),
         true,
     );
-}
-
-fn relu_in_place(y: &mut [f32]) {
-    for v in y {
-        // A select, not a branch; NaN stays NaN, like burn's ReLU.
-        *v = if *v < 0.0 { 0.0 } else { *v };
-    }
 }
 
 /// The gradients of [`forward`] given the gradient `dy` of its output.

@@ -14,9 +14,9 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::build_in_parallel_uninit;
 use super::matmul::{Mat, for_each_tile};
 use super::values::{Buffer, Held, Values};
+use super::{build_in_parallel_uninit, relu_in_place};
 
 /// Tile of the `[batch, features]` products (the output and the input gradient): samples x
 /// features. A batch of 128 through a 512-wide layer is 4 equal tasks. Smaller tiles made the
@@ -93,13 +93,6 @@ pub fn forward<'a>(
             tile.for_each_row(|_, row| relu_in_place(row));
         }
     })
-}
-
-fn relu_in_place(y: &mut [f32]) {
-    for v in y {
-        // A select, not a branch; NaN stays NaN, like burn's ReLU.
-        *v = if *v < 0.0 { 0.0 } else { *v };
-    }
 }
 
 /// The gradients of [`forward`] given the gradient `dy` of its output.

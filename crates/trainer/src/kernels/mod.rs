@@ -101,6 +101,14 @@ where
     unsafe { assume_init(buffer) }
 }
 
+/// ReLU where the values lie: the kernels' fused epilogue.
+pub(crate) fn relu_in_place(y: &mut [f32]) {
+    for v in y {
+        // A select, not a branch; NaN stays NaN, like burn's ReLU.
+        *v = if *v < 0.0 { 0.0 } else { *v };
+    }
+}
+
 /// Whether the kernels run for tensors of this dtype on this device (f32 on burn-ndarray; f32,
 /// f16 and bf16 on burn-flex; with or without autodiff).
 #[allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
