@@ -10,24 +10,24 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, SgdConfig};
 
 use crate::error::{Error, Result};
-use crate::optim_adam::{FusedAdam, GradientFactor};
+use crate::optim_adam::{FusedAdam, SharedReading};
 use crate::precision::Unscaling;
 use crate::settings::{OptimizerKind, OptimizerSettings, Schedule};
 
 /// An optimizer built from the settings.
 pub struct Optimizer {
     pub module: ModuleOptimizer,
-    /// Set when the optimizer reads gradients in any format and multiplies them by this factor
-    /// as it reads them (the fused Adam): it can be handed a scaled loss's half-precision
-    /// gradients as they are.
-    pub gradient_factor: Option<GradientFactor>,
+    /// Set when the optimizer reads gradients in any format and unscales (and rounds) them as
+    /// this says as it reads them (the fused Adam): it can be handed a scaled loss's
+    /// half-precision gradients as they are.
+    pub reading: Option<SharedReading>,
 }
 
 impl Optimizer {
     /// Where a step's gradients are divided by the loss scale: by the optimizer as it reads
     /// them when it can, else before it.
     pub fn unscaling(&self) -> Unscaling {
-        match self.gradient_factor {
+        match self.reading {
             Some(_) => Unscaling::ByOptimizer,
             None => Unscaling::Before,
         }
@@ -40,16 +40,16 @@ pub fn optimizer(settings: &OptimizerSettings) -> Optimizer {
         (settings.weight_decay > 0.0).then(|| WeightDecayConfig::new(settings.weight_decay as f32));
     if settings.kind == OptimizerKind::Adam && decay.is_none() {
         // Without weight decay (the common case), the same arithmetic in one parallel pass.
-        let gradient_factor = GradientFactor::default();
+        let reading = SharedReading::default();
         let adam = FusedAdam {
             beta_1: 0.9,
             beta_2: 0.999,
             epsilon: settings.epsilon as f32,
-            gradient_factor: gradient_factor.clone(),
+            reading: reading.clone(),
         };
         return Optimizer {
             module: ModuleOptimizer::from(adam),
-            gradient_factor: Some(gradient_factor),
+            reading: Some(reading),
         };
     }
     let module = match settings.kind {
@@ -73,7 +73,7 @@ pub fn optimizer(settings: &OptimizerSettings) -> Optimizer {
     };
     Optimizer {
         module,
-        gradient_factor: None,
+        reading: None,
     }
 }
 

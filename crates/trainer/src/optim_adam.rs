@@ -19,11 +19,13 @@ use burn::backend::{
 };
 use burn::optim::{AdamState, AdaptiveMomentumState, LearningRate, Optimizer};
 use burn::prelude::*;
+use half::{bf16, f16};
 use rayon::prelude::*;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::kernels::convert::RoundsInF32;
 use crate::kernels::extension::HostSlices;
+use crate::precision::{GradientReading, HalfFormat};
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -34,31 +36,33 @@ pub struct FusedAdam {
     pub beta_1: f32,
     pub beta_2: f32,
     pub epsilon: f32,
-    /// What each gradient is multiplied by as it is read (1 unless set).
-    pub gradient_factor: GradientFactor,
+    /// How each gradient is read: as it is unless set.
+    pub reading: SharedReading,
 }
 
-/// A factor the fused Adam multiplies every gradient by as it reads it, set before each step:
-/// `1 / loss scale` when it is handed the gradients of a scaled loss, as PyTorch's GradScaler
-/// hands its `grad_scale` to a fused Adam. The gradients of a half-precision step then go from
-/// the backward pass to the update as they are, read once, instead of being widened and divided
-/// into a new f32 buffer first. A handle: clones share the factor.
+/// How the fused Adam reads the gradients of the next step ([`GradientReading`]), set before
+/// each step: multiplied by `1 / loss scale` when it is handed the gradients of a scaled loss,
+/// as PyTorch's GradScaler hands its `grad_scale` to a fused Adam, and rounded to a half format
+/// first when it is handed emulated half precision's gradients unrounded. The gradients of a
+/// half-precision step then go from the backward pass to the update as they are, read once,
+/// instead of being rounded, or widened and divided, in a pass of their own first. A handle:
+/// clones share it.
 #[derive(Debug, Clone)]
-pub struct GradientFactor(Arc<AtomicU32>);
+pub struct SharedReading(Arc<Mutex<GradientReading>>);
 
-impl GradientFactor {
-    pub fn set(&self, factor: f32) {
-        self.0.store(factor.to_bits(), Ordering::Relaxed);
+impl SharedReading {
+    pub fn set(&self, reading: GradientReading) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = reading;
     }
 
-    pub fn get(&self) -> f32 {
-        f32::from_bits(self.0.load(Ordering::Relaxed))
+    pub fn get(&self) -> GradientReading {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-impl Default for GradientFactor {
+impl Default for SharedReading {
     fn default() -> Self {
-        Self(Arc::new(AtomicU32::new(1.0f32.to_bits())))
+        Self(Arc::new(Mutex::new(GradientReading::AS_THEY_ARE)))
     }
 }
 
@@ -75,8 +79,8 @@ pub struct AdamCoefficients {
     /// `epsilon * sqrt(1 - beta_2^t)`.
     epsilon: f32,
     lr: f32,
-    /// [`GradientFactor`].
-    gradient_factor: f32,
+    /// [`SharedReading`].
+    reading: GradientReading,
 }
 
 impl FusedAdam {
@@ -91,7 +95,7 @@ impl FusedAdam {
             combined: correction_2 / (1.0 - self.beta_1.powi(time)),
             epsilon: self.epsilon * correction_2,
             lr: lr as f32,
-            gradient_factor: self.gradient_factor.get(),
+            reading: self.reading.get(),
         }
     }
 }
@@ -155,14 +159,15 @@ pub trait AdamBackend: Backend {
 }
 
 /// One chunk's update, in place, element by element and operation by operation as burn's Adam
-/// does it (the gradient first multiplied by the factor: by 1, the same bits). Every slice is cut
-/// to one length first, so that the loop carries no bounds checks and vectorises.
+/// does it (the gradient first rounded to `R`'s values and multiplied by the reading's factor:
+/// for f32 and by 1, the same bits). Every slice is cut to one length first, so that the loop
+/// carries no bounds checks and vectorises.
 #[inline(always)]
-fn update_chunk([p, m1, m2]: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
+fn update_chunk<R: RoundsInF32>([p, m1, m2]: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
     let n = p.len();
     let (m1, m2, g) = (&mut m1[..n], &mut m2[..n], &g[..n]);
     for i in 0..n {
-        let g = g[i] * c.gradient_factor;
+        let g = R::round_in_f32(g[i]) * c.reading.factor;
         let new_m1 = m1[i] * c.beta_1 + g * c.keep_1;
         let new_m2 = m2[i] * c.beta_2 + (g * g) * c.keep_2;
         let step = (new_m1 * c.combined) / (new_m2.sqrt() + c.epsilon);
@@ -172,30 +177,39 @@ fn update_chunk([p, m1, m2]: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
     }
 }
 
-/// [`update_chunk`] compiled for wider vectors where the CPU has them. Rust never fuses a
-/// multiply and an add, and IEEE multiplication, addition, division and square root round the
-/// same at every vector width: the same bits on any of these paths.
+/// [`update_chunk`] compiled for wider vectors where the CPU has them, the gradient rounded as
+/// the reading says. Rust never fuses a multiply and an add, and IEEE multiplication, addition,
+/// division and square root round the same at every vector width: the same bits on any of these
+/// paths.
 fn update_chunk_dispatch(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
+    match c.reading.round_to {
+        None => update_chunk_wide::<f32>(state, g, c),
+        Some(HalfFormat::F16) => update_chunk_wide::<f16>(state, g, c),
+        Some(HalfFormat::Bf16) => update_chunk_wide::<bf16>(state, g, c),
+    }
+}
+
+fn update_chunk_wide<R: RoundsInF32>(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f")]
-        fn avx512(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
-            update_chunk(state, g, c)
+        fn avx512<R: RoundsInF32>(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
+            update_chunk::<R>(state, g, c)
         }
         #[target_feature(enable = "avx2")]
-        fn avx2(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
-            update_chunk(state, g, c)
+        fn avx2<R: RoundsInF32>(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
+            update_chunk::<R>(state, g, c)
         }
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F, checked just above.
-            return unsafe { avx512(state, g, c) };
+            return unsafe { avx512::<R>(state, g, c) };
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2, checked just above.
-            return unsafe { avx2(state, g, c) };
+            return unsafe { avx2::<R>(state, g, c) };
         }
     }
-    update_chunk(state, g, c)
+    update_chunk::<R>(state, g, c)
 }
 
 /// `tensor`, owned by nobody else and writable in place as f32: itself when it already is (the
@@ -222,7 +236,8 @@ fn adam_tensors<B: HostSlices>(
         writable::<B>(moment_1),
         writable::<B>(moment_2),
     );
-    // A half-precision gradient is widened chunk by chunk, in cache, as the update reads it.
+    // A half-precision gradient is widened chunk by chunk, in cache, as the update reads it; an
+    // emulated one is rounded value by value.
     let g = B::read(&grad);
     let g = g.values();
     let (p, m1, m2) = (
@@ -359,7 +374,7 @@ mod tests {
                     beta_1: 0.9,
                     beta_2: 0.999,
                     epsilon: 1e-8,
-                    gradient_factor: GradientFactor::default(),
+                    reading: SharedReading::default(),
                 })
             };
             let reference = train(AdamConfig::new().with_epsilon(1e-8).init(), &device, 1);
@@ -372,6 +387,55 @@ mod tests {
         }
     }
 
+    fn adam(round_to: Option<HalfFormat>, factor: f32) -> FusedAdam {
+        let reading = SharedReading::default();
+        reading.set(GradientReading { round_to, factor });
+        FusedAdam {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-8,
+            reading,
+        }
+    }
+
+    /// An f32 gradient read rounded to a half format (and unscaled) updates the parameter and
+    /// the moments to the same bits as the gradient rounded (and divided) beforehand, as the
+    /// trainer rounded emulated gradients before.
+    #[test]
+    fn an_emulated_gradient_is_rounded_as_it_is_read() {
+        use crate::kernels::test_values;
+        use crate::precision::round_to_half;
+        // Several rayon chunks, and a tail; values of its own (the device's generator is shared
+        // with the tests running beside this one).
+        let shape = [300, 201];
+        let device = Device::ndarray();
+        let tensor = |seed: u32| {
+            let values = test_values(shape[0] * shape[1], seed);
+            Tensor::<1>::from_floats(values.as_slice(), &device).reshape(shape)
+        };
+        for format in [HalfFormat::F16, HalfFormat::Bf16] {
+            let param = tensor(9);
+            let (mut fused, mut fused_state) = (param.clone(), None);
+            let (mut reference, mut reference_state) = (param, None);
+            for step in 1..=3 {
+                let g = tensor(step).mul_scalar(512.0 * step as f32);
+                let rounded = round_to_half(g.clone(), format).mul_scalar(1.0 / 512.0);
+                (fused, fused_state) =
+                    adam(Some(format), 1.0 / 512.0).step(1e-2, fused, g, fused_state);
+                (reference, reference_state) =
+                    adam(None, 1.0).step(1e-2, reference, rounded, reference_state);
+            }
+            let bits = |t: &Tensor<2>| t.to_data().to_vec::<f32>().unwrap();
+            assert_eq!(bits(&fused), bits(&reference), "{format:?}");
+            let (fused_state, reference_state) = (fused_state.unwrap(), reference_state.unwrap());
+            assert_eq!(
+                bits(&fused_state.momentum.moment_1),
+                bits(&reference_state.momentum.moment_1),
+                "{format:?}"
+            );
+        }
+    }
+
     /// A half-precision gradient of a scaled loss, read with the factor `1 / scale`, updates
     /// the parameter and the moments to the same bits as its f32 value divided beforehand.
     #[test]
@@ -379,16 +443,7 @@ mod tests {
         use burn::tensor::{DType, Distribution};
         let device = Device::flex();
         device.seed(5);
-        let adam = |factor: f32| {
-            let gradient_factor = GradientFactor::default();
-            gradient_factor.set(factor);
-            FusedAdam {
-                beta_1: 0.9,
-                beta_2: 0.999,
-                epsilon: 1e-8,
-                gradient_factor,
-            }
-        };
+        let adam = |factor: f32| adam(None, factor);
         // Several rayon chunks, and a tail.
         let param = Tensor::<2>::random([300, 201], Distribution::Default, &device);
         let scaled = |step: f32| {

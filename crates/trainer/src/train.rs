@@ -29,7 +29,7 @@ use crate::data::{Dataset, Splits, epoch_order};
 use crate::error::{Error, Result};
 use crate::model::{BuiltinModel, Classifier};
 use crate::optim::{Optimizer, optimizer, schedule};
-use crate::precision::{self, Compute, LossScaler, ScalerState, Unscaling};
+use crate::precision::{self, Compute, GradientReading, LossScaler, ScalerState, Unscaling};
 use crate::progress::{Progress, thousands};
 use crate::resume::check_resumable;
 use crate::run_dir::RunDir;
@@ -234,7 +234,7 @@ impl Trainer {
         let unscaling = optimizer.unscaling();
         let Optimizer {
             module: optimizer,
-            gradient_factor,
+            reading,
         } = optimizer;
         let scheduler = schedule(&self.settings.optimizer, plan.total_steps)?;
         let loss_fn = CrossEntropyLossConfig::new().init(&device);
@@ -347,7 +347,12 @@ impl Trainer {
                 unscaling,
                 concurrent,
             };
-            let (grads, finite, loss) = pass.accumulate_gradients(&model, group);
+            let StepGradients {
+                grads,
+                finite,
+                loss,
+                reading: step_reading,
+            } = pass.accumulate_gradients(&model, group);
             if !loss.is_finite() {
                 return Err(Error::Diverged {
                     step: state.step + 1,
@@ -367,8 +372,8 @@ impl Trainer {
             let rate = scheduler.step();
             lr = rate.base();
             if apply {
-                if let Some(factor) = &gradient_factor {
-                    factor.set(loss_scale.map_or(1.0, |scale| 1.0 / scale));
+                if let Some(reading) = &reading {
+                    reading.set(step_reading);
                 }
                 model = optimizer.step(rate, model, grads);
             }
@@ -605,6 +610,17 @@ impl LoopState {
     }
 }
 
+/// The summed gradients of a step, ready for the optimizer.
+struct StepGradients {
+    grads: GradientsParams,
+    /// Whether they are all finite (checked only with loss scaling: `true` without).
+    finite: bool,
+    /// The step's loss (mean over its samples).
+    loss: f32,
+    /// What the optimizer is still to do to them as it reads them.
+    reading: GradientReading,
+}
+
 /// What the forward and backward passes of a step need.
 struct Pass<'a> {
     data: &'a Dataset,
@@ -622,33 +638,33 @@ struct Pass<'a> {
 
 impl Pass<'_> {
     /// Forward and backward over the pieces of one step (micro-batches x shards), on the step's
-    /// working copy of `model` (half precision or the f32 master itself); returns the summed
-    /// gradients ready for the optimizer (divided by the loss scale and in f32, or left to the
-    /// optimizer to unscale as `unscaling` says), whether they are all finite (checked only with
-    /// loss scaling: `true` without), and the step's loss (mean over its samples).
+    /// working copy of `model` (half precision or the f32 master itself): the summed gradients,
+    /// divided by the loss scale and in f32, or left to the optimizer to unscale (and, emulated,
+    /// round) as `unscaling` says.
     ///
     /// Concurrent or not, every piece computes the same gradients and they are summed in the
     /// pieces' order: the result does not depend on how the threads were spent.
-    fn accumulate_gradients<M: Classifier>(
-        &self,
-        model: &M,
-        group: &[usize],
-    ) -> (GradientsParams, bool, f32) {
+    fn accumulate_gradients<M: Classifier>(&self, model: &M, group: &[usize]) -> StepGradients {
         let working = self.compute.working_copy(model);
         let pieces = self.plan.pieces(group);
         if let [piece] = &pieces[..] {
             // One piece: its gradients are the step's, made ready for the optimizer in one pass.
             let (grads, loss) = self.piece_gradients(&working, piece, group.len());
-            let (grads, finite) =
+            let (grads, finite, reading) =
                 self.compute
                     .gradients_for_optimizer(grads, model, self.loss_scale, self.unscaling);
-            return (grads, finite, loss);
+            return StepGradients {
+                grads,
+                finite,
+                loss,
+                reading,
+            };
         }
         let mut grads = GradientsAccumulator::new();
         let mut loss_sum = 0.0f32;
         let mut add = |(piece_grads, loss): (GradientsParams, f32)| {
-            // In f32 to be summed.
-            let (piece_grads, _) =
+            // Each piece's gradients rounded as its own would be, and in f32 to be summed.
+            let (piece_grads, _, _) =
                 self.compute
                     .gradients_for_optimizer(piece_grads, model, None, Unscaling::Before);
             grads.accumulate(model, piece_grads);
@@ -672,8 +688,14 @@ impl Pass<'_> {
         }
         // Scaling and the overflow check apply to the step's summed gradients.
         let mut grads = grads.grads();
-        let finite = precision::unscale(&mut grads, model, self.loss_scale, self.unscaling);
-        (grads, finite, loss_sum)
+        let (finite, reading) =
+            precision::unscale(&mut grads, model, self.loss_scale, self.unscaling, None);
+        StepGradients {
+            grads,
+            finite,
+            loss: loss_sum,
+            reading,
+        }
     }
 
     /// The gradients (in the working copy's precision, keyed by the master's parameter ids) and

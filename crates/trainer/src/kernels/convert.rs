@@ -6,23 +6,74 @@
 //! they took 16% of the time. Here f16 uses AVX-512F's 16-lane conversion (or F16C's 8-lane one)
 //! chosen at run time, and bf16, which is the top half of an f32, plain loops that vectorise.
 //! Rounding is to nearest, ties to even, as in `half` (the same bits: a test checks).
+//!
+//! Emulated half precision needs the rounding without the format: [`RoundsInF32`] rounds an f32
+//! to a half format's value and keeps it in f32, with integer and float arithmetic on the f32
+//! itself (the same bits as narrowing and widening with `half`, checked for every f32), so that
+//! a loop that reads a value for other work can round it on the way.
 
 use std::mem::MaybeUninit;
 
 use half::{bf16, f16};
 
+/// A float format whose every value f32 holds: f32 itself, f16, bf16.
+pub trait RoundsInF32 {
+    /// `x` rounded to this format (to nearest, ties to even) and kept in f32: for a half
+    /// format, the value that narrowing then widening gives (a NaN stays a NaN), computed on the
+    /// f32 itself, with selects and no branches so that loops of it vectorise.
+    fn round_in_f32(x: f32) -> f32;
+}
+
+impl RoundsInF32 for f32 {
+    #[inline(always)]
+    fn round_in_f32(x: f32) -> f32 {
+        x
+    }
+}
+
 /// A 16-bit float format the conversions serve.
-pub trait HalfFloat: Copy + Send + Sync {
+pub trait HalfFloat: RoundsInF32 + Copy + Send + Sync {
     /// `dst[i] = src[i]` as f32 (exact).
     fn widen(src: &[Self], dst: &mut [MaybeUninit<f32>]);
     /// `dst[i] = src[i]` rounded to this format (to nearest, ties to even).
     fn narrow(src: &[f32], dst: &mut [MaybeUninit<Self>]);
+}
 
-    /// [`HalfFloat::narrow`] into initialised memory.
-    fn narrow_slice(src: &[f32], dst: &mut [Self]) {
-        // SAFETY: the conversion writes only initialised values.
-        Self::narrow(src, unsafe { as_uninit(dst) })
+/// `dst[i] = src[i]` rounded to `T`'s values, in f32 ([`RoundsInF32::round_in_f32`]).
+///
+/// Emulated half precision rounds this way rather than by narrowing and widening: one pass,
+/// no half buffer, and the same rounding inlines into loops that read values once for other
+/// work (the fused Adam's update, the loss scaler's overflow check).
+pub fn round_in_f32<T: RoundsInF32>(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    assert_eq!(src.len(), dst.len(), "rounding: lengths");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            return unsafe { x86::round_avx512::<T>(src, dst) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { x86::round_avx2::<T>(src, dst) };
+        }
     }
+    round_loop::<T>(src, dst)
+}
+
+/// [`round_in_f32`] where the values lie.
+pub fn round_in_f32_in_place<T: RoundsInF32>(values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            return unsafe { x86::round_in_place_avx512::<T>(values) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { x86::round_in_place_avx2::<T>(values) };
+        }
+    }
+    round_in_place_loop::<T>(values)
 }
 
 /// `values` as possibly uninitialised memory, for a writer that stores only initialised values.
@@ -43,12 +94,51 @@ impl HalfFloat for f16 {
     }
 }
 
+impl RoundsInF32 for f16 {
+    #[inline(always)]
+    fn round_in_f32(x: f32) -> f32 {
+        /// f16's smallest normal value, 2^-14: below it, its values are multiples of 2^-24.
+        const MIN_NORMAL: f32 = 6.103_515_6e-5;
+        /// Halfway between f16's largest value (65504) and the next power of two: from here
+        /// on values round to infinity.
+        const OVERFLOW: f32 = 65520.0;
+        let a = x.abs();
+        let bits = a.to_bits();
+        // The 13 fraction bits f16 lacks, rounded to nearest, ties to even (adding 0xfff plus
+        // the lowest kept bit); a carry into the exponent is the right result.
+        let normal = f32::from_bits(bits.wrapping_add(0x0fff + ((bits >> 13) & 1)) & !0x1fff);
+        // f32's spacing in [0.5, 1) is 2^-24: adding 0.5 rounds to it (to nearest, ties to
+        // even), and taking 0.5 away again is exact.
+        let subnormal = (a + 0.5) - 0.5;
+        // Past the overflow point: infinity, or the NaN itself.
+        let rounded = if a < MIN_NORMAL {
+            subnormal
+        } else if a < OVERFLOW {
+            normal
+        } else {
+            a + f32::INFINITY
+        };
+        rounded.copysign(x)
+    }
+}
+
 impl HalfFloat for bf16 {
     fn widen(src: &[bf16], dst: &mut [MaybeUninit<f32>]) {
         bf16_to_f32(src, dst)
     }
     fn narrow(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
         f32_to_bf16(src, dst)
+    }
+}
+
+impl RoundsInF32 for bf16 {
+    #[inline(always)]
+    fn round_in_f32(x: f32) -> f32 {
+        // The 16 low bits rounded away as `f32_to_bf16_loop` rounds them; overflow carries
+        // into infinity.
+        let bits = x.to_bits();
+        let rounded = f32::from_bits(bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000);
+        if x.is_nan() { x } else { rounded }
     }
 }
 
@@ -149,6 +239,20 @@ fn f32_to_bf16_loop(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     }
 }
 
+#[inline(always)]
+fn round_loop<T: RoundsInF32>(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(T::round_in_f32(s));
+    }
+}
+
+#[inline(always)]
+fn round_in_place_loop<T: RoundsInF32>(values: &mut [f32]) {
+    for v in values {
+        *v = T::round_in_f32(*v);
+    }
+}
+
 fn scalar_f16_to_f32(src: &[f16], dst: &mut [MaybeUninit<f32>]) {
     for (d, s) in dst.iter_mut().zip(src) {
         d.write(s.to_f32());
@@ -202,6 +306,42 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn f32_to_bf16_avx2(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
         super::f32_to_bf16_loop(src, dst)
+    }
+
+    /// [`super::round_loop`] in 16 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn round_avx512<T: super::RoundsInF32>(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        super::round_loop::<T>(src, dst)
+    }
+
+    /// [`super::round_loop`] in 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn round_avx2<T: super::RoundsInF32>(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        super::round_loop::<T>(src, dst)
+    }
+
+    /// [`super::round_in_place_loop`] in 16 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn round_in_place_avx512<T: super::RoundsInF32>(values: &mut [f32]) {
+        super::round_in_place_loop::<T>(values)
+    }
+
+    /// [`super::round_in_place_loop`] in 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn round_in_place_avx2<T: super::RoundsInF32>(values: &mut [f32]) {
+        super::round_in_place_loop::<T>(values)
     }
 
     /// Round to nearest, ties to even (AVX-512: and raise no floating-point exception).
@@ -313,6 +453,12 @@ mod tests {
             f32_to_bf16(black_box(&wide), as_uninit_ref(&mut bf16s))
         });
         time("bf16 -> f32", || bf16_to_f32(black_box(&bf16s), &mut out));
+        time("f32 rounded to f16, in f32", || {
+            round_in_f32::<f16>(black_box(&wide), &mut out)
+        });
+        time("f32 rounded to bf16, in f32", || {
+            round_in_f32::<bf16>(black_box(&wide), &mut out)
+        });
         time("f32 -> bf16, default target", || {
             f32_to_bf16_loop(black_box(&wide), as_uninit_ref(&mut bf16s))
         });
@@ -357,6 +503,66 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `round_in_f32` gives the bits of narrowing with `half` and widening back, for `floats`
+    /// (a NaN: a NaN), on every compiled path.
+    fn rounds_in_f32_as_half_does(floats: &[f32]) {
+        fn check<T: RoundsInF32>(floats: &[f32], reference: impl Fn(f32) -> f32) {
+            let mut out = vec![0.0f32; floats.len()];
+            round_in_f32::<T>(floats, as_uninit_ref(&mut out));
+            let mut in_place = floats.to_vec();
+            round_in_f32_in_place::<T>(&mut in_place);
+            let mut plain = vec![0.0f32; floats.len()];
+            round_loop::<T>(floats, as_uninit_ref(&mut plain));
+            let mut plain_in_place = floats.to_vec();
+            round_in_place_loop::<T>(&mut plain_in_place);
+            // The 8-lane path, which the dispatch passes over on an AVX-512 machine.
+            let (mut avx2, mut avx2_in_place) = (plain.clone(), plain_in_place.clone());
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                avx2_in_place = floats.to_vec();
+                // SAFETY: the CPU has AVX2, checked just above.
+                unsafe {
+                    x86::round_avx2::<T>(floats, as_uninit_ref(&mut avx2));
+                    x86::round_in_place_avx2::<T>(&mut avx2_in_place);
+                }
+            }
+            for (i, &v) in floats.iter().enumerate() {
+                let want = reference(v);
+                let paths = [out[i], in_place[i], plain[i], plain_in_place[i]];
+                for got in paths.into_iter().chain([avx2[i], avx2_in_place[i]]) {
+                    assert!(
+                        got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                        "{v:e} ({:#x}): {got:e} != {want:e}",
+                        v.to_bits()
+                    );
+                }
+            }
+        }
+        check::<f16>(floats, |v| f16::from_f32(v).to_f32());
+        check::<bf16>(floats, |v| bf16::from_f32(v).to_f32());
+    }
+
+    /// Every 4099th f32 bit pattern (both signs, every exponent) rounds in f32 as `half` rounds.
+    #[test]
+    fn rounding_in_f32_equals_the_half_crate_across_the_range() {
+        let floats: Vec<f32> = (0..=u32::MAX).step_by(4099).map(f32::from_bits).collect();
+        rounds_in_f32_as_half_does(&floats);
+    }
+
+    /// Every f32 (4 billion values): `cargo test --release -p allcores-trainer
+    /// rounding_in_f32_equals_the_half_crate_for_every_f32 -- --ignored`.
+    #[test]
+    #[ignore]
+    fn rounding_in_f32_equals_the_half_crate_for_every_f32() {
+        use rayon::prelude::*;
+        (0..=u16::MAX).into_par_iter().for_each(|high| {
+            let floats: Vec<f32> = (0..=u16::MAX)
+                .map(|low| f32::from_bits((high as u32) << 16 | low as u32))
+                .collect();
+            rounds_in_f32_as_half_does(&floats);
+        });
     }
 
     fn as_uninit_ref<T>(values: &mut [T]) -> &mut [MaybeUninit<T>] {
@@ -407,6 +613,7 @@ mod tests {
         ]);
         floats.push(0.1); // an odd length
         bf16_variants_agree(&halves, &floats);
+        rounds_in_f32_as_half_does(&floats);
         let mut f16_out = vec![MaybeUninit::uninit(); floats.len()];
         f32_to_f16(&floats, &mut f16_out);
         let mut bf16_out = vec![MaybeUninit::uninit(); floats.len()];

@@ -5,8 +5,9 @@
 //! master's), runs forward and backward on it, hands the gradients to the optimizer
 //! ([`Compute::gradients_for_optimizer`]: divided by the loss scale, in f32) and the optimizer
 //! updates the f32 master with its f32 state. The fused Adam takes them as they are, in half
-//! precision, and divides as it reads them ([`Unscaling::ByOptimizer`]). The loss and its softmax
-//! run in f32, on logits cast up, as PyTorch's autocast does.
+//! precision (or, emulated, in f32 not yet rounded), and divides (and rounds) as it reads them
+//! ([`Unscaling::ByOptimizer`], [`GradientReading`]). The loss and its softmax run in f32, on
+//! logits cast up, as PyTorch's autocast does.
 //!
 //! - burn-flex has F16 and BF16 tensors: there the working copy, the inputs and every activation
 //!   are real half precision ("native").
@@ -47,6 +48,23 @@ impl HalfFormat {
             HalfFormat::Bf16 => DType::BF16,
         }
     }
+
+    /// The largest finite value.
+    fn max(self) -> f32 {
+        match self {
+            HalfFormat::F16 => half::f16::MAX.to_f32(),
+            HalfFormat::Bf16 => half::bf16::MAX.to_f32(),
+        }
+    }
+
+    /// The magnitude from which an f32 rounds to infinity: halfway from the largest value to
+    /// the next power of two (the tie goes to infinity, whose bits are even).
+    fn overflow(self) -> f32 {
+        match self {
+            HalfFormat::F16 => 65520.0,
+            HalfFormat::Bf16 => f32::from_bits(0x7f7f_8000),
+        }
+    }
 }
 
 /// How the half precision of a run is obtained.
@@ -65,9 +83,29 @@ pub enum Unscaling {
     /// In a pass of their own, before the optimizer: it takes them as they come.
     Before,
     /// By the optimizer, as it reads them (the fused Adam's
-    /// [`GradientFactor`](crate::optim_adam::GradientFactor)): before it they are only checked,
-    /// one pass that reads, and half-precision gradients stay half.
+    /// [`SharedReading`](crate::optim_adam::SharedReading)): before it they are only checked,
+    /// one pass that reads, and half-precision gradients stay half. Emulated half precision's
+    /// rounding of the gradients is left to it too.
     ByOptimizer,
+}
+
+/// What is left to do to each gradient of a step as the optimizer reads it
+/// ([`Unscaling::ByOptimizer`]): round it to a half format, then multiply it by a factor (the
+/// inverse of the loss scale). Each element in turn, in cache: the gradients of a step go from
+/// the backward pass to the update without a pass over memory of their own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradientReading {
+    /// Emulated half precision: the format the gradients are rounded to.
+    pub round_to: Option<HalfFormat>,
+    pub factor: f32,
+}
+
+impl GradientReading {
+    /// Gradients taken as they are.
+    pub const AS_THEY_ARE: Self = Self {
+        round_to: None,
+        factor: 1.0,
+    };
 }
 
 /// The precision of a run's forward and backward passes on its backend.
@@ -124,60 +162,82 @@ impl Compute {
     }
 
     /// The gradients of the working copy as gradients of the master for the optimizer (`master`
-    /// names the parameters), and whether all of them are finite (checked only with a loss
-    /// `scale`: `true` without). Emulated half precision first rounds them to the format, as
-    /// its gradients would be; then they are divided by the scale and brought to f32, or only
-    /// checked, as `unscaling` says.
+    /// names the parameters), whether all of them are finite (checked only with a loss `scale`:
+    /// `true` without), and what the optimizer is still to do to them as it reads them.
+    /// Emulated half precision rounds them to the format, as its gradients would be: here, or,
+    /// when the optimizer unscales them, by the optimizer. Then they are divided by the scale and
+    /// brought to f32, or only checked, as `unscaling` says.
     pub fn gradients_for_optimizer<M: Module>(
         &self,
         mut grads: GradientsParams,
         master: &M,
         scale: Option<f32>,
         unscaling: Unscaling,
-    ) -> (GradientsParams, bool) {
-        if let (Some(format), PrecisionMode::Emulated) = (self.half, self.mode) {
-            master.visit(&mut EachGradient {
-                grads: &mut grads,
-                map: |g: Tensor<1>| round_to_half(g, format),
-            });
-        }
-        let finite = unscale(&mut grads, master, scale, unscaling);
-        (grads, finite)
+    ) -> (GradientsParams, bool, GradientReading) {
+        let emulated = match self.mode {
+            PrecisionMode::Emulated => self.half,
+            PrecisionMode::Native => None,
+        };
+        let round_to = match (emulated, unscaling) {
+            (Some(format), Unscaling::Before) => {
+                master.visit(&mut EachGradient {
+                    grads: &mut grads,
+                    map: |g: Tensor<1>| round_to_half(g, format),
+                });
+                None
+            }
+            (round_to, _) => round_to,
+        };
+        let (finite, reading) = unscale(&mut grads, master, scale, unscaling, round_to);
+        (grads, finite, reading)
     }
 }
 
 /// Makes gradients ready for the optimizer as `unscaling` says: divided by the loss `scale` and
-/// brought to f32, or only checked; returns whether every one of them is finite (`true`
-/// without a scale).
+/// brought to f32, or only checked (with the values they take once rounded `round_to`, which is
+/// then left to the optimizer). Returns whether every one of them is finite (`true` without a
+/// scale), and what the optimizer is still to do to them.
 pub fn unscale<M: Module>(
     grads: &mut GradientsParams,
     master: &M,
     scale: Option<f32>,
     unscaling: Unscaling,
-) -> bool {
+    round_to: Option<HalfFormat>,
+) -> (bool, GradientReading) {
+    let factor = scale.map_or(1.0, |scale| 1.0 / scale);
     let mut finite = true;
-    master.visit(&mut EachGradient {
-        grads,
-        map: |g: Tensor<1>| {
-            let (g, all_finite) = unscale_one(g, scale, unscaling);
-            finite &= all_finite;
-            g
-        },
-    });
-    finite
-}
-
-/// One gradient ready for the optimizer, and whether it is finite (`true` without a scale).
-fn unscale_one(g: Tensor<1>, scale: Option<f32>, unscaling: Unscaling) -> (Tensor<1>, bool) {
-    match (scale, unscaling) {
-        (Some(scale), Unscaling::ByOptimizer) => {
-            let finite = round::all_finite(&g, 1.0 / scale);
-            (g, finite)
+    match unscaling {
+        Unscaling::ByOptimizer => {
+            if scale.is_some() {
+                master.visit(&mut EachGradient {
+                    grads,
+                    map: |g: Tensor<1>| {
+                        finite &= round::all_finite(&g, factor, round_to);
+                        g
+                    },
+                });
+            }
+            (finite, GradientReading { round_to, factor })
         }
-        // Half tensors are read and widened chunk by chunk: one pass, f32 out.
-        (Some(scale), Unscaling::Before) => round::scale_and_check(g, 1.0 / scale),
-        (None, Unscaling::ByOptimizer) => (g, true),
-        (None, Unscaling::Before) => (convert(g, DType::F32), true),
+        Unscaling::Before => {
+            assert!(
+                round_to.is_none(),
+                "unscale: rounding is left to the optimizer"
+            );
+            master.visit(&mut EachGradient {
+                grads,
+                map: |g: Tensor<1>| match scale {
+                    // Half tensors are read and widened chunk by chunk: one pass, f32 out.
+                    Some(_) => {
+                        let (g, all_finite) = round::scale_and_check(g, factor);
+                        finite &= all_finite;
+                        g
+                    }
+                    None => convert(g, DType::F32),
+                },
+            });
+            (finite, GradientReading::AS_THEY_ARE)
+        }
     }
 }
 

@@ -27,14 +27,14 @@ use burn::tensor::DType;
 
 use super::HalfFormat;
 use crate::kernels::build_in_parallel_uninit;
-use crate::kernels::convert::{HalfFloat, as_uninit};
+use crate::kernels::convert::{HalfFloat, round_in_f32, round_in_f32_in_place};
 use crate::kernels::extension::HostSlices;
 
 /// Elements per rayon task: rounding is element-wise, so the split changes no result.
 const CHUNK: usize = 1 << 14;
 
-/// Values rounded at a time through a half-precision buffer that stays in the L1 cache.
-const HALF_BLOCK: usize = 512;
+/// Values the overflow check rounds at a time, into a buffer that stays in the L1 cache.
+const ROUND_BLOCK: usize = 1024;
 
 /// Rounding to a half format, values kept in f32; and the loss scaler's unscaling.
 #[backend_extension(NdArray, Flex, Autodiff)]
@@ -49,7 +49,8 @@ pub trait RoundBackend: Backend {
 
     /// Whether every element of `x * factor` is finite, computed in f32 as
     /// [`RoundBackend::scale_and_check`] computes it, without writing it: one pass that reads.
-    fn all_finite(x: FloatTensor<Self>, factor: f32) -> bool;
+    /// With `round_to`, of `x` rounded to that format first (rounded in cache, not stored).
+    fn all_finite(x: FloatTensor<Self>, factor: f32, round_to: Option<HalfFormat>) -> bool;
 
     /// `x` in `dtype` (f32, or on burn-flex f16 or bf16): burn's cast, with the CPU's vector
     /// conversions on every thread rather than one element at a time.
@@ -105,23 +106,64 @@ fn scale_and_check_tensor<B: HostSlices>(x: FloatTensor<B>, factor: f32) -> (Flo
     (B::write_f32(out, shape), finite)
 }
 
-/// Whether every element of `x * factor` is finite (in f32).
-pub fn all_finite<const D: usize>(x: &Tensor<D>, factor: f32) -> bool {
-    <Dispatch as RoundBackend>::all_finite(x.clone().into_dispatch(), factor)
+/// Whether every element of `x * factor` is finite (in f32), `x` rounded `round_to` first.
+pub fn all_finite<const D: usize>(
+    x: &Tensor<D>,
+    factor: f32,
+    round_to: Option<HalfFormat>,
+) -> bool {
+    <Dispatch as RoundBackend>::all_finite(x.clone().into_dispatch(), factor, round_to)
 }
 
-fn all_finite_tensor<B: HostSlices>(x: FloatTensor<B>, factor: f32) -> bool {
+fn all_finite_tensor<B: HostSlices>(
+    x: FloatTensor<B>,
+    factor: f32,
+    round_to: Option<HalfFormat>,
+) -> bool {
     let held = B::read(&x);
     let values = held.values();
+    let finite = |values: &[f32]| {
+        values
+            .iter()
+            .fold(true, |all, &v| all & (v * factor).is_finite())
+    };
     // A logical "and": the same answer whatever the split.
     (0..values.len().div_ceil(CHUNK)).into_par_iter().all(|i| {
         let mut scratch = Vec::new();
         let range = i * CHUNK..(i * CHUNK + CHUNK).min(values.len());
         let values = values.read(range, &mut scratch);
-        values
-            .iter()
-            .fold(true, |all, &v| all & (v * factor).is_finite())
+        let Some(format) = round_to else {
+            return finite(values);
+        };
+        if (format.max() * factor).is_finite() {
+            // Then a rounded value times the factor is finite exactly when the rounded value
+            // is, that is when the value lies below the format's overflow point: no rounding.
+            let overflow = format.overflow();
+            return values
+                .iter()
+                .fold(true, |all, &v| all & (v.abs() < overflow));
+        }
+        // Rounded a block at a time into a buffer that stays in the L1 cache.
+        let mut rounded = [MaybeUninit::uninit(); ROUND_BLOCK];
+        values.chunks(ROUND_BLOCK).all(|block| {
+            let rounded = &mut rounded[..block.len()];
+            match format {
+                HalfFormat::F16 => round_in_f32::<f16>(block, rounded),
+                HalfFormat::Bf16 => round_in_f32::<bf16>(block, rounded),
+            }
+            // SAFETY: `round_in_f32` wrote every element.
+            finite(unsafe { assume_init(rounded) })
+        })
     })
+}
+
+/// `values`, every one of which has been written.
+///
+/// # Safety
+/// Every element must be initialised.
+unsafe fn assume_init(values: &[MaybeUninit<f32>]) -> &[f32] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the caller says all are initialised.
+    unsafe { &*(values as *const [MaybeUninit<f32>] as *const [f32]) }
 }
 
 /// `x` with every element rounded to `format` (to nearest, ties to even), still f32.
@@ -133,39 +175,27 @@ pub fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor
 }
 
 /// `values` rounded to `T` and back, in a new buffer.
-fn round_slice<T: HalfFloat + Default>(values: &[f32]) -> Vec<f32> {
+fn round_slice<T: HalfFloat>(values: &[f32]) -> Vec<f32> {
     let round_chunk = |i: usize, out: &mut [MaybeUninit<f32>]| {
-        let values = &values[i * CHUNK..][..out.len()];
-        let mut half = [T::default(); HALF_BLOCK];
-        for (values, out) in values.chunks(HALF_BLOCK).zip(out.chunks_mut(HALF_BLOCK)) {
-            let half = &mut half[..values.len()];
-            T::narrow_slice(values, half);
-            T::widen(half, out);
-        }
+        round_in_f32::<T>(&values[i * CHUNK..][..out.len()], out)
     };
-    // SAFETY: every block of every chunk is widened whole into `out`.
+    // SAFETY: `round_in_f32` writes every element of each chunk's `out`.
     unsafe { build_in_parallel_uninit(values.len(), CHUNK, round_chunk) }
 }
 
 /// `values` rounded to `T` and back where they lie: no new buffer to write, for a tensor no one
 /// else holds.
-fn round_in_place<T: HalfFloat + Default>(values: &mut [f32]) {
-    values.par_chunks_mut(CHUNK).for_each(|chunk| {
-        let mut half = [T::default(); HALF_BLOCK];
-        for block in chunk.chunks_mut(HALF_BLOCK) {
-            let half = &mut half[..block.len()];
-            T::narrow_slice(block, half);
-            // SAFETY: the widening writes only initialised values.
-            T::widen(half, unsafe { as_uninit(block) });
-        }
-    });
+fn round_in_place<T: HalfFloat>(values: &mut [f32]) {
+    values
+        .par_chunks_mut(CHUNK)
+        .for_each(round_in_f32_in_place::<T>);
 }
 
 /// Rounds to bf16 (or f16) values: in place when the tensor is unshared f32 (a fresh
 /// activation, a gradient), else into a copy (the working copy of a weight, whose storage the
 /// master shares).
 fn round_tensor<B: HostSlices>(x: FloatTensor<B>, bf16: bool) -> FloatTensor<B> {
-    fn round_as<B: HostSlices, T: HalfFloat + Default>(mut x: FloatTensor<B>) -> FloatTensor<B> {
+    fn round_as<B: HostSlices, T: HalfFloat>(mut x: FloatTensor<B>) -> FloatTensor<B> {
         if let Some(values) = B::f32_mut(&mut x) {
             round_in_place::<T>(values);
             return x;
@@ -189,8 +219,8 @@ impl RoundBackend for NdArray {
         scale_and_check_tensor::<Self>(x, factor)
     }
 
-    fn all_finite(x: NdArrayTensor, factor: f32) -> bool {
-        all_finite_tensor::<Self>(x, factor)
+    fn all_finite(x: NdArrayTensor, factor: f32, round_to: Option<HalfFormat>) -> bool {
+        all_finite_tensor::<Self>(x, factor, round_to)
     }
 
     fn convert(x: NdArrayTensor, dtype: DType) -> NdArrayTensor {
@@ -207,8 +237,8 @@ impl RoundBackend for Flex {
         scale_and_check_tensor::<Self>(x, factor)
     }
 
-    fn all_finite(x: FlexTensor, factor: f32) -> bool {
-        all_finite_tensor::<Self>(x, factor)
+    fn all_finite(x: FlexTensor, factor: f32, round_to: Option<HalfFormat>) -> bool {
+        all_finite_tensor::<Self>(x, factor, round_to)
     }
 
     fn convert(x: FlexTensor, dtype: DType) -> FlexTensor {
@@ -259,8 +289,8 @@ impl<B: RoundBackend, C: CheckpointStrategy> RoundBackend for Autodiff<B, C> {
         (y, finite)
     }
 
-    fn all_finite(x: FloatTensor<Self>, factor: f32) -> bool {
-        B::all_finite(x.into_primitive(), factor)
+    fn all_finite(x: FloatTensor<Self>, factor: f32, round_to: Option<HalfFormat>) -> bool {
+        B::all_finite(x.into_primitive(), factor, round_to)
     }
 
     fn convert(x: FloatTensor<Self>, dtype: DType) -> FloatTensor<Self> {
@@ -415,6 +445,47 @@ mod tests {
             let x = Tensor::<1>::from_floats([3e38f32, 1.0], &device);
             assert!(!scale_and_check(x, 2.0).1);
         }
+    }
+
+    /// The check of values to be rounded answers as rounding them first and checking the
+    /// rounded values would: near each format's overflow point, with NaN and infinity, with a
+    /// factor that keeps the largest half finite and with one that does not.
+    #[test]
+    fn all_finite_once_rounded_answers_as_rounding_first() {
+        let device = Device::ndarray();
+        for format in [HalfFormat::F16, HalfFormat::Bf16] {
+            let (max, overflow) = (format.max(), format.overflow());
+            let below = f32::from_bits(overflow.to_bits() - 1);
+            let cases = [
+                vec![1.0, -max, below],
+                vec![1.0, overflow],
+                vec![-below, -overflow],
+                vec![f32::NAN],
+                vec![f32::NEG_INFINITY, 0.0],
+                vec![1e-30, -2.5],
+            ];
+            for values in cases {
+                for factor in [1.0, 1.0 / 65536.0, 2.0, 1e34, f32::MAX] {
+                    let x = Tensor::<1>::from_floats(values.as_slice(), &device);
+                    let rounded = round_to_half(x.clone(), format);
+                    let want = all_finite(&rounded, factor, None);
+                    assert_eq!(
+                        all_finite(&x, factor, Some(format)),
+                        want,
+                        "{format:?} {values:?} x {factor:e}"
+                    );
+                }
+            }
+        }
+        // Both answers occur.
+        let x = Tensor::<1>::from_floats([65519.0f32], &device);
+        assert!(all_finite(&x, 1.0, Some(HalfFormat::F16)));
+        assert!(!all_finite(
+            &x.clone().mul_scalar(2.0),
+            1.0,
+            Some(HalfFormat::F16)
+        ));
+        assert!(all_finite(&x.mul_scalar(2.0), 1.0, Some(HalfFormat::Bf16)));
     }
 
     #[test]
