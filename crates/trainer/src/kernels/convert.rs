@@ -18,6 +18,12 @@ use half::{bf16, f16};
 
 /// A float format whose every value f32 holds: f32 itself, f16, bf16.
 pub trait RoundsInF32 {
+    /// The largest finite value.
+    const MAX: f32;
+    /// The magnitude from which an f32 rounds to infinity: halfway from the largest value to
+    /// the next power of two (the tie goes to infinity, whose bits are even).
+    const OVERFLOW: f32;
+
     /// `x` rounded to this format (to nearest, ties to even) and kept in f32: for a half
     /// format, the value that narrowing then widening gives (a NaN stays a NaN), computed on the
     /// f32 itself, with selects and no branches so that loops of it vectorise.
@@ -25,6 +31,9 @@ pub trait RoundsInF32 {
 }
 
 impl RoundsInF32 for f32 {
+    const MAX: f32 = f32::MAX;
+    const OVERFLOW: f32 = f32::INFINITY;
+
     #[inline(always)]
     fn round_in_f32(x: f32) -> f32 {
         x
@@ -95,13 +104,13 @@ impl HalfFloat for f16 {
 }
 
 impl RoundsInF32 for f16 {
+    const MAX: f32 = 65504.0;
+    const OVERFLOW: f32 = 65520.0;
+
     #[inline(always)]
     fn round_in_f32(x: f32) -> f32 {
         /// f16's smallest normal value, 2^-14: below it, its values are multiples of 2^-24.
         const MIN_NORMAL: f32 = 6.103_515_6e-5;
-        /// Halfway between f16's largest value (65504) and the next power of two: from here
-        /// on values round to infinity.
-        const OVERFLOW: f32 = 65520.0;
         let a = x.abs();
         let bits = a.to_bits();
         // The 13 fraction bits f16 lacks, rounded to nearest, ties to even (adding 0xfff plus
@@ -113,7 +122,7 @@ impl RoundsInF32 for f16 {
         // Past the overflow point: infinity, or the NaN itself.
         let rounded = if a < MIN_NORMAL {
             subnormal
-        } else if a < OVERFLOW {
+        } else if a < Self::OVERFLOW {
             normal
         } else {
             a + f32::INFINITY
@@ -132,6 +141,10 @@ impl HalfFloat for bf16 {
 }
 
 impl RoundsInF32 for bf16 {
+    /// bf16's largest value, bits 0x7f7f, and the point halfway to 2^128.
+    const MAX: f32 = f32::from_bits(0x7f7f_0000);
+    const OVERFLOW: f32 = f32::from_bits(0x7f7f_8000);
+
     #[inline(always)]
     fn round_in_f32(x: f32) -> f32 {
         // The 16 low bits rounded away as `f32_to_bf16_loop` rounds them; overflow carries
@@ -542,6 +555,19 @@ mod tests {
         }
         check::<f16>(floats, |v| f16::from_f32(v).to_f32());
         check::<bf16>(floats, |v| bf16::from_f32(v).to_f32());
+    }
+
+    /// `MAX` is the format's largest value, `OVERFLOW` the first f32 that rounds past it.
+    #[test]
+    fn max_and_overflow_are_the_formats_own() {
+        fn check<T: RoundsInF32>(max: f32) {
+            assert_eq!(T::MAX, max);
+            let below = f32::from_bits(T::OVERFLOW.to_bits() - 1);
+            assert_eq!(T::round_in_f32(below), T::MAX);
+            assert_eq!(T::round_in_f32(T::OVERFLOW), f32::INFINITY);
+        }
+        check::<f16>(f16::MAX.to_f32());
+        check::<bf16>(bf16::MAX.to_f32());
     }
 
     /// Every 4099th f32 bit pattern (both signs, every exponent) rounds in f32 as `half` rounds.

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use round::{convert, round_to_half};
 pub use scaler::{LossScaler, ScalerState};
 
+use crate::kernels::convert::RoundsInF32;
 use crate::model::Classifier;
 use crate::settings::{Backend, Precision};
 
@@ -49,20 +50,19 @@ impl HalfFormat {
         }
     }
 
-    /// The largest finite value.
+    /// The largest finite value ([`RoundsInF32::MAX`]).
     fn max(self) -> f32 {
         match self {
-            HalfFormat::F16 => half::f16::MAX.to_f32(),
-            HalfFormat::Bf16 => half::bf16::MAX.to_f32(),
+            HalfFormat::F16 => <half::f16 as RoundsInF32>::MAX,
+            HalfFormat::Bf16 => <half::bf16 as RoundsInF32>::MAX,
         }
     }
 
-    /// The magnitude from which an f32 rounds to infinity: halfway from the largest value to
-    /// the next power of two (the tie goes to infinity, whose bits are even).
+    /// The magnitude from which an f32 rounds to infinity ([`RoundsInF32::OVERFLOW`]).
     fn overflow(self) -> f32 {
         match self {
-            HalfFormat::F16 => 65520.0,
-            HalfFormat::Bf16 => f32::from_bits(0x7f7f_8000),
+            HalfFormat::F16 => <half::f16 as RoundsInF32>::OVERFLOW,
+            HalfFormat::Bf16 => <half::bf16 as RoundsInF32>::OVERFLOW,
         }
     }
 }

@@ -127,43 +127,35 @@ fn all_finite_tensor<B: HostSlices>(
             .iter()
             .fold(true, |all, &v| all & (v * factor).is_finite())
     };
+    // When the factor cannot carry the format's largest value past f32's range, a rounded
+    // value times the factor is finite exactly when the rounded value is, that is when the
+    // value lies below the format's overflow point: a comparison, no rounding.
+    let overflow = round_to
+        .filter(|format| (format.max() * factor).is_finite())
+        .map(HalfFormat::overflow);
     // A logical "and": the same answer whatever the split.
     (0..values.len().div_ceil(CHUNK)).into_par_iter().all(|i| {
         let mut scratch = Vec::new();
         let range = i * CHUNK..(i * CHUNK + CHUNK).min(values.len());
         let values = values.read(range, &mut scratch);
-        let Some(format) = round_to else {
-            return finite(values);
-        };
-        if (format.max() * factor).is_finite() {
-            // Then a rounded value times the factor is finite exactly when the rounded value
-            // is, that is when the value lies below the format's overflow point: no rounding.
-            let overflow = format.overflow();
-            return values
+        match (round_to, overflow) {
+            (None, _) => finite(values),
+            (Some(_), Some(overflow)) => values
                 .iter()
-                .fold(true, |all, &v| all & (v.abs() < overflow));
+                .fold(true, |all, &v| all & (v.abs() < overflow)),
+            // Rounded a block at a time in a buffer that stays in the L1 cache.
+            (Some(format), None) => values.chunks(ROUND_BLOCK).all(|block| {
+                let mut rounded = [0.0; ROUND_BLOCK];
+                let rounded = &mut rounded[..block.len()];
+                rounded.copy_from_slice(block);
+                match format {
+                    HalfFormat::F16 => round_in_f32_in_place::<f16>(rounded),
+                    HalfFormat::Bf16 => round_in_f32_in_place::<bf16>(rounded),
+                }
+                finite(rounded)
+            }),
         }
-        // Rounded a block at a time into a buffer that stays in the L1 cache.
-        let mut rounded = [MaybeUninit::uninit(); ROUND_BLOCK];
-        values.chunks(ROUND_BLOCK).all(|block| {
-            let rounded = &mut rounded[..block.len()];
-            match format {
-                HalfFormat::F16 => round_in_f32::<f16>(block, rounded),
-                HalfFormat::Bf16 => round_in_f32::<bf16>(block, rounded),
-            }
-            // SAFETY: `round_in_f32` wrote every element.
-            finite(unsafe { assume_init(rounded) })
-        })
     })
-}
-
-/// `values`, every one of which has been written.
-///
-/// # Safety
-/// Every element must be initialised.
-unsafe fn assume_init(values: &[MaybeUninit<f32>]) -> &[f32] {
-    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the caller says all are initialised.
-    unsafe { &*(values as *const [MaybeUninit<f32>] as *const [f32]) }
 }
 
 /// `x` with every element rounded to `format` (to nearest, ties to even), still f32.
