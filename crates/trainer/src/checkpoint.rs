@@ -283,6 +283,44 @@ mod tests {
         }
     }
 
+    /// The loop's sums and the finished epochs' metrics are f64s that a resume goes on from:
+    /// a checkpoint must give back every bit of them, or the resumed run's metrics differ
+    /// from the uninterrupted run's in the last digit.
+    #[test]
+    fn the_state_file_gives_back_every_bit_of_its_floats() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut value =
+            || f64::from_bits(rng.random_range(0x3f00_0000_0000_0000..0x4100_0000_0000_0000u64));
+        let mut written = state(4);
+        written.epoch_loss_sum = value();
+        written.metrics = (1..=500)
+            .map(|epoch| EpochMetrics {
+                epoch,
+                steps: epoch,
+                samples: epoch,
+                train_loss: value(),
+                test_loss: value(),
+                test_accuracy: value(),
+                lr: value(),
+                samples_per_second: value(),
+                cpu_utilization: value(),
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &written, "x = 1", b"model", b"optim", 1).unwrap();
+        let read_back = newest_valid(dir.path()).unwrap().0.unwrap().state;
+        let bits = |s: &LoopState| {
+            let mut bits = vec![s.epoch_loss_sum.to_bits()];
+            for m in &s.metrics {
+                bits.extend([m.train_loss, m.test_loss, m.test_accuracy, m.lr].map(f64::to_bits));
+                bits.extend([m.samples_per_second, m.cpu_utilization].map(f64::to_bits));
+            }
+            bits
+        };
+        assert_eq!(bits(&read_back), bits(&written));
+    }
+
     #[test]
     fn writes_keeps_the_newest_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
