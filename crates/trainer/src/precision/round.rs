@@ -39,9 +39,9 @@ const ROUND_BLOCK: usize = 1024;
 /// Rounding to a half format, values kept in f32; and the loss scaler's unscaling.
 #[backend_extension(NdArray, Flex, Autodiff)]
 pub trait RoundBackend: Backend {
-    /// Every element of an f32 tensor rounded to the nearest f16 value (`bf16 = false`) or bf16
-    /// value (round to nearest, ties to even), as f32.
-    fn round_to_half(x: FloatTensor<Self>, bf16: bool) -> FloatTensor<Self>;
+    /// Every element of an f32 tensor rounded to the nearest value of `format` (round to
+    /// nearest, ties to even), as f32.
+    fn round_to_half(x: FloatTensor<Self>, format: HalfFormat) -> FloatTensor<Self>;
 
     /// `x * factor` as f32, and whether every element of it is finite: one parallel pass where
     /// tensor operations would take three, one of them serial.
@@ -162,7 +162,7 @@ fn all_finite_tensor<B: HostSlices>(
 pub fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as RoundBackend>::round_to_half(
         x.into_dispatch(),
-        format == HalfFormat::Bf16,
+        format,
     ))
 }
 
@@ -186,7 +186,7 @@ fn round_in_place<T: HalfFloat>(values: &mut [f32]) {
 /// Rounds to bf16 (or f16) values: in place when the tensor is unshared f32 (a fresh
 /// activation, a gradient), else into a copy (the working copy of a weight, whose storage the
 /// master shares).
-fn round_tensor<B: HostSlices>(x: FloatTensor<B>, bf16: bool) -> FloatTensor<B> {
+fn round_tensor<B: HostSlices>(x: FloatTensor<B>, format: HalfFormat) -> FloatTensor<B> {
     fn round_as<B: HostSlices, T: HalfFloat>(mut x: FloatTensor<B>) -> FloatTensor<B> {
         if let Some(values) = B::f32_mut(&mut x) {
             round_in_place::<T>(values);
@@ -195,16 +195,15 @@ fn round_tensor<B: HostSlices>(x: FloatTensor<B>, bf16: bool) -> FloatTensor<B> 
         let shape = x.shape().to_vec();
         B::write_f32(round_slice::<T>(&B::read_f32(&x)), shape)
     }
-    if bf16 {
-        round_as::<B, bf16>(x)
-    } else {
-        round_as::<B, f16>(x)
+    match format {
+        HalfFormat::F16 => round_as::<B, f16>(x),
+        HalfFormat::Bf16 => round_as::<B, bf16>(x),
     }
 }
 
 impl RoundBackend for NdArray {
-    fn round_to_half(x: NdArrayTensor, bf16: bool) -> NdArrayTensor {
-        round_tensor::<Self>(x, bf16)
+    fn round_to_half(x: NdArrayTensor, format: HalfFormat) -> NdArrayTensor {
+        round_tensor::<Self>(x, format)
     }
 
     fn scale_and_check(x: NdArrayTensor, factor: f32) -> (NdArrayTensor, bool) {
@@ -221,8 +220,8 @@ impl RoundBackend for NdArray {
 }
 
 impl RoundBackend for Flex {
-    fn round_to_half(x: FlexTensor, bf16: bool) -> FlexTensor {
-        round_tensor::<Self>(x, bf16)
+    fn round_to_half(x: FlexTensor, format: HalfFormat) -> FlexTensor {
+        round_tensor::<Self>(x, format)
     }
 
     fn scale_and_check(x: FlexTensor, factor: f32) -> (FlexTensor, bool) {
@@ -243,7 +242,7 @@ impl RoundBackend for Flex {
 struct RoundBackward;
 
 impl<B: RoundBackend> Backward<B, 1> for RoundBackward {
-    type State = bool;
+    type State = HalfFormat;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x] = ops.parents;
@@ -255,15 +254,15 @@ impl<B: RoundBackend> Backward<B, 1> for RoundBackward {
 }
 
 impl<B: RoundBackend, C: CheckpointStrategy> RoundBackend for Autodiff<B, C> {
-    fn round_to_half(x: FloatTensor<Self>, bf16: bool) -> FloatTensor<Self> {
+    fn round_to_half(x: FloatTensor<Self>, format: HalfFormat) -> FloatTensor<Self> {
         let (x, x_node) = x.into_parts();
         match RoundBackward
             .prepare::<C>([x_node])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(bf16, B::round_to_half(x, bf16)),
-            OpsKind::UnTracked(prep) => prep.finish(B::round_to_half(x, bf16)),
+            OpsKind::Tracked(prep) => prep.finish(format, B::round_to_half(x, format)),
+            OpsKind::UnTracked(prep) => prep.finish(B::round_to_half(x, format)),
         }
     }
 
@@ -389,15 +388,14 @@ mod tests {
         let values: Vec<f32> = (0..3 * CHUNK + 7)
             .map(|i| (i as f32 * 0.37).sin() * 1e3)
             .collect();
-        for bf16 in [false, true] {
-            let want = if bf16 {
-                round_slice::<half::bf16>(&values)
-            } else {
-                round_slice::<f16>(&values)
+        for format in [HalfFormat::F16, HalfFormat::Bf16] {
+            let want = match format {
+                HalfFormat::F16 => round_slice::<f16>(&values),
+                HalfFormat::Bf16 => round_slice::<half::bf16>(&values),
             };
             let unshared = NdArray::write_f32(values.clone(), vec![values.len()]);
             let storage = NdArray::read_f32(&unshared).as_ptr();
-            let rounded = round_tensor::<NdArray>(unshared, bf16);
+            let rounded = round_tensor::<NdArray>(unshared, format);
             assert_eq!(
                 NdArray::read_f32(&rounded).as_ptr(),
                 storage,
@@ -406,7 +404,7 @@ mod tests {
             assert_eq!(NdArray::read_f32(&rounded).into_owned(), want);
 
             let kept = NdArray::write_f32(values.clone(), vec![values.len()]);
-            let rounded = round_tensor::<NdArray>(kept.clone(), bf16);
+            let rounded = round_tensor::<NdArray>(kept.clone(), format);
             assert_ne!(
                 NdArray::read_f32(&rounded).as_ptr(),
                 NdArray::read_f32(&kept).as_ptr()
