@@ -311,12 +311,16 @@ mod tests {
         write(dir.path(), &written, "x = 1", b"model", b"optim", 1).unwrap();
         let read_back = newest_valid(dir.path()).unwrap().0.unwrap().state;
         let bits = |s: &LoopState| {
-            let mut bits = vec![s.epoch_loss_sum.to_bits()];
-            for m in &s.metrics {
-                bits.extend([m.train_loss, m.test_loss, m.test_accuracy, m.lr].map(f64::to_bits));
-                bits.extend([m.samples_per_second, m.cpu_utilization].map(f64::to_bits));
-            }
-            bits
+            let metrics = s.metrics.iter().flat_map(|m| {
+                let throughput = [m.samples_per_second, m.cpu_utilization];
+                [m.train_loss, m.test_loss, m.test_accuracy, m.lr]
+                    .into_iter()
+                    .chain(throughput)
+            });
+            std::iter::once(s.epoch_loss_sum)
+                .chain(metrics)
+                .map(f64::to_bits)
+                .collect::<Vec<_>>()
         };
         assert_eq!(bits(&read_back), bits(&written));
     }
