@@ -10,13 +10,13 @@
 //! bias gradient is summed column block by column block, each column over the batch in sample
 //! order.
 
-use std::mem::MaybeUninit;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
 use super::matmul::{Mat, for_each_tile};
+use super::relu_in_place;
 use super::values::{Buffer, Held, Values};
-use super::{build_in_parallel_uninit, relu_in_place};
 
 /// Tile of the `[batch, features]` products (the output and the input gradient): samples x
 /// features. A batch of 128 through a 512-wide layer is 4 equal tasks. Smaller tiles made the
@@ -28,12 +28,6 @@ pub const TILE: (usize, usize) = (128, 128);
 /// columns: `gemm` packs the transposed input only for wider tiles, and reading it strided made
 /// the weight gradient 1.4x slower at batch 256.
 pub const WEIGHT_TILE: (usize, usize) = (128, 256);
-
-/// Rows of a transposed matrix per task.
-const TRANSPOSE_ROWS: usize = 64;
-
-/// Side of the squares a transpose copies at a time.
-const TRANSPOSE_SQUARE: usize = 16;
 
 /// Output columns per task when summing the bias gradient over the batch.
 const BIAS_COLUMNS: usize = 128;
@@ -128,14 +122,16 @@ pub fn backward<'a>(
     let weight_grad = for_each_tile(param_format, (s.inputs, s.outputs), WEIGHT_TILE, |tile| {
         tile.matmul(x_t, g_rows, s.batch, false);
     });
-    // dx = g · Wᵀ, with Wᵀ copied out row-major first: GEMM packs a transposed operand for
-    // every tile, which made this product 1.6x slower than the forward one.
+    // dx = g · Wᵀ. Each tile copies out the part of Wᵀ it multiplies by, row-major and in f32,
+    // while it is in cache: GEMM packs a transposed operand slowly (reading Wᵀ in place made
+    // this product 1.6x slower than the forward one), and transposing the whole of W first was
+    // a pass over memory of its own (0.4 ms of an MLP step at one thread).
     let x_grad = input_grad.then(|| {
-        let weight_t = transpose(weight, s.inputs, s.outputs);
-        let weight_t = Held::operand(weight_t.values());
-        let weight_t = Mat::rows(weight_t.values(), s.inputs);
         for_each_tile(x_format, (s.batch, s.inputs), TILE, |tile| {
-            tile.matmul(g_rows, weight_t, s.outputs, false);
+            let columns = tile.columns();
+            let block = transposed_rows(weight, columns.clone(), s.outputs);
+            let block = Mat::rows(&block[..], columns.len());
+            tile.matmul_block(g_rows, block, s.outputs, false);
         })
     });
     LinearGrads {
@@ -145,39 +141,13 @@ pub fn backward<'a>(
     }
 }
 
-/// The transpose of the row-major `rows x cols` matrix `m`: `cols x rows`, row-major, in the
-/// format of `m`.
-fn transpose(m: Values<'_>, rows: usize, cols: usize) -> Buffer {
-    match m {
-        Values::F32(m) => Buffer::F32(transpose_of(m, rows, cols)),
-        Values::F16(m) => Buffer::F16(transpose_of(m, rows, cols)),
-        Values::Bf16(m) => Buffer::Bf16(transpose_of(m, rows, cols)),
-    }
-}
-
-/// [`transpose`] of one element type. A copy, no arithmetic: blocks of [`TRANSPOSE_ROWS`] output
-/// rows on rayon, each copied in squares of [`TRANSPOSE_SQUARE`] so that both the rows read and
-/// the rows written stay in cache (a column of a row-major matrix whose width is a power of two
-/// maps onto few cache sets).
-fn transpose_of<T: Copy + Send + Sync>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
-    if rows == 0 {
-        return Vec::new();
-    }
-    let copy_block = |block: usize, t: &mut [MaybeUninit<T>]| {
-        let first = block * TRANSPOSE_ROWS;
-        let width = t.len() / rows;
-        for i0 in (0..rows).step_by(TRANSPOSE_SQUARE) {
-            let i1 = (i0 + TRANSPOSE_SQUARE).min(rows);
-            for j in 0..width {
-                let out = &mut t[j * rows + i0..j * rows + i1];
-                for (o, i) in out.iter_mut().zip(i0..i1) {
-                    o.write(m[i * cols + first + j]);
-                }
-            }
-        }
-    };
-    // SAFETY: the squares cover every row `j < width` and column `i < rows` of a block.
-    unsafe { build_in_parallel_uninit(rows * cols, TRANSPOSE_ROWS * rows, copy_block) }
+/// Rows `rows` of the row-major matrix `m` with `cols` columns, transposed: a row-major
+/// `cols x rows.len()` matrix in f32. The rows are contiguous in `m`.
+fn transposed_rows(m: Values<'_>, rows: Range<usize>, cols: usize) -> Vec<f32> {
+    let block = m.f32_range(rows.start * cols..rows.end * cols);
+    let mut t = vec![0.0; block.len()];
+    transpose::transpose(&block, &mut t, cols, rows.len());
+    t
 }
 
 /// `dy` where the fused ReLU's output `y` is positive, zero elsewhere, in the format of `dy`.

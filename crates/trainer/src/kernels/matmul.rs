@@ -251,11 +251,20 @@ impl Tile<'_> {
     /// # Panics
     /// When accumulating onto a tile not written yet.
     pub fn matmul(&mut self, a: Mat<'_>, b: Mat<'_>, k: usize, accumulate: bool) {
+        self.matmul_block(a, b.offset(0, self.col), k, accumulate);
+    }
+
+    /// [`Tile::matmul`] with the right factor given as this tile's own `k x cols` block, not as
+    /// the whole matrix's.
+    ///
+    /// # Panics
+    /// When accumulating onto a tile not written yet.
+    pub fn matmul_block(&mut self, a: Mat<'_>, b_block: Mat<'_>, k: usize, accumulate: bool) {
         assert!(
             self.initialised || !accumulate,
             "tile: accumulating onto uninitialised memory"
         );
-        let (a, b) = (a.offset(self.row, 0), b.offset(0, self.col));
+        let (a, b) = (a.offset(self.row, 0), b_block);
         // SAFETY: the tile lies inside the canvas, no other task touches it, it is initialised
         // when accumulating (asserted), and the factors are shared borrows of other buffers.
         unsafe {
