@@ -129,9 +129,9 @@ pub fn backward<'a>(
     let x_grad = input_grad.then(|| {
         for_each_tile(x_format, (s.batch, s.inputs), TILE, |tile| {
             let columns = tile.columns();
-            let block = transposed_rows(weight, columns.clone(), s.outputs);
-            let block = Mat::rows(&block[..], columns.len());
-            tile.matmul_block(g_rows, block, s.outputs, false);
+            let weight_t = transposed_rows(weight, columns.clone(), s.outputs);
+            let weight_t = Mat::rows(&weight_t[..], columns.len());
+            tile.matmul_block(g_rows, weight_t, s.outputs, false);
         })
     });
     LinearGrads {
