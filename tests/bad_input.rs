@@ -258,7 +258,7 @@ fn bad_precision_settings() {
 }
 
 #[test]
-fn bad_shards_and_execution() {
+fn bad_shards_execution_and_idle_threads() {
     let dir = tempfile::tempdir().unwrap();
     let config = digits_config(dir.path());
     refused(
@@ -278,5 +278,11 @@ fn bad_shards_and_execution() {
         &config,
         &["training.execution=parallel"],
         "execution",
+    );
+    refused(
+        dir.path(),
+        &config,
+        &["training.idle_threads=spin"],
+        "training.idle_threads",
     );
 }

@@ -115,9 +115,22 @@ fn the_thread_count_changes_nothing_but_speed() {
         );
         let one = train_json(&config, &dir.path().join("t1"), &["training.threads=1"]);
         let two = train_json(&config, &dir.path().join("t2"), &["training.threads=2"]);
+        // Idle threads sleeping instead of polling for work: scheduling only.
+        let sleeping = train_json(
+            &config,
+            &dir.path().join("t2-sleep"),
+            &["training.threads=2", "training.idle_threads=sleep"],
+        );
         assert_eq!(one["threads"], 1);
         assert_eq!(two["threads"], 2);
+        let polls = two["threads_available"].as_u64().unwrap() >= 2;
+        assert_eq!(two["idle_threads"], if polls { "poll" } else { "sleep" });
+        assert_eq!(sleeping["idle_threads"], "sleep");
         assert_eq!(one["weights_sha256"], two["weights_sha256"], "{backend}");
+        assert_eq!(
+            two["weights_sha256"], sleeping["weights_sha256"],
+            "{backend}"
+        );
         assert_eq!(one["test_accuracy"], two["test_accuracy"], "{backend}");
         assert_eq!(one["train_loss"], two["train_loss"], "{backend}");
         // ...and the seed does change the result: the hash can tell models apart.
@@ -191,6 +204,10 @@ fn the_start_line_names_the_threads_in_use() {
     assert!(output.status.success(), "{}", stderr(&output));
     let log = stderr(&output);
     assert!(log.contains("with 2 threads of"), "{log}");
+    assert!(
+        log.contains(", idle threads polling") || log.contains(", idle threads sleeping"),
+        "{log}"
+    );
     assert!(log.contains("epoch 1: train loss"), "{log}");
     assert!(stdout(&output).contains("test accuracy"));
 

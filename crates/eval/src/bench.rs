@@ -69,8 +69,13 @@ pub struct BenchRun {
     pub step_ms_max: f64,
     /// `(p90 - p10) / median`: how much the step time wanders.
     pub step_spread: f64,
-    /// Process CPU seconds / (wall seconds x threads) over the timed steps.
+    /// Working CPU seconds (polling for work not counted) / (wall seconds x threads) over the
+    /// timed steps.
     pub cpu_utilization: f64,
+    /// Seconds the threads spent polling for work / (wall seconds x threads) over the timed
+    /// steps (`training.idle_threads = "poll"`).
+    #[serde(default)]
+    pub cpu_polling: f64,
     /// Samples/s over that of the smallest thread count.
     pub speedup: f64,
     /// Samples/s over (threads / smallest thread count x its samples/s).
@@ -256,6 +261,7 @@ impl BenchRun {
         let samples: u64 = timed.iter().map(|s| s.samples as u64).sum();
         let seconds: f64 = timed.iter().map(|s| s.wall_seconds).sum();
         let cpu: f64 = timed.iter().map(|s| s.cpu_seconds).sum();
+        let polling: f64 = timed.iter().map(|s| s.polling_seconds).sum();
         let ms: Vec<f64> = timed.iter().map(|s| s.wall_seconds * 1e3).collect();
         let stats = StepStats::of(&ms);
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
@@ -272,6 +278,7 @@ impl BenchRun {
             step_ms_max: stats.max,
             step_spread: ratio(stats.p90 - stats.p10, stats.median),
             cpu_utilization: ratio(cpu, seconds * threads as f64),
+            cpu_polling: ratio(polling, seconds * threads as f64),
             speedup: 1.0,
             parallel_efficiency: 1.0,
             rounds_samples_per_second: vec![samples as f64 / seconds.max(f64::MIN_POSITIVE)],
@@ -281,6 +288,18 @@ impl BenchRun {
             peak_rss_bytes: summary.peak_rss_bytes,
             weights_sha256: summary.weights_sha256.clone(),
         })
+    }
+}
+
+impl BenchRun {
+    /// The CPU utilisation, and the time spent polling for work where there was any:
+    /// `81% + 12% polling`.
+    fn cpu_text(&self) -> String {
+        let working = format!("{:.0}%", self.cpu_utilization * 100.0);
+        match self.cpu_polling >= 0.005 {
+            true => format!("{working} + {:.0}% polling", self.cpu_polling * 100.0),
+            false => working,
+        }
     }
 }
 
@@ -396,12 +415,12 @@ pub fn run_bench(request: &BenchRequest) -> Result<BenchReport, EvalError> {
                 n => format!("round {round}/{n} "),
             };
             eprintln!(
-                "{round_label}[{}/{}] threads {t}: {} samples/s · step {:.2} ms median · CPU {:.0}%",
+                "{round_label}[{}/{}] threads {t}: {} samples/s · step {:.2} ms median · CPU {}",
                 i + 1,
                 threads.len(),
                 thousands(run.samples_per_second),
                 run.step_ms_median,
-                run.cpu_utilization * 100.0
+                run.cpu_text()
             );
             if request.ceiling && t > 1 {
                 let independent = independent_runs(&program, request, t)
@@ -490,7 +509,7 @@ impl BenchReport {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.2}x | {} | {:.2} | {:.2} - {:.2} | {:.0}% | {:.0}% | {:.1} \
+                "| {} | {} | {:.2}x | {} | {:.2} | {:.2} - {:.2} | {:.0}% | {} | {:.1} \
                  MiB | `{}` |",
                 r.threads,
                 thousands(r.samples_per_second),
@@ -500,7 +519,7 @@ impl BenchReport {
                 r.step_ms_p10,
                 r.step_ms_p90,
                 r.step_spread * 100.0,
-                r.cpu_utilization * 100.0,
+                r.cpu_text(),
                 r.peak_rss_bytes as f64 / f64::from(1 << 20),
                 r.weights_sha256.get(..12).unwrap_or_default()
             );
@@ -547,6 +566,7 @@ mod tests {
                 samples,
                 wall_seconds,
                 cpu_seconds,
+                polling_seconds: cpu_seconds / 4.0,
             })
             .collect();
         summary
@@ -588,6 +608,9 @@ mod tests {
         assert!((run.step_spread - 1.6).abs() < 1e-9);
         // 0.06 CPU seconds over 0.05 wall seconds x 2 threads.
         assert!((run.cpu_utilization - 0.6).abs() < 1e-9);
+        // A quarter of that again polling: 0.015 s over 0.05 x 2.
+        assert!((run.cpu_polling - 0.15).abs() < 1e-9);
+        assert_eq!(run.cpu_text(), "60% + 15% polling");
         assert_eq!(run.peak_rss_bytes, 1 << 20);
         assert_eq!(run.weights_sha256, "ab");
 

@@ -22,6 +22,7 @@ pub mod kernels;
 pub mod model;
 mod optim;
 mod optim_adam;
+pub mod polling;
 pub mod precision;
 mod progress;
 mod resume;

@@ -10,9 +10,10 @@ use crate::run_dir::CONFIG_FILE;
 use crate::settings::Settings;
 
 /// Settings that may change on resume: they alter speed or length, never the steps taken.
-const MAY_CHANGE: [&str; 4] = [
+const MAY_CHANGE: [&str; 5] = [
     "training.threads",
     "training.execution",
+    "training.idle_threads",
     "training.epochs",
     "training.max_steps",
 ];

@@ -282,6 +282,32 @@ pub struct TrainingSettings {
     /// How the step's micro-batches and shards use the threads. Never changes the result.
     #[serde(default)]
     pub execution: Execution,
+    /// What the threads without work do between the parallel regions of a step. Never changes
+    /// the result.
+    #[serde(default)]
+    pub idle_threads: IdleThreads,
+}
+
+/// `training.idle_threads`: what a thread without work does during a step ([`crate::polling`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleThreads {
+    /// Polls for the next piece of work, for up to a millisecond, as OpenMP's threads spin: the
+    /// next parallel region starts at once. Only with several threads, no more than the cores.
+    #[default]
+    Poll,
+    /// Sleeps at once (rayon's own habit): frees the core for other programs, and the next
+    /// region waits for the thread to wake.
+    Sleep,
+}
+
+impl fmt::Display for IdleThreads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IdleThreads::Poll => "poll",
+            IdleThreads::Sleep => "sleep",
+        })
+    }
 }
 
 /// `training.execution`: how the pieces of a step (micro-batches x shards) share the threads.
@@ -544,6 +570,7 @@ impl Default for TrainingSettings {
             precision: Precision::F32,
             shards: defaults::shards(),
             execution: Execution::Auto,
+            idle_threads: IdleThreads::Poll,
         }
     }
 }

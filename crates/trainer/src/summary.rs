@@ -49,7 +49,11 @@ pub struct Summary {
     pub execution: String,
     /// `training.shards`: pieces each micro-batch is split into.
     pub shards: usize,
-    /// Process CPU time / (wall time x threads) over the run.
+    /// What the threads without work did during a step: "poll" or "sleep"
+    /// ([`crate::polling`]).
+    #[serde(default)]
+    pub idle_threads: String,
+    /// Working CPU time (polling for work not counted) / (wall time x threads) over the run.
     pub cpu_utilization: f64,
     pub backend: String,
     pub model: String,
@@ -83,6 +87,10 @@ pub struct StepTime {
     /// Samples in the step (fewer than the effective batch at the end of an epoch).
     pub samples: usize,
     pub wall_seconds: f64,
-    /// Process CPU time (user + system, all threads) spent during the step.
+    /// Process CPU time (user + system, all threads) spent working during the step: polling for
+    /// work ([`crate::polling`]) not counted.
     pub cpu_seconds: f64,
+    /// Time the pool's threads spent polling for work during the step, all threads together.
+    #[serde(default)]
+    pub polling_seconds: f64,
 }

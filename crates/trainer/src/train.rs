@@ -29,15 +29,16 @@ use crate::data::{Dataset, Splits, epoch_order};
 use crate::error::{Error, Result};
 use crate::model::{BuiltinModel, Classifier};
 use crate::optim::{Optimizer, optimizer, schedule};
+use crate::polling::Poller;
 use crate::precision::{self, Compute, GradientReading, LossScaler, ScalerState, Unscaling};
 use crate::progress::{Progress, thousands};
 use crate::resume::check_resumable;
 use crate::run_dir::RunDir;
 use crate::score::score;
-use crate::settings::{Backend, Execution, Settings, Threads, TrainingSettings};
+use crate::settings::{Backend, Execution, IdleThreads, Settings, Threads, TrainingSettings};
 use crate::summary::{EpochMetrics, StepTime, Summary};
 use crate::threads::ThreadPlan;
-use crate::usage::{CpuMeter, peak_rss_bytes, process_cpu_time};
+use crate::usage::{CpuMeter, peak_rss_bytes, polling_time, working_cpu_time};
 use crate::weights::{self, weights_sha256};
 
 /// How a run talks, where it writes, and what can stop it.
@@ -208,6 +209,7 @@ impl Trainer {
                 loss_scale: None,
                 unscaling: Unscaling::Before,
                 concurrent: candidate.concurrent,
+                poller: &Poller::new(training.idle_threads, candidate.threads, available.threads),
             };
             drop(pass.accumulate_gradients(&model, group));
         })
@@ -245,6 +247,7 @@ impl Trainer {
             (None, Execution::Sequential) => false,
             (None, Execution::Auto) => threads.threads > 1 && plan.pieces_per_step() > 1,
         };
+        let poller = Poller::new(training.idle_threads, threads.threads, threads.available);
         let scaling = &self.settings.precision;
         let scales = scaling.scales(training.precision);
         let (resume_from, notes) = self.resume_point()?;
@@ -270,10 +273,15 @@ impl Trainer {
 
         let progress = Progress::new(plan.total_steps, self.options.quiet);
         progress.log(format!(
-            "allcores: training {} on {} with {}{}",
+            "allcores: training {} on {} with {}{}{}",
             self.settings.model.kind,
             training.backend,
             threads.describe(training.backend),
+            match (threads.threads, poller.polls()) {
+                (1, _) => "",
+                (_, true) => ", idle threads polling",
+                (_, false) => ", idle threads sleeping",
+            },
             match (plan.pieces_per_step(), concurrent) {
                 (1, _) => String::new(),
                 (n, true) => format!("; the {n} pieces of a step run concurrently"),
@@ -335,7 +343,10 @@ impl Trainer {
 
             // One optimizer step: the summed gradients of the group's micro-batches.
             let step_started = Instant::now();
-            let step_cpu = self.options.record_steps.then(process_cpu_time);
+            let step_cpu = self
+                .options
+                .record_steps
+                .then(|| (working_cpu_time(), polling_time()));
             let loss_scale = scaler.as_ref().map(LossScaler::scale);
             let pass = Pass {
                 data: train,
@@ -346,6 +357,7 @@ impl Trainer {
                 loss_scale,
                 unscaling,
                 concurrent,
+                poller: &poller,
             };
             let StepGradients {
                 grads,
@@ -378,11 +390,12 @@ impl Trainer {
                 model = optimizer.step(rate, model, grads);
             }
             let seconds = step_started.elapsed().as_secs_f64();
-            if let Some(cpu_before) = step_cpu {
+            if let Some((cpu_before, polling_before)) = step_cpu {
                 step_times.push(StepTime {
                     samples: group.len(),
                     wall_seconds: seconds,
-                    cpu_seconds: (process_cpu_time() - cpu_before).as_secs_f64(),
+                    cpu_seconds: working_cpu_time().saturating_sub(cpu_before).as_secs_f64(),
+                    polling_seconds: (polling_time() - polling_before).as_secs_f64(),
                 });
             }
 
@@ -456,6 +469,11 @@ impl Trainer {
                 false => "sequential".into(),
             },
             shards: training.shards,
+            idle_threads: match poller.polls() {
+                true => IdleThreads::Poll,
+                false => IdleThreads::Sleep,
+            }
+            .to_string(),
             cpu_utilization: cpu.utilization(threads.threads),
             backend: training.backend.to_string(),
             model: self.settings.model.kind.to_string(),
@@ -634,6 +652,8 @@ struct Pass<'a> {
     unscaling: Unscaling,
     /// Run the step's pieces at once, one per thread, rather than one after the other.
     concurrent: bool,
+    /// Keeps the pool's other threads polling for work through the step.
+    poller: &'a Poller,
 }
 
 impl Pass<'_> {
@@ -645,6 +665,7 @@ impl Pass<'_> {
     /// Concurrent or not, every piece computes the same gradients and they are summed in the
     /// pieces' order: the result does not depend on how the threads were spent.
     fn accumulate_gradients<M: Classifier>(&self, model: &M, group: &[usize]) -> StepGradients {
+        self.poller.arm();
         let working = self.compute.working_copy(model);
         let pieces = self.plan.pieces(group);
         if let [piece] = &pieces[..] {

@@ -1,6 +1,27 @@
-//! What the process used: CPU time (from `getrusage`) and peak resident memory.
+//! What the process used: CPU time (from `getrusage`), the part of it spent polling for work,
+//! and peak resident memory.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// Nanoseconds the pools' threads have spent polling for work ([`crate::polling`]).
+static POLLING_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts `time` as spent polling for work rather than working.
+pub fn add_polling_time(time: Duration) {
+    POLLING_NANOS.fetch_add(time.as_nanos() as u64, Ordering::Relaxed);
+}
+
+/// Time this process's threads have spent polling for work so far, all threads together
+/// (measured by the clock while they poll, which is CPU time unless the machine takes the core).
+pub fn polling_time() -> Duration {
+    Duration::from_nanos(POLLING_NANOS.load(Ordering::Relaxed))
+}
+
+/// CPU time this process has spent working so far: [`process_cpu_time`] less [`polling_time`].
+pub fn working_cpu_time() -> Duration {
+    process_cpu_time().saturating_sub(polling_time())
+}
 
 /// CPU time (user + system) this process has used so far, all threads together.
 pub fn process_cpu_time() -> Duration {
@@ -44,7 +65,7 @@ fn rusage() -> libc::rusage {
     }
 }
 
-/// Measures how busy the threads were between `start` and `stop`.
+/// Measures how busy the threads were with work (polling for it not counted) since `start`.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuMeter {
     wall: Instant,
@@ -55,14 +76,14 @@ impl CpuMeter {
     pub fn start() -> Self {
         Self {
             wall: Instant::now(),
-            cpu: process_cpu_time(),
+            cpu: working_cpu_time(),
         }
     }
 
-    /// CPU time / (wall time x threads): 1.0 means every thread busy all the time.
+    /// Working CPU time / (wall time x threads): 1.0 means every thread working all the time.
     pub fn utilization(&self, threads: usize) -> f64 {
         let wall = self.wall.elapsed().as_secs_f64();
-        let cpu = (process_cpu_time() - self.cpu).as_secs_f64();
+        let cpu = working_cpu_time().saturating_sub(self.cpu).as_secs_f64();
         if wall <= 0.0 {
             return 0.0;
         }

@@ -1,0 +1,181 @@
+//! The pool's other threads poll for work through a step instead of falling asleep between its
+//! parallel regions.
+//!
+//! A training step is some twenty parallel regions (the matrix products, the optimizer's pass)
+//! with a little serial work between them (burn's autodiff bookkeeping, the loss). rayon puts a
+//! thread that has found no work for a few dozen rounds (some tens of microseconds) to sleep,
+//! and the next region then waits for it to wake. On the 2-core development VM a region of two
+//! 100 us halves took 101 us right after another one, and 150 to 170 us (median) after a serial
+//! gap of 50 us or more; with the host busy, a sleeping core came back milliseconds late, and the
+//! MLP's 2-thread step took longer than its 1-thread one. OpenMP (PyTorch's threads) polls for a
+//! while before it sleeps; this gives rayon's threads the same habit for the length of a run's
+//! steps: at the start of each step (or calibration step) [`Poller::arm`] sends every thread
+//! but the one driving the step a job that takes whatever work the pool has, one job after the
+//! other, and returns once it has found none for [`PATIENCE`].
+//!
+//! Scheduling only: which thread runs a piece of work never changes what it computes, so the
+//! results are those of sleeping threads (tests check the weights). The time spent polling is
+//! counted apart ([`crate::usage::polling_time`]), so the CPU utilisation a run reports stays
+//! that of the work.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::settings::IdleThreads;
+use crate::usage;
+
+/// How long a polling thread goes on without finding work before it goes back to rayon (and to
+/// sleep): longer than the serial gaps inside a step and between two steps, short enough that
+/// a run that stops stepping (to score an epoch, to write a checkpoint) frees its cores almost
+/// at once.
+pub const PATIENCE: Duration = Duration::from_millis(1);
+
+/// Sends the pool's idle threads polling at the start of each step, as the run's
+/// `training.idle_threads` says.
+#[derive(Debug, Clone)]
+pub struct Poller {
+    /// Set while this poller's jobs are out; `None` where the threads sleep.
+    out: Option<Arc<AtomicBool>>,
+}
+
+impl Poller {
+    /// A poller for a pool of `threads` threads on a machine with `available`: none polls with
+    /// `idle_threads = "sleep"`, on one thread, or with more threads than cores (a polling thread
+    /// would then take its core from one with work to do).
+    pub fn new(idle: IdleThreads, threads: usize, available: usize) -> Self {
+        let polls = idle == IdleThreads::Poll && threads > 1 && threads <= available;
+        Self {
+            out: polls.then(|| Arc::new(AtomicBool::new(false))),
+        }
+    }
+
+    /// Whether this poller sends threads polling at all.
+    pub fn polls(&self) -> bool {
+        self.out.is_some()
+    }
+
+    /// Sends every other thread of the current pool polling, unless they still are. Call it from
+    /// the thread that drives the step, inside the pool, between parallel regions (every other
+    /// thread is then idle and takes its job before any other: it never runs on top of
+    /// unfinished work); outside a pool it does nothing.
+    pub fn arm(&self) {
+        let Some(out) = &self.out else { return };
+        let Some(driver) = rayon::current_thread_index() else {
+            return;
+        };
+        if out.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let others = rayon::current_num_threads() - 1;
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(others));
+        let out = Arc::clone(out);
+        rayon::spawn_broadcast(move |thread| {
+            if thread.index() == driver {
+                return;
+            }
+            poll();
+            // The last one back lets the next step send them out again.
+            if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                out.store(false, Ordering::Release);
+            }
+        });
+    }
+}
+
+/// Runs the pool's jobs as they come until none has come for [`PATIENCE`]; the time spent
+/// waiting for them goes to [`usage::add_polling_time`].
+fn poll() {
+    let mut idle_since = Instant::now();
+    loop {
+        let now = Instant::now();
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => {
+                usage::add_polling_time(now - idle_since);
+                idle_since = Instant::now();
+            }
+            Some(rayon::Yield::Idle) if now - idle_since < PATIENCE => std::hint::spin_loop(),
+            Some(rayon::Yield::Idle) | None => {
+                usage::add_polling_time(now - idle_since);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
+    /// Waits (a bounded time) for the poller's jobs to come back.
+    fn settled(poller: &Poller) -> bool {
+        let out = poller.out.as_ref().unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while out.load(Ordering::Acquire) {
+            if Instant::now() > until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    #[test]
+    fn polls_only_with_several_threads_within_the_cores() {
+        assert!(Poller::new(IdleThreads::Poll, 2, 2).polls());
+        assert!(Poller::new(IdleThreads::Poll, 4, 16).polls());
+        assert!(!Poller::new(IdleThreads::Poll, 1, 16).polls());
+        assert!(!Poller::new(IdleThreads::Poll, 4, 2).polls());
+        assert!(!Poller::new(IdleThreads::Sleep, 2, 2).polls());
+    }
+
+    /// A polling thread runs the pool's work (every half of the joins below is computed, once),
+    /// is counted as polling, and comes back once the work stops.
+    #[test]
+    fn polling_threads_run_the_work_then_come_back() {
+        let poller = Poller::new(IdleThreads::Poll, 3, 3);
+        let polled_before = usage::polling_time();
+        let sums = pool(3).install(|| {
+            (0..200)
+                .map(|round| {
+                    poller.arm();
+                    assert!(poller.out.as_ref().unwrap().load(Ordering::Acquire));
+                    // Nested joins: halves taken by polling threads join halves of their own.
+                    let (a, b) = rayon::join(
+                        || (0..1000u64).map(|i| i * round).sum::<u64>(),
+                        || {
+                            let (c, d) = rayon::join(
+                                || (1000..2000u64).map(|i| i * round).sum::<u64>(),
+                                || (2000..3000u64).map(|i| i * round).sum::<u64>(),
+                            );
+                            c + d
+                        },
+                    );
+                    a + b
+                })
+                .collect::<Vec<u64>>()
+        });
+        let expected: Vec<u64> = (0..200).map(|r| (0..3000u64).sum::<u64>() * r).collect();
+        assert_eq!(sums, expected);
+        assert!(settled(&poller), "the polling threads never came back");
+        assert!(usage::polling_time() > polled_before);
+    }
+
+    /// Outside a pool, and where the threads sleep, nothing is sent out.
+    #[test]
+    fn arming_outside_a_pool_or_when_sleeping_sends_nothing() {
+        let poller = Poller::new(IdleThreads::Poll, 2, 2);
+        poller.arm();
+        assert!(!poller.out.as_ref().unwrap().load(Ordering::Acquire));
+        let sleeping = Poller::new(IdleThreads::Sleep, 2, 2);
+        pool(2).install(|| sleeping.arm());
+        assert!(sleeping.out.is_none());
+    }
+}
