@@ -31,12 +31,17 @@ use crate::usage;
 /// at once.
 pub const PATIENCE: Duration = Duration::from_millis(1);
 
+thread_local! {
+    /// Set on the thread that drives a pool's steps while the polling jobs it sent are out. A
+    /// pool's threads are its own, so this is per pool, whatever poller sent them.
+    static OUT: Arc<AtomicBool> = Arc::new(AtomicBool::new(false));
+}
+
 /// Sends the pool's idle threads polling at the start of each step, as the run's
 /// `training.idle_threads` says.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Poller {
-    /// Set while this poller's jobs are out; `None` where the threads sleep.
-    out: Option<Arc<AtomicBool>>,
+    polls: bool,
 }
 
 impl Poller {
@@ -44,15 +49,14 @@ impl Poller {
     /// `idle_threads = "sleep"`, on one thread, or with more threads than cores (a polling thread
     /// would then take its core from one with work to do).
     pub fn new(idle: IdleThreads, threads: usize, available: usize) -> Self {
-        let polls = idle == IdleThreads::Poll && threads > 1 && threads <= available;
         Self {
-            out: polls.then(|| Arc::new(AtomicBool::new(false))),
+            polls: idle == IdleThreads::Poll && threads > 1 && threads <= available,
         }
     }
 
     /// Whether this poller sends threads polling at all.
     pub fn polls(&self) -> bool {
-        self.out.is_some()
+        self.polls
     }
 
     /// Sends every other thread of the current pool polling, unless they still are. Call it from
@@ -60,16 +64,15 @@ impl Poller {
     /// thread is then idle and takes its job before any other: it never runs on top of
     /// unfinished work); outside a pool it does nothing.
     pub fn arm(&self) {
-        let Some(out) = &self.out else { return };
-        let Some(driver) = rayon::current_thread_index() else {
+        let Some(driver) = rayon::current_thread_index().filter(|_| self.polls) else {
             return;
         };
         let others = rayon::current_num_threads() - 1;
+        let out = OUT.with(Arc::clone);
         if others == 0 || out.swap(true, Ordering::AcqRel) {
             return;
         }
         let left = Arc::new(AtomicUsize::new(others));
-        let out = Arc::clone(out);
         rayon::spawn_broadcast(move |thread| {
             if thread.index() == driver {
                 return;
@@ -121,11 +124,15 @@ mod tests {
             .unwrap()
     }
 
-    /// Waits (a bounded time) for the poller's jobs to come back.
-    fn settled(poller: &Poller) -> bool {
-        let out = poller.out.as_ref().unwrap();
+    /// Whether polling jobs sent from this thread are out.
+    fn out() -> bool {
+        OUT.with(|out| out.load(Ordering::Acquire))
+    }
+
+    /// Waits (a bounded time) for the polling jobs sent from this thread to come back.
+    fn settled() -> bool {
         let until = Instant::now() + Duration::from_secs(10);
-        while out.load(Ordering::Acquire) {
+        while out() {
             if Instant::now() > until {
                 return false;
             }
@@ -147,13 +154,14 @@ mod tests {
     /// is counted as polling, and comes back once the work stops.
     #[test]
     fn polling_threads_run_the_work_then_come_back() {
-        let poller = Poller::new(IdleThreads::Poll, 3, 3);
         let polled_before = usage::polling_time();
-        let sums = pool(3).install(|| {
-            (0..200)
+        let (sums, settled) = pool(3).install(|| {
+            let sums = (0..200)
                 .map(|round| {
-                    poller.arm();
-                    assert!(poller.out.as_ref().unwrap().load(Ordering::Acquire));
+                    // A new poller each time (as the calibration makes them): still one set
+                    // of polling jobs out at a time.
+                    Poller::new(IdleThreads::Poll, 3, 3).arm();
+                    assert!(out());
                     // Nested joins: halves taken by polling threads join halves of their own.
                     let (a, b) = rayon::join(
                         || (0..1000u64).map(|i| i * round).sum::<u64>(),
@@ -167,22 +175,24 @@ mod tests {
                     );
                     a + b
                 })
-                .collect::<Vec<u64>>()
+                .collect::<Vec<u64>>();
+            (sums, settled())
         });
         let expected: Vec<u64> = (0..200).map(|r| (0..3000u64).sum::<u64>() * r).collect();
         assert_eq!(sums, expected);
-        assert!(settled(&poller), "the polling threads never came back");
+        assert!(settled, "the polling threads never came back");
         assert!(usage::polling_time() > polled_before);
     }
 
     /// Outside a pool, and where the threads sleep, nothing is sent out.
     #[test]
     fn arming_outside_a_pool_or_when_sleeping_sends_nothing() {
-        let poller = Poller::new(IdleThreads::Poll, 2, 2);
-        poller.arm();
-        assert!(!poller.out.as_ref().unwrap().load(Ordering::Acquire));
-        let sleeping = Poller::new(IdleThreads::Sleep, 2, 2);
-        pool(2).install(|| sleeping.arm());
-        assert!(sleeping.out.is_none());
+        Poller::new(IdleThreads::Poll, 2, 2).arm();
+        assert!(!out());
+        let sent = pool(2).install(|| {
+            Poller::new(IdleThreads::Sleep, 2, 2).arm();
+            out()
+        });
+        assert!(!sent);
     }
 }
