@@ -95,6 +95,9 @@ fn a_bench_measures_each_thread_count_in_its_own_process() {
     }
     assert_eq!(runs[0]["speedup"], 1.0);
     assert_eq!(runs[0]["parallel_efficiency"], 1.0);
+    // One thread has no other to send polling; two may, and count it apart from the work.
+    assert_eq!(runs[0]["cpu_polling"], 0.0);
+    assert!(runs[1]["cpu_polling"].as_f64().unwrap() >= 0.0);
     assert_eq!(runs[0]["weights_sha256"], runs[1]["weights_sha256"]);
     assert_eq!(report["identical_weights"], true);
     // The runs wrote nothing: no run folder, no checkpoints.

@@ -289,9 +289,7 @@ impl BenchRun {
             weights_sha256: summary.weights_sha256.clone(),
         })
     }
-}
 
-impl BenchRun {
     /// The CPU utilisation, and the time spent polling for work where there was any:
     /// `81% + 12% polling`.
     fn cpu_text(&self) -> String {

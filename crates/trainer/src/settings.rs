@@ -292,12 +292,13 @@ pub struct TrainingSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IdleThreads {
-    /// Polls for the next piece of work, for up to a millisecond, as OpenMP's threads spin: the
-    /// next parallel region starts at once. Only with several threads, no more than the cores.
+    /// Polls for the next piece of work for up to a millisecond, as OpenMP's threads spin before
+    /// they sleep, yielding its core to any other thread between two looks: the next parallel
+    /// region starts at once. Only with several threads, no more than the cores.
     #[default]
     Poll,
-    /// Sleeps at once (rayon's own habit): frees the core for other programs, and the next
-    /// region waits for the thread to wake.
+    /// Sleeps after rayon's few rounds of looking: the next region waits for the thread to
+    /// wake.
     Sleep,
 }
 
