@@ -19,7 +19,7 @@
 //! that of the work.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::settings::IdleThreads;
@@ -32,9 +32,9 @@ use crate::usage;
 pub const PATIENCE: Duration = Duration::from_millis(1);
 
 thread_local! {
-    /// Set on the thread that drives a pool's steps while the polling jobs it sent are out. A
-    /// pool's threads are its own, so this is per pool, whatever poller sent them.
-    static OUT: Arc<AtomicBool> = Arc::new(AtomicBool::new(false));
+    /// How many of the polling jobs sent by the thread that drives a pool's steps are still
+    /// out. A pool's threads are its own, so this is per pool, whatever poller sent them.
+    static OUT: Arc<AtomicUsize> = Arc::new(AtomicUsize::new(0));
 }
 
 /// Sends the pool's idle threads polling at the start of each step, as the run's
@@ -59,6 +59,14 @@ impl Poller {
         self.polls
     }
 
+    /// What the pool's idle threads do under this poller.
+    pub fn idle_threads(&self) -> IdleThreads {
+        match self.polls {
+            true => IdleThreads::Poll,
+            false => IdleThreads::Sleep,
+        }
+    }
+
     /// Sends every other thread of the current pool polling, unless they still are. Call it from
     /// the thread that drives the step, inside the pool, between parallel regions (every other
     /// thread is then idle and takes its job before any other: it never runs on top of
@@ -68,19 +76,18 @@ impl Poller {
             return;
         };
         let others = rayon::current_num_threads() - 1;
-        let out = OUT.with(Arc::clone);
-        if others == 0 || out.swap(true, Ordering::AcqRel) {
+        let sending = |out: &Arc<AtomicUsize>| {
+            let idle = out.compare_exchange(0, others, Ordering::AcqRel, Ordering::Acquire);
+            (others > 0 && idle.is_ok()).then(|| Arc::clone(out))
+        };
+        let Some(out) = OUT.with(sending) else {
             return;
-        }
-        let left = Arc::new(AtomicUsize::new(others));
+        };
         rayon::spawn_broadcast(move |thread| {
-            if thread.index() == driver {
-                return;
-            }
-            poll();
-            // The last one back lets the next step send them out again.
-            if left.fetch_sub(1, Ordering::AcqRel) == 1 {
-                out.store(false, Ordering::Release);
+            if thread.index() != driver {
+                poll();
+                // The last one back lets the next step send them out again.
+                out.fetch_sub(1, Ordering::AcqRel);
             }
         });
     }
@@ -126,7 +133,7 @@ mod tests {
 
     /// Whether polling jobs sent from this thread are out.
     fn out() -> bool {
-        OUT.with(|out| out.load(Ordering::Acquire))
+        OUT.with(|out| out.load(Ordering::Acquire) > 0)
     }
 
     /// Waits (a bounded time) for the polling jobs sent from this thread to come back.

@@ -35,7 +35,7 @@ use crate::progress::{Progress, thousands};
 use crate::resume::check_resumable;
 use crate::run_dir::RunDir;
 use crate::score::score;
-use crate::settings::{Backend, Execution, IdleThreads, Settings, Threads, TrainingSettings};
+use crate::settings::{Backend, Execution, Settings, Threads, TrainingSettings};
 use crate::summary::{EpochMetrics, StepTime, Summary};
 use crate::threads::ThreadPlan;
 use crate::usage::{CpuMeter, peak_rss_bytes, polling_time, working_cpu_time};
@@ -209,7 +209,7 @@ impl Trainer {
                 loss_scale: None,
                 unscaling: Unscaling::Before,
                 concurrent: candidate.concurrent,
-                poller: &Poller::new(training.idle_threads, candidate.threads, available.threads),
+                poller: Poller::new(training.idle_threads, candidate.threads, available.threads),
             };
             drop(pass.accumulate_gradients(&model, group));
         })
@@ -357,7 +357,7 @@ impl Trainer {
                 loss_scale,
                 unscaling,
                 concurrent,
-                poller: &poller,
+                poller,
             };
             let StepGradients {
                 grads,
@@ -469,11 +469,7 @@ impl Trainer {
                 false => "sequential".into(),
             },
             shards: training.shards,
-            idle_threads: match poller.polls() {
-                true => IdleThreads::Poll,
-                false => IdleThreads::Sleep,
-            }
-            .to_string(),
+            idle_threads: poller.idle_threads().to_string(),
             cpu_utilization: cpu.utilization(threads.threads),
             backend: training.backend.to_string(),
             model: self.settings.model.kind.to_string(),
@@ -653,7 +649,7 @@ struct Pass<'a> {
     /// Run the step's pieces at once, one per thread, rather than one after the other.
     concurrent: bool,
     /// Keeps the pool's other threads polling for work through the step.
-    poller: &'a Poller,
+    poller: Poller,
 }
 
 impl Pass<'_> {
