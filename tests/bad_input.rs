@@ -98,9 +98,18 @@ fn out_of_range_values() {
         ),
         ("training.accumulation_steps=-1", "accumulation_steps"),
         ("training.accumulation_steps=2.5", "accumulation_steps"),
-        ("model.kind=transformer", "transformer"),
-        ("training.backend=cuda", "cuda"),
-        ("optimizer.kind=lbfgs", "lbfgs"),
+        (
+            "model.kind=transformer",
+            "`transformer`, expected `mlp` or `cnn`",
+        ),
+        (
+            "training.backend=cuda",
+            "`cuda`, expected `ndarray` or `flex`",
+        ),
+        (
+            "optimizer.kind=lbfgs",
+            "`lbfgs`, expected one of `sgd`, `adam`, `adamw`",
+        ),
     ] {
         refused(dir.path(), &config, &[set], expected);
     }
@@ -283,6 +292,6 @@ fn bad_shards_execution_and_idle_threads() {
         dir.path(),
         &config,
         &["training.idle_threads=spin"],
-        "training.idle_threads",
+        "`spin`, expected `poll` or `sleep` for key `training.idle_threads`",
     );
 }

@@ -39,7 +39,7 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 pub struct PrecisionSettings {
     /// Whether the loss is scaled: `auto` scales for f16 only (bf16 has f32's exponent range).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "named::variant")]
     pub loss_scaling: LossScaling,
     /// The first loss scale.
     #[serde(default = "defaults::init_scale")]
@@ -135,6 +135,7 @@ impl Default for CheckpointSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSettings {
+    #[serde(deserialize_with = "named::variant")]
     pub format: DataFormat,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_images: Option<PathBuf>,
@@ -174,7 +175,7 @@ pub enum DataFormat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
-    #[serde(default = "defaults::model_kind")]
+    #[serde(default = "defaults::model_kind", deserialize_with = "named::variant")]
     pub kind: ModelKind,
     /// MLP: sizes of the hidden layers.
     #[serde(default = "defaults::hidden")]
@@ -210,7 +211,10 @@ impl fmt::Display for ModelKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerSettings {
-    #[serde(default = "defaults::optimizer_kind")]
+    #[serde(
+        default = "defaults::optimizer_kind",
+        deserialize_with = "named::variant"
+    )]
     pub kind: OptimizerKind,
     #[serde(default = "defaults::lr")]
     pub lr: f64,
@@ -222,7 +226,7 @@ pub struct OptimizerSettings {
     /// SGD only.
     #[serde(default = "defaults::momentum")]
     pub momentum: f64,
-    #[serde(default = "defaults::schedule")]
+    #[serde(default = "defaults::schedule", deserialize_with = "named::variant")]
     pub schedule: Schedule,
     /// Cosine only: steps of linear warm-up before the cosine decay.
     #[serde(default, deserialize_with = "whole::number")]
@@ -269,10 +273,10 @@ pub struct TrainingSettings {
     pub seed: u64,
     #[serde(default)]
     pub threads: Threads,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "named::variant")]
     pub backend: Backend,
     /// Forward and backward in f32, f16 or bf16 (f32 master weights in every case).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "named::variant")]
     pub precision: Precision,
     /// Each micro-batch is split into this many shards, each its own forward and backward, their
     /// gradients summed in order. Part of the result (a different split rounds differently); the
@@ -280,11 +284,11 @@ pub struct TrainingSettings {
     #[serde(default = "defaults::shards", deserialize_with = "whole::number")]
     pub shards: usize,
     /// How the step's micro-batches and shards use the threads. Never changes the result.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "named::variant")]
     pub execution: Execution,
     /// What the threads without work do between the parallel regions of a step. Never changes
     /// the result.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "named::variant")]
     pub idle_threads: IdleThreads,
 }
 
@@ -459,6 +463,21 @@ mod whole {
         d: D,
     ) -> Result<Option<T>, D::Error> {
         number(d).map(Some)
+    }
+}
+
+/// Named values (`backend = "flex"`): config-rs refuses an unknown name without saying which
+/// names it knows ("enum Backend does not have variant constructor cuda"); read as a plain
+/// string, serde's own message lists them ("unknown variant `cuda`, expected `ndarray` or
+/// `flex`").
+mod named {
+    use serde::Deserialize;
+    use serde::de::value::{Error as ValueError, StrDeserializer};
+    use serde::de::{DeserializeOwned, Deserializer, Error};
+
+    pub fn variant<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<T, D::Error> {
+        let name = String::deserialize(d)?;
+        T::deserialize(StrDeserializer::<ValueError>::new(&name)).map_err(D::Error::custom)
     }
 }
 
@@ -1100,6 +1119,31 @@ mod tests {
                 text.contains(key) || text.contains("variant"),
                 "{item}: {text}"
             );
+        }
+    }
+
+    /// An unknown name is refused with the key, the name and the names the key knows.
+    #[test]
+    fn unknown_names_are_refused_with_the_known_ones() {
+        for (item, known) in [
+            ("model.kind=rnn", "`mlp` or `cnn`"),
+            ("training.backend=cuda", "`ndarray` or `flex`"),
+            ("training.precision=fp8", "`f32`, `f16`, `bf16`"),
+            (
+                "training.execution=fast",
+                "`auto`, `concurrent`, `sequential`",
+            ),
+            ("training.idle_threads=spin", "`poll` or `sleep`"),
+            ("optimizer.kind=lbfgs", "`sgd`, `adam`, `adamw`"),
+            ("optimizer.schedule=step", "`constant` or `cosine`"),
+            ("precision.loss_scaling=maybe", "`auto`, `dynamic`, `off`"),
+            ("data.format=parquet", "`idx` or `csv`"),
+        ] {
+            let text = load(MINIMAL, &[item], &[]).unwrap_err().to_string();
+            let (key, name) = item.split_once('=').unwrap();
+            for part in [key, name, known] {
+                assert!(text.contains(part), "{item}: no {part} in: {text}");
+            }
         }
     }
 
