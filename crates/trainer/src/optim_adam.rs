@@ -4,21 +4,26 @@
 //! one thread: a fifth of an MLP step at one thread, and the part of it that more threads did
 //! not speed up. This is the same arithmetic, element by element in the same order (so the same
 //! bits), in one pass split over the pool in fixed chunks, in place (the parameter and its moments
-//! are updated where they lie): an element-wise update, so the split changes nothing. Its state is burn's own [`AdamState`], so checkpoints keep their format.
+//! are updated where they lie): an element-wise update, so the split changes nothing. Its state is
+//! burn's own [`AdamState`], recorded under burn's names, so checkpoints keep their format.
 #![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::ndarray::NdArrayTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
     Autodiff, Backend, Dispatch, Flex, NdArray, TensorMetadata, backend_extension,
 };
-use burn::optim::{AdamState, AdaptiveMomentumState, LearningRate, Optimizer};
+use burn::optim::{
+    AdamState, AdaptiveMomentumState, LearningRate, Optimizer, RecordState, StateSink, StateSource,
+    join_path,
+};
 use burn::prelude::*;
+use burn::store::burn_pack::Scalar;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -100,8 +105,36 @@ impl FusedAdam {
     }
 }
 
+/// The fused Adam's state: burn's [`AdamState`], recorded as burn's derive records it (same
+/// names and values) but from a copy of each moment that no other handle shares. burn-ndarray
+/// turns a shared tensor into data one element at a time over dynamic-rank indices (ndarray's
+/// slow `IxDyn` iteration), and the optimizer's own state is always shared while a checkpoint
+/// reads it: that took most of a checkpoint's time, a third of a default MLP run's wall time.
+/// An unshared copy hands its buffer over whole.
+#[derive(Clone)]
+pub struct FusedAdamState<const D: usize>(AdamState<D>);
+
+impl<const D: usize> RecordState for FusedAdamState<D> {
+    fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
+        let momentum = &self.0.momentum;
+        let path = join_path(prefix, "momentum");
+        out.push_scalar(&path, "time", Scalar::from(momentum.time));
+        for (leaf, moment) in [
+            ("moment_1", &momentum.moment_1),
+            ("moment_2", &momentum.moment_2),
+        ] {
+            let copy = <Dispatch as AdamBackend>::unshared_copy(moment.clone().into_dispatch());
+            out.push_tensor(&path, leaf, Tensor::<D>::from_dispatch(copy).into_data());
+        }
+    }
+
+    fn state_unflatten(prefix: &str, src: &mut StateSource, device: &Device) -> Option<Self> {
+        AdamState::state_unflatten(prefix, src, device).map(Self)
+    }
+}
+
 impl Optimizer for FusedAdam {
-    type State<const D: usize> = AdamState<D>;
+    type State<const D: usize> = FusedAdamState<D>;
 
     fn step<const D: usize>(
         &self,
@@ -111,7 +144,7 @@ impl Optimizer for FusedAdam {
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
         let (time, moment_1, moment_2) = match state {
-            Some(state) => (
+            Some(FusedAdamState(state)) => (
                 state.momentum.time + 1,
                 state.momentum.moment_1,
                 state.momentum.moment_2,
@@ -135,12 +168,12 @@ impl Optimizer for FusedAdam {
         );
         (
             Tensor::from_dispatch(tensor),
-            Some(AdamState::new(momentum)),
+            Some(FusedAdamState(AdamState::new(momentum))),
         )
     }
 
     fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
-        state.momentum = state.momentum.to_device(device);
+        state.0.momentum = state.0.momentum.to_device(device);
         state
     }
 }
@@ -156,6 +189,9 @@ pub trait AdamBackend: Backend {
         moment_2: FloatTensor<Self>,
         c: AdamCoefficients,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// A copy of `tensor` (f32) that shares its storage with nothing.
+    fn unshared_copy(tensor: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// One chunk's update, in place, element by element and operation by operation as burn's Adam
@@ -219,8 +255,13 @@ fn writable<B: HostSlices>(mut tensor: FloatTensor<B>) -> FloatTensor<B> {
     if B::f32_mut(&mut tensor).is_some() {
         return tensor;
     }
+    copied::<B>(&tensor)
+}
+
+/// A copy of `tensor` as f32, in a buffer of its own.
+fn copied<B: HostSlices>(tensor: &FloatTensor<B>) -> FloatTensor<B> {
     let shape = tensor.shape().to_vec();
-    B::write_f32(B::read_f32(&tensor).into_owned(), shape)
+    B::write_f32(B::read_f32(tensor).into_owned(), shape)
 }
 
 /// Updates the parameter and the moments in place: no new buffers, one pass over memory.
@@ -272,6 +313,10 @@ impl AdamBackend for NdArray {
     ) -> (NdArrayTensor, NdArrayTensor, NdArrayTensor) {
         adam_tensors::<Self>(param, grad, moment_1, moment_2, c)
     }
+
+    fn unshared_copy(tensor: NdArrayTensor) -> NdArrayTensor {
+        copied::<Self>(&tensor)
+    }
 }
 
 impl AdamBackend for Flex {
@@ -283,6 +328,10 @@ impl AdamBackend for Flex {
         c: AdamCoefficients,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         adam_tensors::<Self>(param, grad, moment_1, moment_2, c)
+    }
+
+    fn unshared_copy(tensor: FlexTensor) -> FlexTensor {
+        copied::<Self>(&tensor)
     }
 }
 
@@ -310,15 +359,27 @@ impl<B: AdamBackend, C: CheckpointStrategy> AdamBackend for Autodiff<B, C> {
         let (moment_1, moment_1_node) = moment_1.into_parts();
         let (moment_2, moment_2_node) = moment_2.into_parts();
         let (p, m1, m2) = B::adam_update(param, grad, moment_1, moment_2, c);
-        let wrap = |node, t| match Constant.prepare::<C>([node]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((), t),
-            OpsKind::UnTracked(prep) => prep.finish(t),
-        };
         (
-            wrap(param_node, p),
-            wrap(moment_1_node, m1),
-            wrap(moment_2_node, m2),
+            constant::<B, C>(param_node, p),
+            constant::<B, C>(moment_1_node, m1),
+            constant::<B, C>(moment_2_node, m2),
         )
+    }
+
+    fn unshared_copy(tensor: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (tensor, node) = tensor.into_parts();
+        constant::<B, C>(node, B::unshared_copy(tensor))
+    }
+}
+
+/// `tensor` as an autodiff tensor that is a constant to the graph of `node`.
+fn constant<B: Backend, C: CheckpointStrategy>(
+    node: NodeGuard,
+    tensor: FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    match Constant.prepare::<C>([node]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((), tensor),
+        OpsKind::UnTracked(prep) => prep.finish(tensor),
     }
 }
 
@@ -387,6 +448,41 @@ mod tests {
         }
     }
 
+    /// The fused state records what burn's derive records for the same [`AdamState`]: the same
+    /// names, scalars and tensor data; and it reads back what it wrote.
+    #[test]
+    #[allow(deprecated)]
+    fn the_state_records_as_burns_adam_state() {
+        for device in [Device::ndarray().autodiff(), Device::flex().autodiff()] {
+            // Fixed values, not the device's generator, which other tests seed and draw from.
+            let moment = |seed| {
+                let values = crate::kernels::test_values(70 * 30, seed);
+                Tensor::<2>::from_data(TensorData::new(values, [70, 30]), &device)
+            };
+            let state = AdamState::new(AdaptiveMomentumState::new(7, moment(1), moment(2)));
+            let (mut ours, mut burns) = (StateSink::default(), StateSink::default());
+            FusedAdamState(state.clone()).state_flatten("3", &mut ours);
+            state.state_flatten("3", &mut burns);
+            assert_eq!(
+                format!("{:?}", ours.scalars),
+                format!("{:?}", burns.scalars)
+            );
+            assert_eq!(ours.tensors, burns.tensors);
+            assert_eq!(ours.tensors.len(), 2);
+
+            let mut source = StateSource::new(ours.scalars.into_iter().collect());
+            for (name, data) in ours.tensors {
+                source.insert_tensor(name, data);
+            }
+            let back = FusedAdamState::<2>::state_unflatten("3", &mut source, &device).unwrap();
+            assert_eq!(back.0.momentum.time, 7);
+            assert_eq!(
+                back.0.momentum.moment_2.into_data(),
+                state.momentum.moment_2.into_data()
+            );
+        }
+    }
+
     fn adam(round_to: Option<HalfFormat>, factor: f32) -> FusedAdam {
         let reading = SharedReading::default();
         reading.set(GradientReading { round_to, factor });
@@ -429,8 +525,8 @@ mod tests {
             assert_eq!(bits(&fused), bits(&reference), "{format:?}");
             let (fused_state, reference_state) = (fused_state.unwrap(), reference_state.unwrap());
             assert_eq!(
-                bits(&fused_state.momentum.moment_1),
-                bits(&reference_state.momentum.moment_1),
+                bits(&fused_state.0.momentum.moment_1),
+                bits(&reference_state.0.momentum.moment_1),
                 "{format:?}"
             );
         }
@@ -465,8 +561,8 @@ mod tests {
         assert_eq!(bits(&fused), bits(&reference));
         let (fused_state, reference_state) = (fused_state.unwrap(), reference_state.unwrap());
         assert_eq!(
-            bits(&fused_state.momentum.moment_2),
-            bits(&reference_state.momentum.moment_2)
+            bits(&fused_state.0.momentum.moment_2),
+            bits(&reference_state.0.momentum.moment_2)
         );
     }
 }
