@@ -72,15 +72,22 @@ impl Poller {
     /// thread is then idle and takes its job before any other: it never runs on top of
     /// unfinished work); outside a pool it does nothing.
     pub fn arm(&self) {
-        let Some(driver) = rayon::current_thread_index().filter(|_| self.polls) else {
+        if !self.polls {
+            return;
+        }
+        let Some(driver) = rayon::current_thread_index() else {
             return;
         };
         let others = rayon::current_num_threads() - 1;
-        let sending = |out: &Arc<AtomicUsize>| {
-            let idle = out.compare_exchange(0, others, Ordering::AcqRel, Ordering::Acquire);
-            (others > 0 && idle.is_ok()).then(|| Arc::clone(out))
+        if others == 0 {
+            return;
+        }
+        // One set of jobs out per pool at a time: none is sent while the last set is still out.
+        let all_back = |out: &Arc<AtomicUsize>| {
+            let sent = out.compare_exchange(0, others, Ordering::AcqRel, Ordering::Acquire);
+            sent.is_ok().then(|| Arc::clone(out))
         };
-        let Some(out) = OUT.with(sending) else {
+        let Some(out) = OUT.with(all_back) else {
             return;
         };
         rayon::spawn_broadcast(move |thread| {
