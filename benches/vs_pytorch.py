@@ -1,12 +1,15 @@
 """allcores against PyTorch, side by side: run by benches/vs_pytorch.sh (which finds a Python
 with torch), not by hand.
 
-For each cell (model, batch, backend, threads) it runs `allcores bench` (one thread count, so
-one process) and then benches/torch_steps.py, alternating, so that the two sides of a ratio
-meet the same machine load; with --rounds R, R times in a row: a cell's samples/s are each
-side's median, its ratio the median of the rounds' ratios (a shared machine's bad second falls
-on one round, not on the figure). Both train with Adam, lr 1e-3, f32, on batches gathered from the
-shipped MNIST digits, and both time steady-state steps after a warm-up.
+For each model, batch and backend it runs, round by round, `allcores bench` (one thread count,
+so one process) and then benches/torch_steps.py at each thread count in turn, so that the two
+sides of a ratio meet the same machine load; with --rounds R, R such rounds: a cell's samples/s
+are each side's median run, its ratio the median of the rounds' ratios (a shared machine's bad
+second falls on one round, not on the figure), and each side's parallel efficiency the median
+of the rounds' efficiencies, each round's run at n threads against the same round's run at the
+smallest count (as `allcores bench --repeat` pairs them). Both train with Adam, lr 1e-3, f32,
+on batches gathered from the shipped MNIST digits, and both time steady-state steps after a
+warm-up.
 
 Cells: MLP 784-512-512-10 at batch 128 and 256 and the CNN of examples/mnist-cnn.toml at batch
 128, on backends ndarray and flex, at each thread count (PyTorch has no backend: it runs once
@@ -97,6 +100,36 @@ def efficiency(sps, threads, base_sps, base_threads):
     return sps * base_threads / (threads * base_sps) if base_sps > 0 else 0.0
 
 
+def summarize(model, batch, backend, threads, rounds, base, load):
+    """One cell from the rounds (each a dict thread count -> (allcores run, PyTorch run)):
+    each side's median run, the median of the rounds' ratios, and each side's efficiency as the
+    median of the rounds' efficiencies, each round's run at `threads` against its own run at
+    `base` threads."""
+    ours = median_run([r[threads][0] for r in rounds])
+    theirs = median_run([r[threads][1] for r in rounds])
+    ratios = [o["samples_per_second"] / t["samples_per_second"]
+              for o, t in (r[threads] for r in rounds)]
+    sides = {}
+    for side, i in (("allcores", 0), ("pytorch", 1)):
+        sides[side] = [efficiency(r[threads][i]["samples_per_second"], threads,
+                                  r[base][i]["samples_per_second"], base) for r in rounds]
+    return {
+        "model": model, "batch": batch, "backend": backend, "threads": threads,
+        "allcores_sps": ours["samples_per_second"], "pytorch_sps": theirs["samples_per_second"],
+        "ratio": statistics.median(ratios), "round_ratios": ratios,
+        "allcores_efficiency": statistics.median(sides["allcores"]),
+        "pytorch_efficiency": statistics.median(sides["pytorch"]),
+        "allcores_round_efficiencies": sides["allcores"],
+        "pytorch_round_efficiencies": sides["pytorch"],
+        "allcores_step_ms_median": ours["step_ms_median"],
+        "pytorch_step_ms_median": theirs["step_ms_median"],
+        "allcores_cpu_utilization": ours["cpu_utilization"],
+        "pytorch_cpu_utilization": theirs["cpu_utilization"],
+        "allcores_weights_sha256": ours["weights_sha256"],
+        "load_average_1min": load,
+    }
+
+
 def table(cells):
     head = ("| model | batch | backend | threads | allcores samples/s | PyTorch samples/s "
             "| allcores / PyTorch (median round) | allcores efficiency | PyTorch efficiency |")
@@ -132,46 +165,36 @@ def main():
           f"{args.warmup} warm-up + {args.steps} timed steps each, threads "
           f"{','.join(map(str, args.threads))}, {os.cpu_count()} CPUs ({cpu_model()})", file=sys.stderr)
     cells, done = [], 0
+    base = args.threads[0]
     for model, config, batch in MODELS:
         for backend in BACKENDS:
-            base = None
+            load = os.getloadavg()[0]
+            # One round runs every thread count, each side in turn, so that a round's runs at
+            # n threads and at the smallest count are minutes closer than whole cells would be.
+            rounds = []
+            for _ in range(args.rounds):
+                rounds.append({t: (allcores(args.bin, config, batch, backend, t, args.steps,
+                                            args.warmup),
+                                   pytorch(model, batch, t, args.steps, args.warmup))
+                               for t in args.threads})
             for threads in args.threads:
                 done += 1
-                load = os.getloadavg()[0]
-                rounds = [(allcores(args.bin, config, batch, backend, threads, args.steps,
-                                    args.warmup),
-                           pytorch(model, batch, threads, args.steps, args.warmup))
-                          for _ in range(args.rounds)]
-                ours, theirs = median_run([r[0] for r in rounds]), median_run([r[1] for r in rounds])
-                a, p = ours["samples_per_second"], theirs["samples_per_second"]
-                ratios = [o["samples_per_second"] / t["samples_per_second"] for o, t in rounds]
-                ratio = statistics.median(ratios)
-                if base is None:
-                    base = (threads, a, p)
-                cell = {
-                    "model": model, "batch": batch, "backend": backend, "threads": threads,
-                    "allcores_sps": a, "pytorch_sps": p, "ratio": ratio, "round_ratios": ratios,
-                    "allcores_efficiency": efficiency(a, threads, base[1], base[0]),
-                    "pytorch_efficiency": efficiency(p, threads, base[2], base[0]),
-                    "allcores_step_ms_median": ours["step_ms_median"],
-                    "pytorch_step_ms_median": theirs["step_ms_median"],
-                    "allcores_cpu_utilization": ours["cpu_utilization"],
-                    "pytorch_cpu_utilization": theirs["cpu_utilization"],
-                    "allcores_weights_sha256": ours["weights_sha256"],
-                    "load_average_1min": load,
-                }
+                cell = summarize(model, batch, backend, threads, rounds, base, load)
                 cells.append(cell)
                 print(f"[{done}/{total}] {model} batch {batch} {backend} {threads} threads: "
-                      f"allcores {a:,.0f} · PyTorch {p:,.0f} samples/s · {ratio:.2f}x "
-                      f"(rounds {min(ratios):.2f}x to {max(ratios):.2f}x; load average "
-                      f"{load:.1f})",
+                      f"allcores {cell['allcores_sps']:,.0f} · PyTorch "
+                      f"{cell['pytorch_sps']:,.0f} samples/s · {cell['ratio']:.2f}x (rounds "
+                      f"{min(cell['round_ratios']):.2f}x to {max(cell['round_ratios']):.2f}x); "
+                      f"allcores efficiency {cell['allcores_efficiency']:.0%} (rounds "
+                      f"{' '.join(f'{e:.0%}' for e in cell['allcores_round_efficiencies'])}); "
+                      f"load average {load:.1f}",
                       file=sys.stderr)
 
     print(table(cells))
     print(f"\n{len(cells)} cells in {time.time() - started:.0f} s; samples/s: median of "
-          f"{args.rounds} runs a side; ratio: median of the rounds' ratios; efficiency: samples/s at n "
-          f"threads / (n / {args.threads[0]} x samples/s at {args.threads[0]}), per model, "
-          "batch and backend")
+          f"{args.rounds} runs a side; ratio: median of the rounds' ratios; efficiency: median of "
+          f"the rounds' samples/s at n threads / (n / {base} x samples/s at {base} in the same "
+          "round), per model, batch and backend")
     loads = [c["load_average_1min"] for c in cells]
     print(f"1-minute load average before each cell: {min(loads):.1f} to {max(loads):.1f} on "
           f"{os.cpu_count()} CPUs (above the thread count, other processes shared the cores)")
