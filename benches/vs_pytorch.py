@@ -172,11 +172,16 @@ def main():
             # One round runs every thread count, each side in turn, so that a round's runs at
             # n threads and at the smallest count are minutes closer than whole cells would be.
             rounds = []
-            for _ in range(args.rounds):
+            for r in range(args.rounds):
                 rounds.append({t: (allcores(args.bin, config, batch, backend, t, args.steps,
                                             args.warmup),
                                    pytorch(model, batch, t, args.steps, args.warmup))
                                for t in args.threads})
+                runs = " · ".join(f"{t}t {ours['samples_per_second']:,.0f} / "
+                                  f"{theirs['samples_per_second']:,.0f}"
+                                  for t, (ours, theirs) in rounds[-1].items())
+                print(f"  {model} batch {batch} {backend}, round {r + 1}/{args.rounds}, "
+                      f"allcores / PyTorch samples/s: {runs}", file=sys.stderr)
             for threads in args.threads:
                 done += 1
                 cell = summarize(model, batch, backend, threads, rounds, base, load)
@@ -196,7 +201,7 @@ def main():
           f"the rounds' samples/s at n threads / (n / {base} x samples/s at {base} in the same "
           "round), per model, batch and backend")
     loads = [c["load_average_1min"] for c in cells]
-    print(f"1-minute load average before each cell: {min(loads):.1f} to {max(loads):.1f} on "
+    print(f"1-minute load average before each model's rounds: {min(loads):.1f} to {max(loads):.1f} on "
           f"{os.cpu_count()} CPUs (above the thread count, other processes shared the cores)")
     if args.out:
         result = {
