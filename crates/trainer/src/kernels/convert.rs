@@ -480,15 +480,18 @@ mod tests {
         });
     }
 
+    /// A conversion of a slice into another's uninitialised elements.
+    type Conversion<'a, A, B> = &'a dyn Fn(&[A], &mut [MaybeUninit<B>]);
+
     /// Every compiled bf16 conversion (default target, AVX2, AVX-512) gives the same bits.
     fn bf16_variants_agree(halves: &[u16], floats: &[f32]) {
         let bf16s: Vec<bf16> = halves.iter().map(|&b| bf16::from_bits(b)).collect();
-        let widen = |f: &dyn Fn(&[bf16], &mut [MaybeUninit<f32>])| {
+        let widen = |f: Conversion<bf16, f32>| {
             let mut out = vec![0.0f32; bf16s.len()];
             f(&bf16s, as_uninit_ref(&mut out));
             out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
-        let narrow = |f: &dyn Fn(&[f32], &mut [MaybeUninit<bf16>])| {
+        let narrow = |f: Conversion<f32, bf16>| {
             let mut out = vec![bf16::ZERO; floats.len()];
             f(floats, as_uninit_ref(&mut out));
             out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
