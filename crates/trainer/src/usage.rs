@@ -12,8 +12,9 @@ pub fn add_polling_time(time: Duration) {
     POLLING_NANOS.fetch_add(time.as_nanos() as u64, Ordering::Relaxed);
 }
 
-/// Time this process's threads have spent polling for work so far, all threads together
-/// (measured by the clock while they poll, which is CPU time unless the machine takes the core).
+/// CPU time this process's threads have spent polling for work so far, all threads together
+/// (see [`crate::polling`]: the clock until a thread first yields its core, its own CPU clock
+/// after that).
 pub fn polling_time() -> Duration {
     Duration::from_nanos(POLLING_NANOS.load(Ordering::Relaxed))
 }
@@ -21,6 +22,17 @@ pub fn polling_time() -> Duration {
 /// CPU time this process has spent working so far: [`process_cpu_time`] less [`polling_time`].
 pub fn working_cpu_time() -> Duration {
     process_cpu_time().saturating_sub(polling_time())
+}
+
+/// CPU time (user + system) the calling thread has used so far.
+pub fn thread_cpu_time() -> Duration {
+    // SAFETY: clock_gettime only writes the struct it is given; the clock id is a constant.
+    let time = unsafe {
+        let mut time: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time);
+        time
+    };
+    Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
 }
 
 /// CPU time (user + system) this process has used so far, all threads together.
