@@ -136,7 +136,7 @@ fn poll() {
 /// giving up). Its time is counted by the clock until the thread first yields its core, and by
 /// the thread's own CPU clock after that: while it has yielded, the core may run another
 /// process, and counting that time as this one's polling made a run beside a busy compiler
-/// report its threads 4% to 8% busy at full speed.
+/// report its threads 4% to 8% busy while they trained at a third of their quiet speed.
 #[derive(Debug, Clone, Copy)]
 struct Spell {
     since: Instant,
