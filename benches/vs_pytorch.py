@@ -34,6 +34,16 @@ MODELS = [  # (name, config, batch)
 BACKENDS = ["ndarray", "flex"]
 
 
+def name_list(known):
+    """An argparse type: a comma-separated subset of `known`, in `known`'s order."""
+    def parse(text):
+        names = set(text.split(","))
+        if not names or not names <= set(known):
+            raise argparse.ArgumentTypeError(f"{text!r}: give some of {','.join(known)}")
+        return [k for k in known if k in names]
+    return parse
+
+
 def thread_list(text):
     try:
         threads = sorted({int(t) for t in text.split(",")})
@@ -148,6 +158,10 @@ def main():
     parser.add_argument("--threads", type=thread_list,
                         default=thread_list(os.environ.get("BENCH_THREADS", "1,2")),
                         help="thread counts, e.g. 1,2,4,8,16 (default: $BENCH_THREADS or 1,2)")
+    parser.add_argument("--models", type=name_list(["mlp", "cnn"]), default=["mlp", "cnn"],
+                        help="models to run, e.g. cnn (default: mlp,cnn)")
+    parser.add_argument("--backends", type=name_list(BACKENDS), default=BACKENDS,
+                        help="allcores backends to run, e.g. ndarray (default: ndarray,flex)")
     parser.add_argument("--steps", type=int, default=200, help="timed steps a run (200)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (20)")
     parser.add_argument("--rounds", type=int, default=3,
@@ -160,14 +174,15 @@ def main():
     import torch  # noqa: E402  (only its version; the runs import it in their own process)
 
     started = time.time()
-    total = len(MODELS) * len(BACKENDS) * len(args.threads)
+    models = [m for m in MODELS if m[0] in args.models]
+    total = len(models) * len(args.backends) * len(args.threads)
     print(f"allcores vs PyTorch {torch.__version__}: {total} cells x 2 x {args.rounds} runs, "
           f"{args.warmup} warm-up + {args.steps} timed steps each, threads "
           f"{','.join(map(str, args.threads))}, {os.cpu_count()} CPUs ({cpu_model()})", file=sys.stderr)
     cells, done = [], 0
     base = args.threads[0]
-    for model, config, batch in MODELS:
-        for backend in BACKENDS:
+    for model, config, batch in models:
+        for backend in args.backends:
             load = os.getloadavg()[0]
             # One round runs every thread count, each side in turn, so that a round's runs at
             # n threads and at the smallest count are minutes closer than whole cells would be.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # allcores against PyTorch: samples/s of the same models, measured side by side in one run.
 #
-#   benches/vs_pytorch.sh [--threads 1,2,4] [--steps N] [--warmup W] [--rounds R] [--out results.json]
+#   benches/vs_pytorch.sh [--threads 1,2,4] [--models mlp,cnn] [--backends ndarray,flex] [--steps N]
+#                         [--warmup W] [--rounds R] [--out results.json]
 #
 # Cells: MLP 784-512-512-10 at batch 128 and 256, the CNN of examples/mnist-cnn.toml at batch
 # 128; backends ndarray and flex; each thread count (default 1,2, or $BENCH_THREADS). Each
