@@ -3,12 +3,12 @@
 //! `b: [outputs]`).
 //!
 //! Every product is cut into output tiles of at most [`TILE`] or [`WEIGHT_TILE`], equal parts of
-//! each dimension, and each tile is one single-threaded GEMM holding the whole sum over `k`
-//! ([`for_each_tile`]); rayon spreads the tiles over the threads. The tile sizes follow from the
-//! shapes, never from the thread count, and no sum is ever split between tasks: every element of
-//! every result is computed by the same operations in the same order at any thread count. The
-//! bias gradient is summed column block by column block, each column over the batch in sample
-//! order.
+//! each dimension (smaller where that leaves fewer tiles than threads), and each tile is one
+//! single-threaded GEMM holding the whole sum over `k` ([`for_each_tile`]); rayon spreads the
+//! tiles over the threads. No sum is ever split between tasks, and tiles are cut for more threads
+//! only where `gemm` sums each element the same way: every element of every result is computed
+//! by the same operations in the same order at any thread count. The bias gradient is summed
+//! column block by column block, each column over the batch in sample order.
 
 use std::ops::Range;
 

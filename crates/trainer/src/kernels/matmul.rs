@@ -309,11 +309,11 @@ impl Tile<'_> {
 }
 
 /// Computes a row-major `rows x cols` matrix in `format`, tile by tile: the matrix is cut into
-/// tiles of at most `tile_rows x tile_cols` ([`balanced`] sizes) and rayon runs `f` once per
-/// tile, which must write all of it (in f32; a half-precision matrix gets each tile rounded into
-/// place). The tile size depends on the shapes and the caller's constants only, never on the
-/// thread count, so every element is computed by the same operations, in the same order, at any
-/// thread count; only which thread runs a tile changes.
+/// tiles of at most `tile_rows x tile_cols` ([`balanced`] sizes; smaller ones when that leaves
+/// fewer tiles than threads, see [`tile_size`]) and rayon runs `f` once per tile, which must
+/// write all of it (in f32; a half-precision matrix gets each tile rounded into place). Every
+/// element is computed by the same operations, in the same order, at any thread count; only
+/// which thread runs it changes.
 ///
 /// # Panics
 /// When a tile is left unwritten, or on a zero tile size.
@@ -368,6 +368,61 @@ impl<T: HalfFloat> TileElement for T {
     }
 }
 
+/// Above this many rows or columns, `gemm` blocks the sum over `k` of every element of a product
+/// by the depth `k` alone (`kernel_params`); a product at most this size both ways is summed in
+/// blocks of 512 instead, and one of at most 16 x 16 elements or one row or column wide by yet
+/// other kernels.
+const GEMM_LARGE_ABOVE: usize = 64;
+
+/// The narrowest tile that [`tile_size`] cuts.
+const NARROWEST_CUT: usize = 16;
+
+/// The tile size of a `rows x cols` product on `threads` threads: the caller's largest tile in
+/// [`balanced`] sizes, then, while that leaves fewer tiles than threads, its columns (else its
+/// rows) in halves. A side is only cut while every tile stays over [`GEMM_LARGE_ABOVE`] the
+/// other way and at least [`NARROWEST_CUT`] this way: each element then goes through the same
+/// `gemm` kernel and depth blocks as in the uncut tile, so the cut changes which thread computes
+/// it, never how. Tiles narrower than that the other way are not cut at all. The MLP's forward
+/// products at batch 128 (four 128 x 128 tiles) used at most four of 16 threads.
+fn tile_size(
+    (rows, cols): (usize, usize),
+    (max_rows, max_cols): (usize, usize),
+    threads: usize,
+) -> (usize, usize) {
+    let (mut tile_rows, mut tile_cols) = (balanced(rows, max_rows), balanced(cols, max_cols));
+    if rows == 0 || cols == 0 {
+        return (tile_rows, tile_cols);
+    }
+    while rows.div_ceil(tile_rows) * cols.div_ceil(tile_cols) < threads {
+        if let Some(cut) = halved(cols, tile_cols).filter(|_| all_large(rows, tile_rows)) {
+            tile_cols = cut;
+        } else if let Some(cut) = halved(rows, tile_rows).filter(|_| all_large(cols, tile_cols)) {
+            tile_rows = cut;
+        } else {
+            break;
+        }
+    }
+    (tile_rows, tile_cols)
+}
+
+/// The size of twice as many parts of `n` as parts of `size` make (rounded up to a whole number
+/// of vectors, as in [`balanced`]), when that is smaller and no part is narrower than
+/// [`NARROWEST_CUT`].
+fn halved(n: usize, size: usize) -> Option<usize> {
+    let half = n.div_ceil(2 * n.div_ceil(size)).next_multiple_of(16);
+    (half < size && last_part(n, half) >= NARROWEST_CUT).then_some(half)
+}
+
+/// Whether every part of `n` cut in parts of `size` is over [`GEMM_LARGE_ABOVE`].
+fn all_large(n: usize, size: usize) -> bool {
+    last_part(n, size) > GEMM_LARGE_ABOVE
+}
+
+/// The last (smallest) part of `n` cut in parts of `size`.
+fn last_part(n: usize, size: usize) -> usize {
+    n - (n.div_ceil(size) - 1) * size
+}
+
 /// The size of the parts that `n` is cut into: as few parts of at most `max` as fit, of equal
 /// size rounded up to a multiple of 16 (a whole number of vectors). Cutting 784 rows into six
 /// tiles of 128 and one of 16 left the threads of a 2-thread pool with 7 and 5.25 tiles' work.
@@ -385,7 +440,11 @@ where
     F: Fn(&mut Tile<'_>) + Sync,
 {
     assert!(tile_rows > 0 && tile_cols > 0, "tile: zero size");
-    let (tile_rows, tile_cols) = (balanced(rows, tile_rows), balanced(cols, tile_cols));
+    let (tile_rows, tile_cols) = tile_size(
+        (rows, cols),
+        (tile_rows, tile_cols),
+        rayon::current_num_threads(),
+    );
     let mut buffer: Box<[MaybeUninit<T>]> = Box::new_uninit_slice(rows * cols);
     let dst = SharedDst {
         ptr: buffer.as_mut_ptr().cast::<T>(),
@@ -445,6 +504,24 @@ mod tests {
         assert_eq!(balanced(10, 256), 16);
         assert_eq!(balanced(0, 128), 0);
         assert_eq!(balanced(5, 3), 3);
+    }
+
+    #[test]
+    fn tiles_are_cut_for_threads_only_where_gemm_sums_the_same_way() {
+        // The MLP's forward product at batch 128: its columns are halved until every thread
+        // has a tile, down to 16.
+        for (threads, tile) in [(1, 128), (4, 128), (5, 64), (8, 64), (16, 32), (64, 16)] {
+            assert_eq!(tile_size((128, 512), (128, 128), threads), (128, tile));
+        }
+        // Ten outputs cannot be cut, and cutting 128 rows would leave tiles within 64 x 64.
+        assert_eq!(tile_size((128, 10), (128, 128), 16), (128, 16));
+        // 64 rows: the rows are cut while the 128 columns keep every tile large.
+        assert_eq!(tile_size((64, 512), (128, 128), 16), (16, 128));
+        // A weight gradient's 7 x 2 tiles: columns first.
+        assert_eq!(tile_size((784, 512), (128, 256), 16), (112, 128));
+        // No cut leaves a part narrower than 16: 130 columns are not cut in eighths.
+        assert_eq!(tile_size((128, 130), (128, 128), 16), (128, 48));
+        assert_eq!(tile_size((0, 512), (128, 128), 16), (0, 128));
     }
 
     #[test]
