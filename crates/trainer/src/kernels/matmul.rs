@@ -368,10 +368,11 @@ impl<T: HalfFloat> TileElement for T {
     }
 }
 
-/// Above this many rows or columns, `gemm` blocks the sum over `k` of every element of a product
-/// by the depth `k` alone (`kernel_params`); a product at most this size both ways is summed in
-/// blocks of 512 instead, and one of at most 16 x 16 elements or one row or column wide by yet
-/// other kernels.
+/// Above this many rows or columns, `gemm` (0.19, `gemm_basic_generic`) blocks the sum over `k`
+/// of every element of a product by the depth `k` alone (`kernel_params`); a product at most
+/// this size both ways is summed in blocks of 512 instead, and one of at most 16 x 16 elements
+/// or one row or column wide by yet other kernels. A `gemm` upgrade must keep
+/// `linear_results_do_not_depend_on_the_thread_count` passing.
 const GEMM_LARGE_ABOVE: usize = 64;
 
 /// The narrowest tile that [`tile_size`] cuts.
@@ -382,8 +383,8 @@ const NARROWEST_CUT: usize = 16;
 /// rows) in halves. A side is only cut while every tile stays over [`GEMM_LARGE_ABOVE`] the
 /// other way and at least [`NARROWEST_CUT`] this way: each element then goes through the same
 /// `gemm` kernel and depth blocks as in the uncut tile, so the cut changes which thread computes
-/// it, never how. Tiles narrower than that the other way are not cut at all. The MLP's forward
-/// products at batch 128 (four 128 x 128 tiles) used at most four of 16 threads.
+/// it, never how. Tiles narrower than that the other way are not cut at all. Uncut, the MLP's
+/// forward products at batch 128 (four 128 x 128 tiles) kept at most four of 16 threads busy.
 fn tile_size(
     (rows, cols): (usize, usize),
     (max_rows, max_cols): (usize, usize),
@@ -519,7 +520,8 @@ mod tests {
         assert_eq!(tile_size((64, 512), (128, 128), 16), (16, 128));
         // A weight gradient's 7 x 2 tiles: columns first.
         assert_eq!(tile_size((784, 512), (128, 256), 16), (112, 128));
-        // No cut leaves a part narrower than 16: 130 columns are not cut in eighths.
+        // No cut leaves a part narrower than 16: 130 columns stop at parts of 48 (48, 48, 34),
+        // as parts of 32 would leave one of 2.
         assert_eq!(tile_size((128, 130), (128, 128), 16), (128, 48));
         assert_eq!(tile_size((0, 512), (128, 128), 16), (0, 128));
     }
