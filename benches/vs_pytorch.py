@@ -31,6 +31,7 @@ MODELS = [  # (name, config, batch)
     ("mlp", "examples/mnist-mlp.toml", 256),
     ("cnn", "examples/mnist-cnn.toml", 128),
 ]
+MODEL_NAMES = list(dict.fromkeys(name for name, _, _ in MODELS))  # ["mlp", "cnn"]
 BACKENDS = ["ndarray", "flex"]
 
 
@@ -38,7 +39,7 @@ def name_list(known):
     """An argparse type: a comma-separated subset of `known`, in `known`'s order."""
     def parse(text):
         names = set(text.split(","))
-        if not names or not names <= set(known):
+        if not names <= set(known):
             raise argparse.ArgumentTypeError(f"{text!r}: give some of {','.join(known)}")
         return [k for k in known if k in names]
     return parse
@@ -158,7 +159,7 @@ def main():
     parser.add_argument("--threads", type=thread_list,
                         default=thread_list(os.environ.get("BENCH_THREADS", "1,2")),
                         help="thread counts, e.g. 1,2,4,8,16 (default: $BENCH_THREADS or 1,2)")
-    parser.add_argument("--models", type=name_list(["mlp", "cnn"]), default=["mlp", "cnn"],
+    parser.add_argument("--models", type=name_list(MODEL_NAMES), default=MODEL_NAMES,
                         help="models to run, e.g. cnn (default: mlp,cnn)")
     parser.add_argument("--backends", type=name_list(BACKENDS), default=BACKENDS,
                         help="allcores backends to run, e.g. ndarray (default: ndarray,flex)")

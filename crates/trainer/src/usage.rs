@@ -1,5 +1,5 @@
-//! What the process used: CPU time (from `getrusage`), the part of it spent polling for work,
-//! and peak resident memory.
+//! What the process used: CPU time (from `getrusage`; a thread's own from its CPU clock), the
+//! part of it spent polling for work, and peak resident memory.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

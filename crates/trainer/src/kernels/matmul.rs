@@ -378,6 +378,9 @@ const GEMM_LARGE_ABOVE: usize = 64;
 /// The narrowest tile that [`tile_size`] cuts.
 const NARROWEST_CUT: usize = 16;
 
+/// f32 lanes of the widest vectors (AVX-512): tile sides are rounded up to a multiple of it.
+const VECTOR: usize = 16;
+
 /// The tile size of a `rows x cols` product on `threads` threads: the caller's largest tile in
 /// [`balanced`] sizes, then, while that leaves fewer tiles than threads, its columns (else its
 /// rows) in halves. A side is only cut while every tile stays over [`GEMM_LARGE_ABOVE`] the
@@ -410,7 +413,7 @@ fn tile_size(
 /// of vectors, as in [`balanced`]), when that is smaller and no part is narrower than
 /// [`NARROWEST_CUT`].
 fn halved(n: usize, size: usize) -> Option<usize> {
-    let half = n.div_ceil(2 * n.div_ceil(size)).next_multiple_of(16);
+    let half = n.div_ceil(2 * n.div_ceil(size)).next_multiple_of(VECTOR);
     (half < size && last_part(n, half) >= NARROWEST_CUT).then_some(half)
 }
 
@@ -425,11 +428,11 @@ fn last_part(n: usize, size: usize) -> usize {
 }
 
 /// The size of the parts that `n` is cut into: as few parts of at most `max` as fit, of equal
-/// size rounded up to a multiple of 16 (a whole number of vectors). Cutting 784 rows into six
-/// tiles of 128 and one of 16 left the threads of a 2-thread pool with 7 and 5.25 tiles' work.
+/// size rounded up to a multiple of [`VECTOR`] (a whole number of vectors). Cutting 784 rows into
+/// six tiles of 128 and one of 16 left the threads of a 2-thread pool with 7 and 5.25 tiles' work.
 fn balanced(n: usize, max: usize) -> usize {
     let parts = n.div_ceil(max).max(1);
-    n.div_ceil(parts).next_multiple_of(16).min(max)
+    n.div_ceil(parts).next_multiple_of(VECTOR).min(max)
 }
 
 fn tiled<T: TileElement, F>(
