@@ -272,9 +272,18 @@ impl<B: HostSlices> Backward<B, 3> for LinearBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_weight, node_bias] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
+        let mut grad = grads.consume::<B>(&ops.node);
         let (x, weight, output) = ops.state;
         let s = linear_shape::<B>(&x, &weight);
+        // The fused ReLU's mask goes in place where the gradient is f32 and this step's alone;
+        // otherwise `linear::backward` masks a copy.
+        let output = match (output, B::f32_mut(&mut grad)) {
+            (Some(y), Some(dy)) => {
+                linear::relu_mask_in_place(dy, B::read(&y).values(), s);
+                None
+            }
+            (output, _) => output,
+        };
         let output = output.as_ref().map(|y| B::read(y));
         let (x, weight, grad) = (B::read(&x), B::read(&weight), B::read(&grad));
         let LinearGrads {

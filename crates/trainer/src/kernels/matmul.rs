@@ -333,6 +333,26 @@ where
     }
 }
 
+/// [`for_each_tile`] over an f32 matrix that is already written: `f` rewrites each tile in
+/// place. The tiles are those [`for_each_tile`] cuts a matrix of this shape into, so a pass over
+/// a matrix that a product has just written finds each tile where the product left it.
+///
+/// # Panics
+/// When `matrix` is not `rows x cols`, or on a zero tile size.
+pub(crate) fn for_each_tile_in_place<F>(
+    matrix: &mut [f32],
+    shape: (usize, usize),
+    tile: (usize, usize),
+    f: F,
+) where
+    F: Fn(&mut Tile<'_>) + Sync,
+{
+    assert_eq!(matrix.len(), shape.0 * shape.1, "tile: matrix size");
+    // SAFETY: `matrix` holds `rows x cols` initialised elements (asserted) and is borrowed
+    // mutably for the whole call.
+    unsafe { each_tile(matrix.as_mut_ptr(), shape, tile, true, f) };
+}
+
 /// An element type a tiled product can write: f32 in place, the half formats through a buffer.
 trait TileElement: Copy + Send + Sync {
     /// `dst` as f32 elements when tiles can be written there in place (f32 itself).
@@ -435,12 +455,31 @@ fn balanced(n: usize, max: usize) -> usize {
     n.div_ceil(parts).next_multiple_of(VECTOR).min(max)
 }
 
-fn tiled<T: TileElement, F>(
+fn tiled<T: TileElement, F>(shape: (usize, usize), tile: (usize, usize), f: F) -> Vec<T>
+where
+    F: Fn(&mut Tile<'_>) + Sync,
+{
+    let mut buffer: Box<[MaybeUninit<T>]> = Box::new_uninit_slice(shape.0 * shape.1);
+    // SAFETY: the buffer holds `rows x cols` elements, ours alone; `each_tile` asserts that every
+    // tile was written.
+    unsafe { each_tile(buffer.as_mut_ptr().cast::<T>(), shape, tile, false, f) };
+    // SAFETY: the tiles cover the matrix, and each was written by its task (asserted).
+    unsafe { buffer.assume_init() }.into_vec()
+}
+
+/// Runs `f` once per tile of the `rows x cols` matrix at `matrix` on rayon (tile sizes from
+/// [`tile_size`]); each tile starts `initialised` or not, and must end written.
+///
+/// # Safety
+/// `matrix` must point to `rows x cols` elements that nothing else reads or writes during the
+/// call, initialised when `initialised` is set.
+unsafe fn each_tile<T: TileElement, F>(
+    matrix: *mut T,
     (rows, cols): (usize, usize),
     (tile_rows, tile_cols): (usize, usize),
+    initialised: bool,
     f: F,
-) -> Vec<T>
-where
+) where
     F: Fn(&mut Tile<'_>) + Sync,
 {
     assert!(tile_rows > 0 && tile_cols > 0, "tile: zero size");
@@ -449,11 +488,7 @@ where
         (tile_rows, tile_cols),
         rayon::current_num_threads(),
     );
-    let mut buffer: Box<[MaybeUninit<T>]> = Box::new_uninit_slice(rows * cols);
-    let dst = SharedDst {
-        ptr: buffer.as_mut_ptr().cast::<T>(),
-        cols,
-    };
+    let dst = SharedDst { ptr: matrix, cols };
     let (across, cols_total) = (cols.div_ceil(tile_cols), cols);
     (0..rows.div_ceil(tile_rows) * across)
         .into_par_iter()
@@ -467,6 +502,10 @@ where
             let (canvas_ptr, stride) = match T::in_place(corner) {
                 Some(corner) => (corner, cols_total),
                 None => {
+                    assert!(
+                        !initialised,
+                        "tile: only f32 matrices are rewritten in place"
+                    );
                     canvas.resize(rows * cols, 0.0f32);
                     (canvas.as_mut_ptr(), cols)
                 }
@@ -478,7 +517,7 @@ where
                 col,
                 rows,
                 cols,
-                initialised: false,
+                initialised,
                 _matrix: PhantomData,
             };
             f(&mut tile);
@@ -491,8 +530,6 @@ where
                 }
             }
         });
-    // SAFETY: the tiles cover the matrix, and each was written by its task (asserted).
-    unsafe { buffer.assume_init() }.into_vec()
 }
 
 #[cfg(test)]
