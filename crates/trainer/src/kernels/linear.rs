@@ -188,8 +188,8 @@ pub fn relu_mask_in_place(dy: &mut [f32], y: Values<'_>, s: LinearShape) {
         tile.for_each_row(|row, g| {
             let range = row * s.outputs + columns.start..row * s.outputs + columns.end;
             let y = y.read(range, &mut y_row);
-            // A select over the whole row, not a branch per element: half the branches of a
-            // ReLU mask go each way, and mispredicting them made this pass 10x slower.
+            // A select, not a branch per element: a ReLU mask's branches go either way at
+            // random, and written as a branch this pass made the MLP's whole step 1.11x slower.
             for (g, &y) in g.iter_mut().zip(y) {
                 *g = if y > 0.0 { *g } else { 0.0 };
             }
