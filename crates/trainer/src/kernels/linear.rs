@@ -79,7 +79,7 @@ pub fn forward<'a>(
         Mat::rows(x.values(), s.inputs),
         Mat::rows(weight.values(), s.outputs),
     );
-    for_each_tile(format, (s.batch, s.outputs), TILE, |tile| {
+    for_each_tile(format, (s.batch, s.outputs), TILE, Some(s.inputs), |tile| {
         // Bias first, then the product on top of it, then the ReLU while the tile is in cache.
         tile.fill_rows(&bias);
         tile.matmul(x, weight, s.inputs, true);
@@ -120,9 +120,15 @@ pub fn backward<'a>(
     let x_t = Mat::transposed(x_operand.values(), s.inputs);
     // dW = xᵀ · g: the sum over the batch of each element inside one tile's GEMM.
     let weight_grad = || {
-        for_each_tile(param_format, (s.inputs, s.outputs), WEIGHT_TILE, |tile| {
-            tile.matmul(x_t, g_rows, s.batch, false);
-        })
+        for_each_tile(
+            param_format,
+            (s.inputs, s.outputs),
+            WEIGHT_TILE,
+            Some(s.batch),
+            |tile| {
+                tile.matmul(x_t, g_rows, s.batch, false);
+            },
+        )
     };
     // dx = g · Wᵀ. Each tile copies out the part of Wᵀ it multiplies by, row-major and in f32,
     // while it is in cache: GEMM packs a transposed operand slowly (reading Wᵀ in place made
@@ -132,7 +138,8 @@ pub fn backward<'a>(
     // tiles was no faster at one thread and 1.02x to 1.06x slower at two (MLP, batch 256).
     let x_grad = || {
         input_grad.then(|| {
-            for_each_tile(x_format, (s.batch, s.inputs), TILE, |tile| {
+            // No depth: cut as the ReLU mask below this layer, which rewrites it in place.
+            for_each_tile(x_format, (s.batch, s.inputs), TILE, None, |tile| {
                 let columns = tile.columns();
                 let weight_t = transposed_rows(weight, columns.clone(), s.outputs);
                 let weight_t = Mat::rows(&weight_t[..], columns.len());
@@ -159,7 +166,7 @@ fn transposed_rows(m: Values<'_>, rows: Range<usize>, cols: usize) -> Vec<f32> {
 
 /// `dy` where the fused ReLU's output `y` is positive, zero elsewhere, in the format of `dy`.
 fn relu_mask(dy: Values<'_>, y: Values<'_>, s: LinearShape) -> Buffer {
-    for_each_tile(dy.format(), (s.batch, s.outputs), TILE, |tile| {
+    for_each_tile(dy.format(), (s.batch, s.outputs), TILE, None, |tile| {
         let columns = tile.columns();
         let (mut dy_row, mut y_row) = (Vec::new(), Vec::new());
         tile.write_rows(|row, g| {

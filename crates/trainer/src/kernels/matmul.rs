@@ -310,10 +310,11 @@ impl Tile<'_> {
 
 /// Computes a row-major `rows x cols` matrix in `format`, tile by tile: the matrix is cut into
 /// tiles of at most `tile_rows x tile_cols` ([`balanced`] sizes; smaller ones when that leaves
-/// fewer tiles than threads, see [`tile_size`]) and rayon runs `f` once per tile, which must
-/// write all of it (in f32; a half-precision matrix gets each tile rounded into place). Every
-/// element is computed by the same operations, in the same order, at any thread count; only
-/// which thread runs it changes.
+/// fewer tiles than threads, see [`tile_size`], which cuts deeper where the tiles hold products
+/// whose sums are `depth` deep) and rayon runs `f` once per tile, which must write all of it (in
+/// f32; a half-precision matrix gets each tile rounded into place). Every element is computed by
+/// the same operations, in the same order, at any thread count; only which thread runs it
+/// changes.
 ///
 /// # Panics
 /// When a tile is left unwritten, or on a zero tile size.
@@ -321,21 +322,23 @@ pub(crate) fn for_each_tile<F>(
     format: Format,
     shape: (usize, usize),
     tile: (usize, usize),
+    depth: Option<usize>,
     f: F,
 ) -> Buffer
 where
     F: Fn(&mut Tile<'_>) + Sync,
 {
     match format {
-        Format::F32 => Buffer::F32(tiled::<f32, _>(shape, tile, f)),
-        Format::F16 => Buffer::F16(tiled::<f16, _>(shape, tile, f)),
-        Format::Bf16 => Buffer::Bf16(tiled::<bf16, _>(shape, tile, f)),
+        Format::F32 => Buffer::F32(tiled::<f32, _>(shape, tile, depth, f)),
+        Format::F16 => Buffer::F16(tiled::<f16, _>(shape, tile, depth, f)),
+        Format::Bf16 => Buffer::Bf16(tiled::<bf16, _>(shape, tile, depth, f)),
     }
 }
 
 /// [`for_each_tile`] over an f32 matrix that is already written: `f` rewrites each tile in
-/// place. The tiles are those [`for_each_tile`] cuts a matrix of this shape into, so a pass over
-/// a matrix that a product has just written finds each tile where the product left it.
+/// place. The tiles are those [`for_each_tile`] cuts a matrix of this shape into without a
+/// `depth`, so a pass over a matrix that such a product has just written finds each tile where
+/// the product left it.
 ///
 /// # Panics
 /// When `matrix` is not `rows x cols`, or on a zero tile size.
@@ -350,7 +353,7 @@ pub(crate) fn for_each_tile_in_place<F>(
     assert_eq!(matrix.len(), shape.0 * shape.1, "tile: matrix size");
     // SAFETY: `matrix` holds `rows x cols` initialised elements (asserted) and is borrowed
     // mutably for the whole call.
-    unsafe { each_tile(matrix.as_mut_ptr(), shape, tile, true, f) };
+    unsafe { each_tile(matrix.as_mut_ptr(), shape, tile, None, true, f) };
 }
 
 /// An element type a tiled product can write: f32 in place, the half formats through a buffer.
@@ -395,6 +398,14 @@ impl<T: HalfFloat> TileElement for T {
 /// `linear_results_do_not_depend_on_the_thread_count` passing.
 const GEMM_LARGE_ABOVE: usize = 64;
 
+/// `gemm`'s depth block for products at most [`GEMM_LARGE_ABOVE`] both ways: sums at most this
+/// deep are one block in every kernel, as in the large products (whose blocks are never shorter).
+const GEMM_SMALL_DEPTH_BLOCK: usize = 512;
+
+/// At most this many elements, `gemm` sums each element of a product with a horizontal kernel of
+/// its own (a vector reduction, not one accumulator): no tile is cut this small.
+const GEMM_HORIZONTAL_UP_TO: usize = 16 * 16;
+
 /// The narrowest tile that [`tile_size`] cuts.
 const NARROWEST_CUT: usize = 16;
 
@@ -406,11 +417,16 @@ const VECTOR: usize = 16;
 /// rows) in halves. A side is only cut while every tile stays over [`GEMM_LARGE_ABOVE`] the
 /// other way and at least [`NARROWEST_CUT`] this way: each element then goes through the same
 /// `gemm` kernel and depth blocks as in the uncut tile, so the cut changes which thread computes
-/// it, never how. Tiles narrower than that the other way are not cut at all. Uncut, the MLP's
-/// forward products at batch 128 (four 128 x 128 tiles) kept at most four of 16 threads busy.
+/// it, never how. Uncut, the MLP's forward products at batch 128 (four 128 x 128 tiles) kept at
+/// most four of 16 threads busy. Where every element is a sum at most [`GEMM_SMALL_DEPTH_BLOCK`]
+/// deep (`depth`), tiles within 64 x 64 sum it in one block too, and rows are also cut down to
+/// tiles of over [`GEMM_HORIZONTAL_UP_TO`] elements: the MLP's 10-output product at batch 128, one
+/// tile uncut and a twelfth of a step at two threads, runs as two. Other tiles narrower than 64
+/// the other way are not cut at all.
 fn tile_size(
     (rows, cols): (usize, usize),
     (max_rows, max_cols): (usize, usize),
+    depth: Option<usize>,
     threads: usize,
 ) -> (usize, usize) {
     let (mut tile_rows, mut tile_cols) = (balanced(rows, max_rows), balanced(cols, max_cols));
@@ -421,6 +437,11 @@ fn tile_size(
         if let Some(cut) = halved(cols, tile_cols).filter(|_| all_large(rows, tile_rows)) {
             tile_cols = cut;
         } else if let Some(cut) = halved(rows, tile_rows).filter(|_| all_large(cols, tile_cols)) {
+            tile_rows = cut;
+        } else if let Some(cut) = halved(rows, tile_rows).filter(|&cut| {
+            let smallest = last_part(rows, cut) * last_part(cols, tile_cols);
+            depth.is_some_and(|k| k <= GEMM_SMALL_DEPTH_BLOCK) && smallest > GEMM_HORIZONTAL_UP_TO
+        }) {
             tile_rows = cut;
         } else {
             break;
@@ -455,20 +476,35 @@ fn balanced(n: usize, max: usize) -> usize {
     n.div_ceil(parts).next_multiple_of(VECTOR).min(max)
 }
 
-fn tiled<T: TileElement, F>(shape: (usize, usize), tile: (usize, usize), f: F) -> Vec<T>
+fn tiled<T: TileElement, F>(
+    shape: (usize, usize),
+    tile: (usize, usize),
+    depth: Option<usize>,
+    f: F,
+) -> Vec<T>
 where
     F: Fn(&mut Tile<'_>) + Sync,
 {
     let mut buffer: Box<[MaybeUninit<T>]> = Box::new_uninit_slice(shape.0 * shape.1);
     // SAFETY: the buffer holds `rows x cols` elements, ours alone; `each_tile` asserts that every
     // tile was written.
-    unsafe { each_tile(buffer.as_mut_ptr().cast::<T>(), shape, tile, false, f) };
+    unsafe {
+        each_tile(
+            buffer.as_mut_ptr().cast::<T>(),
+            shape,
+            tile,
+            depth,
+            false,
+            f,
+        )
+    };
     // SAFETY: the tiles cover the matrix, and each was written by its task (asserted).
     unsafe { buffer.assume_init() }.into_vec()
 }
 
 /// Runs `f` once per tile of the `rows x cols` matrix at `matrix` on rayon (tile sizes from
-/// [`tile_size`]); each tile starts `initialised` or not, and must end written.
+/// [`tile_size`], given the `depth` of the sums the tiles hold); each tile starts `initialised`
+/// or not, and must end written.
 ///
 /// # Safety
 /// `matrix` must point to `rows x cols` elements that nothing else reads or writes during the
@@ -477,6 +513,7 @@ unsafe fn each_tile<T: TileElement, F>(
     matrix: *mut T,
     (rows, cols): (usize, usize),
     (tile_rows, tile_cols): (usize, usize),
+    depth: Option<usize>,
     initialised: bool,
     f: F,
 ) where
@@ -486,6 +523,7 @@ unsafe fn each_tile<T: TileElement, F>(
     let (tile_rows, tile_cols) = tile_size(
         (rows, cols),
         (tile_rows, tile_cols),
+        depth,
         rayon::current_num_threads(),
     );
     let dst = SharedDst { ptr: matrix, cols };
@@ -552,18 +590,29 @@ mod tests {
         // The MLP's forward product at batch 128: its columns are halved until every thread
         // has a tile, down to 16.
         for (threads, tile) in [(1, 128), (4, 128), (5, 64), (8, 64), (16, 32), (64, 16)] {
-            assert_eq!(tile_size((128, 512), (128, 128), threads), (128, tile));
+            assert_eq!(
+                tile_size((128, 512), (128, 128), Some(784), threads),
+                (128, tile)
+            );
         }
-        // Ten outputs cannot be cut, and cutting 128 rows would leave tiles within 64 x 64.
-        assert_eq!(tile_size((128, 10), (128, 128), 16), (128, 16));
+        // Ten outputs cannot be cut, and cutting 128 rows would leave tiles within 64 x 64,
+        // summed in other depth blocks than the 128-row tile when the sums are over 512 deep.
+        assert_eq!(tile_size((128, 10), (128, 128), None, 16), (128, 16));
+        assert_eq!(tile_size((128, 10), (128, 128), Some(784), 16), (128, 16));
+        // At most 512 deep, the depth blocks agree: rows are cut while every tile keeps over
+        // 16 x 16 elements (32 x 10 does, 16 x 10 would not), after the columns.
+        assert_eq!(tile_size((128, 10), (128, 128), Some(512), 1), (128, 16));
+        assert_eq!(tile_size((128, 10), (128, 128), Some(512), 2), (64, 16));
+        assert_eq!(tile_size((128, 10), (128, 128), Some(512), 16), (32, 16));
+        assert_eq!(tile_size((128, 32), (128, 128), Some(512), 16), (32, 16));
         // 64 rows: the rows are cut while the 128 columns keep every tile large.
-        assert_eq!(tile_size((64, 512), (128, 128), 16), (16, 128));
+        assert_eq!(tile_size((64, 512), (128, 128), None, 16), (16, 128));
         // A weight gradient's 7 x 2 tiles: columns first.
-        assert_eq!(tile_size((784, 512), (128, 256), 16), (112, 128));
+        assert_eq!(tile_size((784, 512), (128, 256), None, 16), (112, 128));
         // No cut leaves a part narrower than 16: 130 columns stop at parts of 48 (48, 48, 34),
         // as parts of 32 would leave one of 2.
-        assert_eq!(tile_size((128, 130), (128, 128), 16), (128, 48));
-        assert_eq!(tile_size((0, 512), (128, 128), 16), (0, 128));
+        assert_eq!(tile_size((128, 130), (128, 128), None, 16), (128, 48));
+        assert_eq!(tile_size((0, 512), (128, 128), None, 16), (0, 128));
     }
 
     #[test]

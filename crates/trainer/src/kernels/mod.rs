@@ -570,13 +570,25 @@ mod tests {
     }
 
     /// A two-layer MLP on the dense kernel: output and every gradient are bitwise the same in
-    /// rayon pools of 1, 2, 3, 8 and 32 threads. The sizes give many tiles, with partial ones;
-    /// 8 and 32 threads cut them smaller; sums over more than 512 make `gemm`'s blocking of
-    /// small products (which the cuts must avoid) differ from that of large ones.
+    /// rayon pools of 1, 2, 3, 8 and 32 threads. The first sizes give many tiles, with partial
+    /// ones; 8 and 32 threads cut them smaller; sums over more than 512 make `gemm`'s blocking
+    /// of small products (which the cuts must avoid) differ from that of large ones. The second
+    /// sizes' sums are at most 512 deep: 3 and more threads cut the 10-output product and its
+    /// weight gradient by rows, into tiles within 64 x 64. The third ones' are 600 deep, where
+    /// such cuts would change the sums.
     #[test]
     fn linear_results_do_not_depend_on_the_thread_count() {
         let (rows, cols) = linear::TILE;
-        let (batch, inputs, hidden, outputs) = (2 * rows + 5, 5 * cols + 1, 4 * cols + 9, 10);
+        for (batch, inputs, hidden, outputs) in [
+            (2 * rows + 5, 5 * cols + 1, 4 * cols + 9, 10),
+            (2 * rows, 2 * cols + 44, 2 * cols + 44, 10),
+            (2 * rows, 4 * cols + 88, 4 * cols + 88, 10),
+        ] {
+            one_mlp_at_any_thread_count(batch, inputs, hidden, outputs);
+        }
+    }
+
+    fn one_mlp_at_any_thread_count(batch: usize, inputs: usize, hidden: usize, outputs: usize) {
         let run = |device: &Device| {
             let x = tensor([batch, inputs], 1, device).require_grad();
             let w1 = tensor([inputs, hidden], 2, device).require_grad();
@@ -612,7 +624,8 @@ mod tests {
             for threads in [2, 3, 8, 32] {
                 assert!(
                     one == in_pool(threads),
-                    "{device:?}: 1 and {threads} threads"
+                    "{device:?}, MLP {inputs}-{hidden}-{outputs} at batch {batch}: 1 and \
+                     {threads} threads"
                 );
             }
         }
