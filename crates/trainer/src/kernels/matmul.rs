@@ -434,14 +434,13 @@ fn tile_size(
     if rows == 0 || cols == 0 {
         return (tile_rows, tile_cols);
     }
+    let shallow = depth.is_some_and(|k| k <= GEMM_SMALL_DEPTH_BLOCK);
     while rows.div_ceil(tile_rows) * cols.div_ceil(tile_cols) < threads {
         if let Some(cut) = halved(cols, tile_cols).filter(|_| all_large(rows, tile_rows)) {
             tile_cols = cut;
-        } else if let Some(cut) = halved(rows, tile_rows).filter(|_| all_large(cols, tile_cols)) {
-            tile_rows = cut;
         } else if let Some(cut) = halved(rows, tile_rows).filter(|&cut| {
             let smallest = last_part(rows, cut) * last_part(cols, tile_cols);
-            depth.is_some_and(|k| k <= GEMM_SMALL_DEPTH_BLOCK) && smallest > GEMM_HORIZONTAL_UP_TO
+            all_large(cols, tile_cols) || (shallow && smallest > GEMM_HORIZONTAL_UP_TO)
         }) {
             tile_rows = cut;
         } else {
