@@ -215,6 +215,9 @@ impl Trainer {
         })
     }
 
+    /// The run: its start (fresh or resumed) and first log lines, then the loop, one optimizer
+    /// step at a time, scoring at each epoch's end and checkpointing as the policy says, then
+    /// the final weights and the summary.
     fn run<M, F>(
         &self,
         threads: ThreadPlan,
@@ -225,179 +228,48 @@ impl Trainer {
         M: Classifier + ModuleSnapshot,
         F: Fn(&Device) -> Result<M>,
     {
-        let started = Instant::now();
-        let cpu = CpuMeter::start();
+        let mut timing = RunTiming::start();
         let training = &self.settings.training;
         let train = &self.data.train;
-        let plan = StepPlan::new(train.len(), training);
+        let setup = self.setup(threads, calibration.as_ref());
+        let plan = setup.plan;
         let device = device(training.backend);
         let model = seeded_init(&device, training.seed, &init)?;
-        let optimizer = optimizer(&self.settings.optimizer);
-        let unscaling = optimizer.unscaling();
-        let Optimizer {
-            module: optimizer,
-            reading,
-        } = optimizer;
-        let scheduler = schedule(&self.settings.optimizer, plan.total_steps)?;
-        let loss_fn = CrossEntropyLossConfig::new().init(&device);
-        let compute = Compute::new(training.precision, training.backend);
-        let concurrent = match (&calibration, training.execution) {
-            (Some(calibration), _) => calibration.chosen.concurrent,
-            (None, Execution::Concurrent) => true,
-            (None, Execution::Sequential) => false,
-            (None, Execution::Auto) => threads.threads > 1 && plan.pieces_per_step() > 1,
-        };
-        let poller = Poller::new(training.idle_threads, threads.threads, threads.available);
-        let scaling = &self.settings.precision;
-        let scales = scaling.scales(training.precision);
-        let (resume_from, notes) = self.resume_point()?;
-        let Restored {
-            mut model,
-            mut optimizer,
-            mut scheduler,
-            mut state,
-            mut lr,
-        } = restore(
-            resume_from.as_ref(),
-            model,
-            optimizer,
-            scheduler,
-            || match scales {
-                true => LossScaler::new(scaling).state,
-                false => ScalerState::default(),
-            },
-        )?;
-        let mut scaler = scales.then(|| LossScaler::resume(scaling, state.scaler));
+        let start = self.start(model, &plan)?;
         // Every check of the input is behind us: only now is the run folder written.
-        let run_dir = self.prepare_run_dir(&state)?;
-
+        let run_dir = self.prepare_run_dir(&start.state)?;
         let progress = Progress::new(plan.total_steps, self.options.quiet);
-        progress.log(format!(
-            "allcores: training {} on {} with {}{}{}",
-            self.settings.model.kind,
-            training.backend,
-            threads.describe(training.backend),
-            match (threads.threads, poller.polls()) {
-                (1, _) => "",
-                (_, true) => ", idle threads polling",
-                (_, false) => ", idle threads sleeping",
-            },
-            match (plan.pieces_per_step(), concurrent) {
-                (1, _) => String::new(),
-                (n, true) => format!("; the {n} pieces of a step run concurrently"),
-                (n, false) => format!("; the {n} pieces of a step run one after the other"),
-            }
-        ));
-        if training.precision != crate::settings::Precision::F32 {
-            progress.log(format!(
-                "precision: {} ({:?}), f32 master weights{}",
-                training.precision,
-                compute.mode(),
-                scaler
-                    .as_ref()
-                    .map_or(String::new(), |s| format!(", loss scale {}", s.scale()))
-            ));
-        }
-        if let Some(calibration) = &calibration {
-            progress.log(calibration.describe());
-        }
-        for note in notes {
-            progress.log(note);
-        }
-        if let Some(checkpoint) = &resume_from {
-            progress.log(format!(
-                "resuming from {} (step {}, epoch {})",
-                checkpoint.folder.display(),
-                state.step,
-                state.epoch
-            ));
-            progress.advance(state.step);
-        }
-        if plan.step_size > train.len() {
-            progress.log(format!(
-                "warning: the effective batch ({} = training.batch_size x \
-                 training.accumulation_steps) is larger than the {} training samples",
-                plan.step_size,
-                train.len()
-            ));
-        }
+        self.announce(&progress, &setup, &start, calibration.as_ref());
+        let Start {
+            mut model,
+            mut updater,
+            mut state,
+            ..
+        } = start;
 
-        let mut order = (
-            state.epoch,
-            epoch_order(train.len(), training.seed, state.epoch),
-        );
+        let loss_fn = CrossEntropyLossConfig::new().init(&device);
+        let mut order = EpochOrder::new(train.len(), training.seed, state.epoch);
         let mut epoch_cpu = CpuMeter::start();
-        let mut checkpoint_seconds = 0.0;
-        let mut step_times = Vec::new();
         while state.step < plan.total_steps {
-            if order.0 != state.epoch {
-                order = (
-                    state.epoch,
-                    epoch_order(train.len(), training.seed, state.epoch),
-                );
+            if order.follow(state.epoch) {
                 epoch_cpu = CpuMeter::start();
             }
             progress.set_epoch(state.epoch, plan.epochs);
-            let start = state.groups_done as usize * plan.step_size;
-            let group = &order.1[start..(start + plan.step_size).min(train.len())];
+            let group = order.group(state.groups_done, plan.step_size);
 
-            // One optimizer step: the summed gradients of the group's micro-batches.
-            let step_started = Instant::now();
-            let step_cpu = self
-                .options
-                .record_steps
-                .then(|| (working_cpu_time(), polling_time()));
-            let loss_scale = scaler.as_ref().map(LossScaler::scale);
-            let pass = Pass {
-                data: train,
-                plan: &plan,
-                loss_fn: &loss_fn,
-                device: &device,
-                compute,
-                loss_scale,
-                unscaling,
-                concurrent,
-                poller,
-            };
-            let StepGradients {
-                grads,
-                finite,
-                loss,
-                reading: step_reading,
-            } = pass.accumulate_gradients(&model, group);
+            // One optimizer step: the summed gradients of the group's pieces, then the update.
+            let clock = StepClock::start(self.options.record_steps);
+            let pass = setup.pass(train, &loss_fn, &device, &updater);
+            let gradients = pass.accumulate_gradients(&model, group);
+            let loss = gradients.loss;
             if !loss.is_finite() {
                 return Err(Error::Diverged {
                     step: state.step + 1,
                     what: format!("the loss is {loss}"),
                 });
             }
-            // A step with inf or NaN gradients is skipped (and counted): the scale shrinks.
-            let apply = match &mut scaler {
-                Some(scaler) => {
-                    let apply = scaler.update(finite);
-                    state.scaler = scaler.state;
-                    apply
-                }
-                None => true,
-            };
-            // The schedule advances on skipped steps too: it is a function of the step.
-            let rate = scheduler.step();
-            lr = rate.base();
-            if apply {
-                if let Some(reading) = &reading {
-                    reading.set(step_reading);
-                }
-                model = optimizer.step(rate, model, grads);
-            }
-            let seconds = step_started.elapsed().as_secs_f64();
-            if let Some((cpu_before, polling_before)) = step_cpu {
-                step_times.push(StepTime {
-                    samples: group.len(),
-                    wall_seconds: seconds,
-                    cpu_seconds: working_cpu_time().saturating_sub(cpu_before).as_secs_f64(),
-                    polling_seconds: (polling_time() - polling_before).as_secs_f64(),
-                });
-            }
+            model = updater.apply(model, gradients, &mut state.scaler);
+            let seconds = clock.stop(group.len(), &mut timing.steps);
 
             state.record_step(group.len(), loss, seconds);
             progress.step(
@@ -407,23 +279,26 @@ impl Trainer {
             );
             let epoch_done = state.groups_done == plan.steps_per_epoch;
             if epoch_done {
-                let metrics = self.score_epoch(&model, &device, &state, lr, epoch_cpu, threads);
+                let metrics =
+                    self.score_epoch(&model, &device, &state, updater.lr, epoch_cpu, threads);
                 self.report_epoch(&metrics, threads, run_dir.as_ref(), &progress)?;
                 state.finish_epoch(metrics);
             }
-            let stopping = self
-                .options
-                .stop
-                .as_ref()
-                .is_some_and(|stop| stop.load(Ordering::SeqCst));
+            let stopping = self.stop_requested();
             if let Some(run_dir) = &run_dir
                 && (stopping || self.checkpoint_due(&state, epoch_done, &plan))
             {
                 // Never replace the last good checkpoint with broken weights.
                 ensure_finite(&model, state.step)?;
                 let writing = Instant::now();
-                save_checkpoint(run_dir, &state, &self.settings, &model, &optimizer)?;
-                checkpoint_seconds += writing.elapsed().as_secs_f64();
+                save_checkpoint(
+                    run_dir,
+                    &state,
+                    &self.settings,
+                    &model,
+                    &updater.optimizer.module,
+                )?;
+                timing.checkpoint_seconds += writing.elapsed().as_secs_f64();
             }
             if stopping {
                 progress.finish();
@@ -436,7 +311,7 @@ impl Trainer {
         // A run that ends inside an epoch scores that partial epoch too; its state stays inside
         // the epoch, so that a resume with more steps carries on exactly there.
         let partial_epoch = if state.groups_done > 0 {
-            let metrics = self.score_epoch(&model, &device, &state, lr, epoch_cpu, threads);
+            let metrics = self.score_epoch(&model, &device, &state, updater.lr, epoch_cpu, threads);
             self.report_epoch(&metrics, threads, run_dir.as_ref(), &progress)?;
             Some(metrics)
         } else {
@@ -452,25 +327,181 @@ impl Trainer {
             weights::save(&model.valid(), &run_dir.weights_path())?;
         }
         let summary = Summary {
+            run_dir: run_dir.as_ref().map(|d| d.path().display().to_string()),
+            ..self.summary(&setup, &state, last, &model, &updater, timing)
+        };
+        if let Some(run_dir) = &run_dir {
+            run_dir.write_summary(&summary)?;
+        }
+        Ok(Outcome { model, summary })
+    }
+
+    /// How this run spends the machine: its step plan, threads and precision, and whether a
+    /// step's pieces run at once (as the calibration chose, or as `training.execution` says).
+    fn setup(&self, threads: ThreadPlan, calibration: Option<&Calibration>) -> Setup {
+        let training = &self.settings.training;
+        let plan = StepPlan::new(self.data.train.len(), training);
+        let concurrent = match (calibration, training.execution) {
+            (Some(calibration), _) => calibration.chosen.concurrent,
+            (None, Execution::Concurrent) => true,
+            (None, Execution::Sequential) => false,
+            (None, Execution::Auto) => threads.threads > 1 && plan.pieces_per_step() > 1,
+        };
+        Setup {
+            plan,
+            threads,
+            compute: Compute::new(training.precision, training.backend),
+            concurrent,
+            poller: Poller::new(training.idle_threads, threads.threads, threads.available),
+        }
+    }
+
+    /// Where the loop starts: fresh, or from the newest valid checkpoint with `resume`.
+    fn start<M: Classifier + ModuleSnapshot>(&self, model: M, plan: &StepPlan) -> Result<Start<M>> {
+        let optimizer = optimizer(&self.settings.optimizer);
+        let scheduler = schedule(&self.settings.optimizer, plan.total_steps)?;
+        let scaling = &self.settings.precision;
+        let scales = scaling.scales(self.settings.training.precision);
+        let (resumed, notes) = self.resume_point()?;
+        let Restored {
+            model,
+            optimizer: module,
+            scheduler,
+            state,
+            lr,
+        } = restore(
+            resumed.as_ref(),
+            model,
+            optimizer.module,
+            scheduler,
+            || match scales {
+                true => LossScaler::new(scaling).state,
+                false => ScalerState::default(),
+            },
+        )?;
+        let updater = Updater {
+            optimizer: Optimizer {
+                module,
+                reading: optimizer.reading,
+            },
+            scheduler,
+            scaler: scales.then(|| LossScaler::resume(scaling, state.scaler)),
+            lr,
+        };
+        Ok(Start {
+            model,
+            updater,
+            state,
+            resumed,
+            notes,
+        })
+    }
+
+    /// The run's first log lines: what trains where and how, in what precision, what the
+    /// calibration measured and chose, the checkpoints that failed verification and the one it
+    /// resumes from, and a warning when one step takes more samples than there are.
+    fn announce<M>(
+        &self,
+        progress: &Progress,
+        setup: &Setup,
+        start: &Start<M>,
+        calibration: Option<&Calibration>,
+    ) {
+        let training = &self.settings.training;
+        progress.log(format!(
+            "allcores: training {} on {} with {}{}{}",
+            self.settings.model.kind,
+            training.backend,
+            setup.threads.describe(training.backend),
+            match (setup.threads.threads, setup.poller.polls()) {
+                (1, _) => "",
+                (_, true) => ", idle threads polling",
+                (_, false) => ", idle threads sleeping",
+            },
+            match (setup.plan.pieces_per_step(), setup.concurrent) {
+                (1, _) => String::new(),
+                (n, true) => format!("; the {n} pieces of a step run concurrently"),
+                (n, false) => format!("; the {n} pieces of a step run one after the other"),
+            }
+        ));
+        if training.precision != crate::settings::Precision::F32 {
+            progress.log(format!(
+                "precision: {} ({:?}), f32 master weights{}",
+                training.precision,
+                setup.compute.mode(),
+                start
+                    .updater
+                    .scaler
+                    .as_ref()
+                    .map_or(String::new(), |s| format!(", loss scale {}", s.scale()))
+            ));
+        }
+        if let Some(calibration) = calibration {
+            progress.log(calibration.describe());
+        }
+        for note in &start.notes {
+            progress.log(note);
+        }
+        if let Some(checkpoint) = &start.resumed {
+            progress.log(format!(
+                "resuming from {} (step {}, epoch {})",
+                checkpoint.folder.display(),
+                start.state.step,
+                start.state.epoch
+            ));
+            progress.advance(start.state.step);
+        }
+        if setup.plan.step_size > self.data.train.len() {
+            progress.log(format!(
+                "warning: the effective batch ({} = training.batch_size x \
+                 training.accumulation_steps) is larger than the {} training samples",
+                setup.plan.step_size,
+                self.data.train.len()
+            ));
+        }
+    }
+
+    /// Whether another thread (a Ctrl-C handler) asked the run to stop.
+    fn stop_requested(&self) -> bool {
+        self.options
+            .stop
+            .as_ref()
+            .is_some_and(|stop| stop.load(Ordering::SeqCst))
+    }
+
+    /// The summary of a finished run (but for its folder), `last` the metrics of its last (maybe
+    /// partial) epoch.
+    fn summary<M: Module>(
+        &self,
+        setup: &Setup,
+        state: &LoopState,
+        last: EpochMetrics,
+        model: &M,
+        updater: &Updater,
+        timing: RunTiming,
+    ) -> Summary {
+        let training = &self.settings.training;
+        let (plan, threads) = (setup.plan, setup.threads);
+        Summary {
             test_accuracy: last.test_accuracy,
             test_loss: last.test_loss,
             train_loss: last.train_loss,
             epochs: last.epoch,
             steps: state.step,
             samples: state.samples,
-            wall_seconds: started.elapsed().as_secs_f64(),
+            wall_seconds: timing.started.elapsed().as_secs_f64(),
             train_seconds: state.train_seconds,
-            checkpoint_seconds,
+            checkpoint_seconds: timing.checkpoint_seconds,
             samples_per_second: state.samples as f64 / state.train_seconds,
             threads: threads.threads,
             threads_available: threads.available,
-            execution: match concurrent {
+            execution: match setup.concurrent {
                 true => "concurrent".into(),
                 false => "sequential".into(),
             },
             shards: training.shards,
-            idle_threads: poller.idle_threads().to_string(),
-            cpu_utilization: cpu.utilization(threads.threads),
+            idle_threads: setup.poller.idle_threads().to_string(),
+            cpu_utilization: timing.cpu.utilization(threads.threads),
             backend: training.backend.to_string(),
             model: self.settings.model.kind.to_string(),
             batch_size: plan.batch_size,
@@ -478,18 +509,14 @@ impl Trainer {
             effective_batch_size: plan.step_size,
             seed: training.seed,
             precision: training.precision.to_string(),
-            precision_mode: compute.mode(),
+            precision_mode: setup.compute.mode(),
             skipped_steps: state.scaler.skipped_steps,
-            loss_scale: scaler.map(|s| s.state.scale),
+            loss_scale: updater.scaler.as_ref().map(|s| s.state.scale),
             peak_rss_bytes: peak_rss_bytes(),
-            weights_sha256: weights_sha256(&model),
-            run_dir: run_dir.as_ref().map(|d| d.path().display().to_string()),
-            step_times,
-        };
-        if let Some(run_dir) = &run_dir {
-            run_dir.write_summary(&summary)?;
+            weights_sha256: weights_sha256(model),
+            run_dir: None,
+            step_times: timing.steps,
         }
-        Ok(Outcome { model, summary })
     }
 
     /// Scores the model on the test set after an epoch.
@@ -769,7 +796,179 @@ where
     Ok(model)
 }
 
-/// Where the loop starts.
+/// How a run spends the machine, fixed from its first step to its last.
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    plan: StepPlan,
+    threads: ThreadPlan,
+    compute: Compute,
+    /// Run a step's pieces at once, one per thread, rather than one after the other.
+    concurrent: bool,
+    poller: Poller,
+}
+
+impl Setup {
+    /// The forward and backward passes of the next step, with the updater's loss scale.
+    fn pass<'a>(
+        &'a self,
+        data: &'a Dataset,
+        loss_fn: &'a CrossEntropyLoss,
+        device: &'a Device,
+        updater: &Updater,
+    ) -> Pass<'a> {
+        Pass {
+            data,
+            plan: &self.plan,
+            loss_fn,
+            device,
+            compute: self.compute,
+            loss_scale: updater.loss_scale(),
+            unscaling: updater.optimizer.unscaling(),
+            concurrent: self.concurrent,
+            poller: self.poller,
+        }
+    }
+}
+
+/// Where the loop starts, fresh or resumed.
+struct Start<M> {
+    model: M,
+    updater: Updater,
+    state: LoopState,
+    /// The checkpoint the run resumes from.
+    resumed: Option<Checkpoint>,
+    /// Lines about newer checkpoints that failed verification.
+    notes: Vec<String>,
+}
+
+/// What turns a step's gradients into new weights: the optimizer, its learning-rate schedule
+/// and, with loss scaling, the scaler that decides whether a step is applied.
+struct Updater {
+    optimizer: Optimizer,
+    scheduler: ModuleLrScheduler,
+    scaler: Option<LossScaler>,
+    /// The learning rate of the last step taken (0 before the first).
+    lr: f64,
+}
+
+impl Updater {
+    /// The scale the next step's loss is multiplied by before backward, with loss scaling.
+    fn loss_scale(&self) -> Option<f32> {
+        self.scaler.as_ref().map(LossScaler::scale)
+    }
+
+    /// Applies a step's summed gradients to `model`, unless loss scaling found one that is inf
+    /// or NaN: the step is then skipped (and counted in `scaler_state`) and the scale shrinks.
+    /// The schedule advances on skipped steps too: it is a function of the step.
+    fn apply<M: Classifier>(
+        &mut self,
+        model: M,
+        gradients: StepGradients,
+        scaler_state: &mut ScalerState,
+    ) -> M {
+        let apply = match &mut self.scaler {
+            Some(scaler) => {
+                let apply = scaler.update(gradients.finite);
+                *scaler_state = scaler.state;
+                apply
+            }
+            None => true,
+        };
+        let rate = self.scheduler.step();
+        self.lr = rate.base();
+        if !apply {
+            return model;
+        }
+        if let Some(reading) = &self.optimizer.reading {
+            reading.set(gradients.reading);
+        }
+        self.optimizer.module.step(rate, model, gradients.grads)
+    }
+}
+
+/// The seeded sample order of the epoch the loop is in, drawn again when the epoch changes.
+struct EpochOrder {
+    seed: u64,
+    epoch: u64,
+    order: Vec<usize>,
+}
+
+impl EpochOrder {
+    fn new(samples: usize, seed: u64, epoch: u64) -> Self {
+        Self {
+            seed,
+            epoch,
+            order: epoch_order(samples, seed, epoch),
+        }
+    }
+
+    /// Moves to `epoch`, drawing its order: whether it is a new one.
+    fn follow(&mut self, epoch: u64) -> bool {
+        let new = epoch != self.epoch;
+        if new {
+            *self = Self::new(self.order.len(), self.seed, epoch);
+        }
+        new
+    }
+
+    /// The samples of the epoch's next step, after `groups_done` steps of `step_size`.
+    fn group(&self, groups_done: u64, step_size: usize) -> &[usize] {
+        let start = groups_done as usize * step_size;
+        &self.order[start..(start + step_size).min(self.order.len())]
+    }
+}
+
+/// The clocks of a whole run.
+struct RunTiming {
+    started: Instant,
+    cpu: CpuMeter,
+    checkpoint_seconds: f64,
+    /// Each step's times, when `Options::record_steps` asks for them.
+    steps: Vec<StepTime>,
+}
+
+impl RunTiming {
+    fn start() -> Self {
+        Self {
+            started: Instant::now(),
+            cpu: CpuMeter::start(),
+            checkpoint_seconds: 0.0,
+            steps: Vec::new(),
+        }
+    }
+}
+
+/// Times one optimizer step: its wall seconds, and its CPU seconds when steps are recorded.
+struct StepClock {
+    started: Instant,
+    /// The working and polling CPU time before the step, when recording.
+    cpu: Option<(Duration, Duration)>,
+}
+
+impl StepClock {
+    fn start(record: bool) -> Self {
+        Self {
+            started: Instant::now(),
+            cpu: record.then(|| (working_cpu_time(), polling_time())),
+        }
+    }
+
+    /// The step's wall seconds; when recording, its times are pushed onto `steps`.
+    fn stop(self, samples: usize, steps: &mut Vec<StepTime>) -> f64 {
+        let seconds = self.started.elapsed().as_secs_f64();
+        if let Some((cpu_before, polling_before)) = self.cpu {
+            steps.push(StepTime {
+                samples,
+                wall_seconds: seconds,
+                cpu_seconds: working_cpu_time().saturating_sub(cpu_before).as_secs_f64(),
+                polling_seconds: (polling_time() - polling_before).as_secs_f64(),
+            });
+        }
+        seconds
+    }
+}
+
+/// The model, optimizer state, schedule and loop state a run starts from.
 struct Restored<M> {
     model: M,
     optimizer: ModuleOptimizer,
