@@ -262,19 +262,12 @@ fn pp(fraction: f64) -> String {
     format!("{:.2} pp", fraction * 100.0)
 }
 
+/// The answer to "does the result depend on the thread count?", with its evidence: each seed's
+/// runs against the seed's run at the smallest thread count, and the accuracy spread across
+/// thread counts against the spread across seeds.
 fn verdict(rows: &[ReportRow], baseline_threads: usize) -> Verdict {
-    let mut by_seed: BTreeMap<u64, Vec<&RunRecord>> = BTreeMap::new();
-    for row in rows {
-        by_seed.entry(row.run.seed).or_default().push(&row.run);
-    }
-    let mut by_threads: BTreeMap<usize, Vec<&RunRecord>> = BTreeMap::new();
-    for row in rows {
-        by_threads
-            .entry(row.run.threads)
-            .or_default()
-            .push(&row.run);
-    }
-
+    let by_seed = grouped(rows, |run| run.seed);
+    let by_threads = grouped(rows, |run| run.threads);
     let compared: Vec<&Vec<&RunRecord>> = by_seed.values().filter(|runs| runs.len() >= 2).collect();
     // Runs are sorted by thread count within a seed: the first is the seed's reference.
     let differing: Vec<&RunRecord> = compared
@@ -296,52 +289,86 @@ fn verdict(rows: &[ReportRow], baseline_threads: usize) -> Verdict {
             .values()
             .filter_map(|runs| spread(runs.iter().map(|r| r.test_accuracy))),
     );
-    let max_diff = differing
-        .iter()
-        .filter_map(|r| r.max_weight_diff.map(|d| (d, r.threads, r.seed)))
-        .fold(None, |best: Option<(f64, usize, u64)>, item| match best {
-            Some(b) if b.0 >= item.0 => Some(b),
-            _ => Some(item),
-        });
+    let max_diff = largest_weight_diff(&differing);
 
-    let mut verdict = Verdict {
-        outcome: Outcome::Inconclusive,
-        line: String::new(),
+    let (outcome, line) = if compared.is_empty() {
+        (
+            Outcome::Inconclusive,
+            "inconclusive: no seed has finished runs at two thread counts, so nothing could be \
+             compared"
+                .into(),
+        )
+    } else if differing.is_empty() {
+        let runs: usize = compared.iter().map(|r| r.len()).sum();
+        let line = format!(
+            "{IDENTICAL} (equal weights hashes across thread counts for each of {} seed{}, \
+             {runs} runs)",
+            compared.len(),
+            if compared.len() == 1 { "" } else { "s" }
+        );
+        (Outcome::Identical, line)
+    } else {
+        let compared_runs: usize = compared.iter().map(|r| r.len() - 1).sum();
+        let line = different_line(
+            (differing.len(), compared_runs),
+            baseline_threads,
+            max_diff,
+            threads_spread.unwrap_or(0.0),
+            seeds_spread,
+        );
+        (Outcome::Different, line)
+    };
+    Verdict {
+        outcome,
+        line,
         seeds_compared: compared.len(),
         runs_differing: differing.len(),
         max_weight_diff: max_diff.map(|m| m.0),
         max_weight_diff_at: max_diff.map(|m| (m.1, m.2)),
         accuracy_spread_across_threads: threads_spread,
         accuracy_spread_across_seeds: seeds_spread,
-        within_seed_spread: None,
-    };
-    if compared.is_empty() {
-        verdict.line = "inconclusive: no seed has finished runs at two thread counts, so \
-                        nothing could be compared"
-            .into();
-        return verdict;
+        within_seed_spread: match outcome {
+            Outcome::Inconclusive => None,
+            Outcome::Identical => threads_spread.map(|_| true),
+            Outcome::Different => seeds_spread.map(|seeds| threads_spread.unwrap_or(0.0) <= seeds),
+        },
     }
-    if differing.is_empty() {
-        verdict.outcome = Outcome::Identical;
-        let runs: usize = compared.iter().map(|r| r.len()).sum();
-        verdict.line = format!(
-            "{IDENTICAL} (equal weights hashes across thread counts for each of {} seed{}, \
-             {runs} runs)",
-            compared.len(),
-            if compared.len() == 1 { "" } else { "s" }
-        );
-        if threads_spread.is_some() {
-            verdict.within_seed_spread = Some(true);
-        }
-        return verdict;
-    }
+}
 
-    verdict.outcome = Outcome::Different;
-    let total: usize = compared.iter().map(|r| r.len() - 1).sum();
+/// The rows' runs grouped by `key`, in the rows' order within a group.
+fn grouped<K: Ord>(
+    rows: &[ReportRow],
+    key: impl Fn(&RunRecord) -> K,
+) -> BTreeMap<K, Vec<&RunRecord>> {
+    let mut groups: BTreeMap<K, Vec<&RunRecord>> = BTreeMap::new();
+    for row in rows {
+        groups.entry(key(&row.run)).or_default().push(&row.run);
+    }
+    groups
+}
+
+/// The largest absolute weight difference among `runs`, with its thread count and seed.
+fn largest_weight_diff(runs: &[&RunRecord]) -> Option<(f64, usize, u64)> {
+    runs.iter()
+        .filter_map(|r| r.max_weight_diff.map(|d| (d, r.threads, r.seed)))
+        .fold(None, |best: Option<(f64, usize, u64)>, item| match best {
+            Some(b) if b.0 >= item.0 => Some(b),
+            _ => Some(item),
+        })
+}
+
+/// The verdict's line when weights differ: how many runs, by how much, and whether the accuracy
+/// moved more across thread counts than across seeds.
+fn different_line(
+    (differing, compared): (usize, usize),
+    baseline_threads: usize,
+    max_diff: Option<(f64, usize, u64)>,
+    threads_spread: f64,
+    seeds_spread: Option<f64>,
+) -> String {
     let mut line = format!(
-        "different: the weights depend on the thread count ({} of {total} runs differ from \
-         their seed's {baseline_threads}-thread run",
-        differing.len()
+        "different: the weights depend on the thread count ({differing} of {compared} runs \
+         differ from their seed's {baseline_threads}-thread run"
     );
     match max_diff {
         Some((d, t, s)) => {
@@ -352,17 +379,18 @@ fn verdict(rows: &[ReportRow], baseline_threads: usize) -> Verdict {
         }
         None => line.push_str("; the largest weight difference is unknown)"),
     }
-    let threads_spread = threads_spread.unwrap_or(0.0);
     match seeds_spread {
         Some(seeds_spread) => {
-            let within = threads_spread <= seeds_spread;
-            verdict.within_seed_spread = Some(within);
             let _ = write!(
                 line,
                 "; the accuracy spread across thread counts, {} (max over seeds of max-min), \
                  is {} the spread across seeds, {} (max over thread counts of max-min)",
                 pp(threads_spread),
-                if within { "within" } else { "larger than" },
+                if threads_spread <= seeds_spread {
+                    "within"
+                } else {
+                    "larger than"
+                },
                 pp(seeds_spread)
             );
         }
@@ -375,12 +403,15 @@ fn verdict(rows: &[ReportRow], baseline_threads: usize) -> Verdict {
             );
         }
     }
-    verdict.line = line;
-    verdict
+    line
 }
 
 /// `12345.6` as `12,346`: the trainer's formatting, so both speak alike.
 pub(crate) use allcores_trainer::thousands;
+
+/// The plots' section of the Markdown report.
+const PLOTS: &str = "\n## Plots\n\n![accuracy against threads](accuracy.svg)\n\n\
+                     ![throughput and parallel efficiency against threads](throughput.svg)\n";
 
 fn opt(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
     value.map_or_else(|| "-".to_string(), show)
@@ -431,8 +462,23 @@ impl Report {
         out
     }
 
-    /// The whole report as Markdown (`report.md`).
+    /// The whole report as Markdown (`report.md`): what ran and the verdict, the runs, each
+    /// thread count's summary, the comparison behind the verdict, failed runs, timing, plots.
     pub fn to_markdown(&self) -> String {
+        [
+            self.markdown_header(),
+            self.runs_table(),
+            self.by_threads_table(),
+            self.comparison(),
+            self.failures_list(),
+            self.timing_paragraph(),
+            PLOTS.to_string(),
+        ]
+        .concat()
+    }
+
+    /// The title, the verdict, what was run and the basis of the speed-ups.
+    fn markdown_header(&self) -> String {
         let plan = &self.plan;
         let mut out = String::new();
         let _ = writeln!(out, "# Thread sweep of `{}`\n", plan.config);
@@ -456,33 +502,41 @@ impl Report {
             }
         );
         let _ = writeln!(out, "{}\n", self.baseline_note());
-        out.push_str(&self.runs_table());
+        out
+    }
 
-        if !self.by_threads.is_empty() {
-            out.push_str(
-                "\n## By thread count\n\n\
-                 | threads | runs | mean accuracy | accuracy min-max | mean samples/s | \
-                 mean speed-up | mean efficiency |\n\
-                 |--:|--:|--:|--:|--:|--:|--:|\n",
-            );
-            for t in &self.by_threads {
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {:.2}% | {:.2}% - {:.2}% | {} | {} | {} |",
-                    t.threads,
-                    t.runs,
-                    t.mean_accuracy * 100.0,
-                    t.min_accuracy * 100.0,
-                    t.max_accuracy * 100.0,
-                    thousands(t.mean_samples_per_second),
-                    opt(t.mean_speedup, |s| format!("{s:.2}x")),
-                    opt(t.mean_efficiency, |e| format!("{:.0}%", e * 100.0)),
-                );
-            }
+    /// Each thread count's means over its seeds, as a Markdown section (empty without runs).
+    fn by_threads_table(&self) -> String {
+        if self.by_threads.is_empty() {
+            return String::new();
         }
+        let mut out = String::from(
+            "\n## By thread count\n\n\
+             | threads | runs | mean accuracy | accuracy min-max | mean samples/s | \
+             mean speed-up | mean efficiency |\n\
+             |--:|--:|--:|--:|--:|--:|--:|\n",
+        );
+        for t in &self.by_threads {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.2}% | {:.2}% - {:.2}% | {} | {} | {} |",
+                t.threads,
+                t.runs,
+                t.mean_accuracy * 100.0,
+                t.min_accuracy * 100.0,
+                t.max_accuracy * 100.0,
+                thousands(t.mean_samples_per_second),
+                opt(t.mean_speedup, |s| format!("{s:.2}x")),
+                opt(t.mean_efficiency, |e| format!("{:.0}%", e * 100.0)),
+            );
+        }
+        out
+    }
 
+    /// The evidence behind the verdict, as a Markdown section.
+    fn comparison(&self) -> String {
         let v = &self.verdict;
-        out.push_str("\n## Comparison\n\n");
+        let mut out = String::from("\n## Comparison\n\n");
         let _ = writeln!(
             out,
             "- Seeds compared across thread counts: {}; runs whose weights differ from their \
@@ -509,43 +563,46 @@ impl Report {
             v.accuracy_spread_across_seeds
                 .map_or_else(|| "unknown (one seed)".to_string(), pp)
         );
+        out
+    }
 
-        if !self.failures.is_empty() {
-            out.push_str("\n## Failed runs\n\n");
-            for f in &self.failures {
-                let _ = writeln!(
-                    out,
-                    "- threads {}, seed {} ({}): {}",
-                    f.threads,
-                    f.seed,
-                    f.exit_status
-                        .map_or("no exit status".to_string(), |s| format!("exit status {s}")),
-                    f.message
-                );
-            }
+    /// The runs that did not finish, as a Markdown section (empty when all did).
+    fn failures_list(&self) -> String {
+        if self.failures.is_empty() {
+            return String::new();
         }
-
-        if let Some(t) = &self.timing {
+        let mut out = String::from("\n## Failed runs\n\n");
+        for f in &self.failures {
             let _ = writeln!(
                 out,
-                "\n## Timing\n\n\
-                 The sweep took {:.2} s; the runs' own wall time adds up to {:.2} s and their \
-                 processes lived {:.2} s in all. Overhead over the runs' wall time: {:.2} s \
-                 (process start-up, config and data loading in each run, and the sweep's own \
-                 work); the sweep's own work alone: {:.2} s.",
-                t.sweep_seconds,
-                t.runs_wall_seconds,
-                t.processes_seconds,
-                t.overhead_seconds,
-                t.launcher_seconds
+                "- threads {}, seed {} ({}): {}",
+                f.threads,
+                f.seed,
+                f.exit_status
+                    .map_or("no exit status".to_string(), |s| format!("exit status {s}")),
+                f.message
             );
         }
-
-        out.push_str(
-            "\n## Plots\n\n![accuracy against threads](accuracy.svg)\n\n\
-             ![throughput and parallel efficiency against threads](throughput.svg)\n",
-        );
         out
+    }
+
+    /// Where the sweep's time went, as a Markdown section (empty when it was not timed).
+    fn timing_paragraph(&self) -> String {
+        let Some(t) = &self.timing else {
+            return String::new();
+        };
+        format!(
+            "\n## Timing\n\n\
+             The sweep took {:.2} s; the runs' own wall time adds up to {:.2} s and their \
+             processes lived {:.2} s in all. Overhead over the runs' wall time: {:.2} s \
+             (process start-up, config and data loading in each run, and the sweep's own \
+             work); the sweep's own work alone: {:.2} s.\n",
+            t.sweep_seconds,
+            t.runs_wall_seconds,
+            t.processes_seconds,
+            t.overhead_seconds,
+            t.launcher_seconds
+        )
     }
 
     /// The runs as CSV (`report.csv`), one row per finished run, full hashes.
