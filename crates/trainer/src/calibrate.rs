@@ -82,9 +82,16 @@ pub fn candidates(available: usize, pieces_per_step: usize) -> Vec<Candidate> {
     all
 }
 
-/// Runs `step` under each candidate (in a pool of its thread count): one warm-up call, then
-/// timed calls until the candidate's share of `budget` is spent (at least one, at most
-/// `MAX_TIMED`), and picks the fastest median. Ties go to fewer threads.
+/// How long each candidate runs untimed first. A fresh pool's other cores can take a few
+/// milliseconds to come up to speed on a VM: after one warm-up step, the MLP's 2-thread steps
+/// (batch 128, 2-core development VM) were timed at 3.0 to 3.7 ms in 14 calibrations of 20,
+/// where the run's steps take 2.3, and 1 thread was chosen in 4 of them; after 50 ms, at 1.9 to
+/// 2.7 ms (2.3 or less in 18) in 20 of 20, and 2 threads chosen every time.
+const WARM_UP: Duration = Duration::from_millis(50);
+
+/// Runs `step` under each candidate (in a pool of its thread count): warm-up calls for
+/// [`WARM_UP`] (at least one), then timed calls until the candidate's share of `budget` is spent
+/// (at least one, at most `MAX_TIMED`), and picks the fastest median. Ties go to fewer threads.
 pub fn calibrate(
     candidates: &[Candidate],
     budget: Duration,
@@ -101,8 +108,12 @@ pub fn calibrate(
             .build()
             .map_err(|e| Error::setting("training.threads", format!("cannot start a pool: {e}")))?;
         let mut seconds = pool.install(|| {
-            let began = Instant::now();
+            let warming = Instant::now();
             step(candidate);
+            while warming.elapsed() < WARM_UP {
+                step(candidate);
+            }
+            let began = Instant::now();
             let mut times = Vec::new();
             while times.is_empty() || (began.elapsed() < share && times.len() < MAX_TIMED) {
                 let timer = Instant::now();
@@ -168,6 +179,9 @@ mod tests {
         assert_eq!(calibration.timings.len(), 3);
         // Warm-up plus at most five timed steps of at most 4 ms each, per candidate.
         assert!(calibration.seconds < 1.0, "{}", calibration.seconds);
+        // Each candidate warmed up for WARM_UP before its steps were timed.
+        let warm_ups = 3.0 * WARM_UP.as_secs_f64();
+        assert!(calibration.seconds >= warm_ups, "{}", calibration.seconds);
         assert!(
             calibration
                 .describe()
