@@ -294,7 +294,7 @@ fn print_summary(summary: &Summary, json: bool) {
         summary.train_loss
     );
     println!(
-        "{} epochs · {} steps · {} samples in {:.1} s ({:.0} samples/s) · {} threads, CPU {:.0}% \
+        "{} epochs · {} steps · {} samples in {:.1} s ({:.0} samples/s) · {} thread{}, CPU {:.0}% \
          busy · peak RSS {} MiB",
         summary.epochs,
         summary.steps,
@@ -302,6 +302,7 @@ fn print_summary(summary: &Summary, json: bool) {
         summary.wall_seconds,
         summary.samples_per_second,
         summary.threads,
+        if summary.threads == 1 { "" } else { "s" },
         summary.cpu_utilization * 100.0,
         summary.peak_rss_bytes >> 20
     );

@@ -210,6 +210,11 @@ fn the_start_line_names_the_threads_in_use() {
     );
     assert!(log.contains("epoch 1: train loss"), "{log}");
     assert!(stdout(&output).contains("test accuracy"));
+    assert!(
+        stdout(&output).contains(" · 2 threads, CPU "),
+        "{}",
+        stdout(&output)
+    );
 
     let run = dir.path().join("quiet");
     let output = allcores(&[
@@ -218,7 +223,14 @@ fn the_start_line_names_the_threads_in_use() {
         "--out",
         run.to_str().unwrap(),
         "--quiet",
+        "--set",
+        "training.threads=1",
     ]);
     assert!(output.status.success());
     assert_eq!(stderr(&output), "");
+    assert!(
+        stdout(&output).contains(" · 1 thread, CPU "),
+        "{}",
+        stdout(&output)
+    );
 }
