@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use allcores_eval::evaluate_run;
-use allcores_trainer::{Layers, Options, Settings, Summary, default_run_dir, train};
+use allcores_trainer::{Layers, Options, Settings, Summary, default_run_dir, thousands, train};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -282,6 +282,12 @@ fn layers(overrides: Vec<String>) -> Layers {
     }
 }
 
+/// `n` things, digits grouped: "1 epoch", "70,000 samples".
+fn counted(n: u64, thing: &str) -> String {
+    let plural = if n == 1 { "" } else { "s" };
+    format!("{} {thing}{plural}", thousands(n as f64))
+}
+
 fn print_summary(summary: &Summary, json: bool) {
     if json {
         println!("{}", serde_json::to_string(summary).expect("serializes"));
@@ -294,15 +300,13 @@ fn print_summary(summary: &Summary, json: bool) {
         summary.train_loss
     );
     println!(
-        "{} epochs · {} steps · {} samples in {:.1} s ({:.0} samples/s) · {} thread{}, CPU {:.0}% \
-         busy · peak RSS {} MiB",
-        summary.epochs,
-        summary.steps,
-        summary.samples,
+        "{} · {} · {} in {:.1} s ({} samples/s) · {}, CPU {:.0}% busy · peak RSS {} MiB",
+        counted(summary.epochs, "epoch"),
+        counted(summary.steps, "step"),
+        counted(summary.samples, "sample"),
         summary.wall_seconds,
-        summary.samples_per_second,
-        summary.threads,
-        if summary.threads == 1 { "" } else { "s" },
+        thousands(summary.samples_per_second),
+        counted(summary.threads as u64, "thread"),
         summary.cpu_utilization * 100.0,
         summary.peak_rss_bytes >> 20
     );

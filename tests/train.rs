@@ -234,3 +234,32 @@ fn the_start_line_names_the_threads_in_use() {
         stdout(&output)
     );
 }
+
+/// The summary's counts read as a person writes them: singular for one, digits grouped.
+#[test]
+fn the_summary_line_counts_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "digits.toml",
+        format!(
+            "{}{SMALL_MLP}\n[training]\nepochs = 1\nbatch_size = 32\nthreads = 1\n",
+            digits_data()
+        ),
+    );
+    let run = dir.path().join("run");
+    let output = allcores(&[
+        "train",
+        config.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // 1,438 training rows in batches of 32: 45 steps.
+    let summary = stdout(&output);
+    assert!(
+        summary.contains("\n1 epoch · 45 steps · 1,438 samples in ")
+            && summary.contains(" · 1 thread, CPU "),
+        "{summary}"
+    );
+}
