@@ -171,6 +171,10 @@ where
     Ok(())
 }
 
+/// A panel's chart: thread positions across, the panel's values up.
+type PanelChart<'a, DB> = ChartContext<'a, DB, Cartesian2d<ThreadAxis, RangedCoordf64>>;
+
+/// One panel: its chart left, the legend of what it shows right.
 fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     threads: &[usize],
@@ -180,14 +184,32 @@ fn draw_panel<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    let n = threads.len();
     let (width, _) = area.dim_in_pixel();
     let (plot_area, legend_area) = area.split_horizontally(width.saturating_sub(LEGEND_WIDTH));
-    let mut builder = ChartBuilder::on(&plot_area);
-    let mut top = 16;
+    let mut chart = panel_chart(&plot_area, threads, panel)?;
+    let mut legend = Vec::new();
+    legend.extend(draw_reference(&mut chart, threads.len(), panel)?);
+    legend.extend(draw_spread(&mut chart, panel)?);
+    legend.extend(draw_means(&mut chart, threads.len(), panel)?);
+    legend.extend(draw_seed_points(&mut chart, seeds, panel)?);
+    // The legend's box starts level with the chart, below the caption when there is one.
+    let top = if panel.caption.is_some() { 50 } else { 16 };
+    draw_legend(&legend_area, top, &legend)
+}
+
+/// The panel's axes, caption and grid.
+fn panel_chart<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    threads: &[usize],
+    panel: &Panel,
+) -> Result<PanelChart<'a, DB>, Box<dyn Error>>
+where
+    DB::ErrorType: 'static,
+{
+    let n = threads.len();
+    let mut builder = ChartBuilder::on(area);
     if let Some(caption) = &panel.caption {
         builder.caption(caption, (FONT, 21));
-        top += 34;
     }
     let mut chart = builder
         .margin(16)
@@ -219,56 +241,92 @@ where
         .light_line_style(TRANSPARENT)
         .bold_line_style(RGBColor(220, 220, 220))
         .draw()?;
+    Ok(chart)
+}
 
+/// The panel's horizontal reference line, dashed across every position.
+fn draw_reference<DB: DrawingBackend>(
+    chart: &mut PanelChart<'_, DB>,
+    positions: usize,
+    panel: &Panel,
+) -> Result<Option<(Mark, String)>, Box<dyn Error>>
+where
+    DB::ErrorType: 'static,
+{
+    let Some((value, text)) = &panel.reference else {
+        return Ok(None);
+    };
+    chart.draw_series(DashedLineSeries::new(
+        [(-0.5, *value), (positions as f64 - 0.5, *value)],
+        8,
+        6,
+        REFERENCE_COLOR.stroke_width(2),
+    ))?;
+    Ok(Some((Mark::Dashed, text.clone())))
+}
+
+/// The min-max bars across seeds, with caps.
+fn draw_spread<DB: DrawingBackend>(
+    chart: &mut PanelChart<'_, DB>,
+    panel: &Panel,
+) -> Result<Option<(Mark, String)>, Box<dyn Error>>
+where
+    DB::ErrorType: 'static,
+{
+    if panel.spread.is_empty() {
+        return Ok(None);
+    }
+    let bar = MEAN_COLOR.stroke_width(2);
+    chart.draw_series(panel.spread.iter().map(|&(i, lo, hi)| {
+        let x = i as f64;
+        PathElement::new([(x, lo), (x, hi)], bar)
+    }))?;
+    chart.draw_series(panel.spread.iter().flat_map(|&(i, lo, hi)| {
+        let x = i as f64;
+        [lo, hi].map(|y| PathElement::new([(x - CAP, y), (x + CAP, y)], bar))
+    }))?;
+    Ok(Some((Mark::Bar, "min-max across seeds".to_string())))
+}
+
+/// The mean across seeds: a line through circles, each labelled where the panel has a label.
+fn draw_means<DB: DrawingBackend>(
+    chart: &mut PanelChart<'_, DB>,
+    positions: usize,
+    panel: &Panel,
+) -> Result<Option<(Mark, String)>, Box<dyn Error>>
+where
+    DB::ErrorType: 'static,
+{
+    if panel.mean.is_empty() {
+        return Ok(None);
+    }
+    let style = MEAN_COLOR.stroke_width(3);
+    let means = || panel.mean.iter().map(|&(i, m, _)| (i as f64, m));
+    chart.draw_series(LineSeries::new(means(), style))?;
+    chart.draw_series(means().map(|point| Circle::new(point, 7, style)))?;
+    // The label sits right of the mean and above it, clear of the line and the bar's caps.
+    let text = (FONT, 17).into_font().color(&MEAN_COLOR);
+    let unit = chart.plotting_area().dim_in_pixel().0 as f64 / positions.max(1) as f64;
+    let dx = (CAP * unit) as i32 + 10;
+    chart.draw_series(panel.mean.iter().filter_map(|(i, m, label)| {
+        label.as_ref().map(|l| {
+            EmptyElement::at((*i as f64, *m)) + Text::new(l.clone(), (dx, -26), text.clone())
+        })
+    }))?;
+    Ok(Some((Mark::Line, "mean across seeds".to_string())))
+}
+
+/// Each seed's values, a dot each in the seed's colour, shifted sideways by seed; one legend
+/// entry per seed, or one for all when there are more than [`LEGEND_SEEDS`].
+fn draw_seed_points<DB: DrawingBackend>(
+    chart: &mut PanelChart<'_, DB>,
+    seeds: u64,
+    panel: &Panel,
+) -> Result<Vec<(Mark, String)>, Box<dyn Error>>
+where
+    DB::ErrorType: 'static,
+{
     let mut legend = Vec::new();
-    if let Some((value, text)) = &panel.reference {
-        chart.draw_series(DashedLineSeries::new(
-            [(-0.5, *value), (n as f64 - 0.5, *value)],
-            8,
-            6,
-            REFERENCE_COLOR.stroke_width(2),
-        ))?;
-        legend.push((Mark::Dashed, text.clone()));
-    }
-
-    if !panel.spread.is_empty() {
-        let bar = MEAN_COLOR.stroke_width(2);
-        let cap = CAP;
-        chart.draw_series(panel.spread.iter().map(|&(i, lo, hi)| {
-            let x = i as f64;
-            PathElement::new([(x, lo), (x, hi)], bar)
-        }))?;
-        chart.draw_series(panel.spread.iter().flat_map(|&(i, lo, hi)| {
-            let x = i as f64;
-            [lo, hi].map(|y| PathElement::new([(x - cap, y), (x + cap, y)], bar))
-        }))?;
-        legend.push((Mark::Bar, "min-max across seeds".to_string()));
-    }
-
-    if !panel.mean.is_empty() {
-        let style = MEAN_COLOR.stroke_width(3);
-        chart.draw_series(LineSeries::new(
-            panel.mean.iter().map(|&(i, m, _)| (i as f64, m)),
-            style,
-        ))?;
-        chart.draw_series(
-            panel
-                .mean
-                .iter()
-                .map(|&(i, m, _)| Circle::new((i as f64, m), 7, style)),
-        )?;
-        // The label sits right of the mean and above it, clear of the line and the bar's caps.
-        let text = (FONT, 17).into_font().color(&MEAN_COLOR);
-        let unit = chart.plotting_area().dim_in_pixel().0 as f64 / n.max(1) as f64;
-        let dx = (CAP * unit) as i32 + 10;
-        chart.draw_series(panel.mean.iter().filter_map(|(i, m, label)| {
-            label.as_ref().map(|l| {
-                EmptyElement::at((*i as f64, *m)) + Text::new(l.clone(), (dx, -26), text.clone())
-            })
-        }))?;
-        legend.push((Mark::Line, "mean across seeds".to_string()));
-    }
-
     for seed in 0..seeds {
         let color = seed_color(seed);
         let points: Vec<(f64, f64)> = panel
@@ -280,18 +338,15 @@ where
         if points.is_empty() {
             continue;
         }
-        chart.draw_series(
-            points
-                .iter()
-                .map(|&p| Circle::new(p, 6, color.mix(0.85).filled())),
-        )?;
+        let dot = |&p: &(f64, f64)| Circle::new(p, 6, color.mix(0.85).filled());
+        chart.draw_series(points.iter().map(dot))?;
         if seeds <= LEGEND_SEEDS {
             legend.push((Mark::Dot(color), format!("seed {seed}")));
         } else if seed == 0 {
             legend.push((Mark::Dot(color), format!("a run (seeds 0-{})", seeds - 1)));
         }
     }
-    draw_legend(&legend_area, top, &legend)
+    Ok(legend)
 }
 
 /// A range around the values with some room above and below; at least `min_span` wide.
