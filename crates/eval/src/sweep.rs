@@ -218,73 +218,15 @@ pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
     let (threads, dir) = check(request)?;
     let program = child::program(request.program.as_ref())?;
     let available = child::warn_beyond_available(&threads);
-
-    let total = threads.len() as u64 * request.seeds;
-    let progress = SweepProgress::new(total);
-    progress.log(format!(
-        "allcores: sweeping {} over threads {} x {} seed{}: {total} runs, one process each, \
-         into {}",
-        request.config.display(),
-        threads
-            .iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        request.seeds,
-        if request.seeds == 1 { "" } else { "s" },
-        dir.display()
-    ));
-
-    let (mut records, mut failures) = (Vec::new(), Vec::new());
-    let mut processes_seconds = 0.0;
-    let mut done = 0u64;
-    for seed in 0..request.seeds {
-        for &t in &threads {
-            done += 1;
-            progress
-                .bar
-                .set_message(format!("threads {t}, seed {seed}"));
-            let run_dir = dir.join("runs").join(format!("t{t}-s{seed}"));
-            let run_started = Instant::now();
-            let result = run_one(&program, request, t, seed, &run_dir);
-            processes_seconds += run_started.elapsed().as_secs_f64();
-            progress.bar.inc(1);
-            match result {
-                RunResult::Done(summary) => {
-                    progress.log(format!(
-                        "[{done}/{total}] threads {t}, seed {seed}: test accuracy {:.2}% · {} \
-                         samples/s · {:.2} s · weights {}",
-                        summary.test_accuracy * 100.0,
-                        thousands(summary.samples_per_second),
-                        summary.wall_seconds,
-                        summary.weights_sha256.get(..12).unwrap_or_default()
-                    ));
-                    records.push(RunRecord::from_summary(
-                        t,
-                        seed,
-                        &summary,
-                        run_dir.display().to_string(),
-                    ));
-                }
-                RunResult::Failed(failure) => {
-                    progress.log(format!(
-                        "[{done}/{total}] threads {t}, seed {seed} failed: {}",
-                        failure.message
-                    ));
-                    if failure.exit_status == Some(2) && records.is_empty() {
-                        progress.bar.finish_and_clear();
-                        return Err(EvalError::RunInput {
-                            threads: t,
-                            seed,
-                            message: failure.message,
-                        });
-                    }
-                    failures.push(failure);
-                }
-            }
-        }
-    }
+    let progress = SweepProgress::new(threads.len() as u64 * request.seeds);
+    progress.log(start_line(request, &threads, &dir));
+    let runs = run_all(&program, request, &threads, &dir, &progress);
     progress.bar.finish_and_clear();
+    let Runs {
+        mut records,
+        failures,
+        processes_seconds,
+    } = runs?;
 
     fill_weight_diffs(&mut records, |line| progress.log(line));
     let runs_wall_seconds: f64 = records.iter().map(|r| r.wall_seconds).sum();
@@ -306,6 +248,87 @@ pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
     });
     write_report(&report, &dir)?;
     Ok(SweepOutcome { report, dir })
+}
+
+/// The sweep's first log line: what it runs, how many times, and where.
+fn start_line(request: &SweepRequest, threads: &[usize], dir: &Path) -> String {
+    let total = threads.len() as u64 * request.seeds;
+    let threads: Vec<String> = threads.iter().map(|t| t.to_string()).collect();
+    format!(
+        "allcores: sweeping {} over threads {} x {} seed{}: {total} runs, one process each, \
+         into {}",
+        request.config.display(),
+        threads.join(", "),
+        request.seeds,
+        if request.seeds == 1 { "" } else { "s" },
+        dir.display()
+    )
+}
+
+/// What the sweep's runs gave: the finished ones, the failed ones, and the time their processes
+/// took from spawn to exit.
+struct Runs {
+    records: Vec<RunRecord>,
+    failures: Vec<RunFailure>,
+    processes_seconds: f64,
+}
+
+/// Runs every (seed, thread count) in turn, seed by seed, logging each as it ends. A run that
+/// fails on bad input before any run finished stops the sweep.
+fn run_all(
+    program: &Path,
+    request: &SweepRequest,
+    threads: &[usize],
+    dir: &Path,
+    progress: &SweepProgress,
+) -> Result<Runs, EvalError> {
+    let total = threads.len() as u64 * request.seeds;
+    let mut runs = Runs {
+        records: Vec::new(),
+        failures: Vec::new(),
+        processes_seconds: 0.0,
+    };
+    let mut done = 0u64;
+    for seed in 0..request.seeds {
+        for &t in threads {
+            done += 1;
+            progress
+                .bar
+                .set_message(format!("threads {t}, seed {seed}"));
+            let run_dir = dir.join("runs").join(format!("t{t}-s{seed}"));
+            let run_started = Instant::now();
+            let result = run_one(program, request, t, seed, &run_dir);
+            runs.processes_seconds += run_started.elapsed().as_secs_f64();
+            progress.bar.inc(1);
+            let at = format!("[{done}/{total}] threads {t}, seed {seed}");
+            match result {
+                RunResult::Done(summary) => {
+                    progress.log(format!(
+                        "{at}: test accuracy {:.2}% · {} samples/s · {:.2} s · weights {}",
+                        summary.test_accuracy * 100.0,
+                        thousands(summary.samples_per_second),
+                        summary.wall_seconds,
+                        summary.weights_sha256.get(..12).unwrap_or_default()
+                    ));
+                    let run_dir = run_dir.display().to_string();
+                    let record = RunRecord::from_summary(t, seed, &summary, run_dir);
+                    runs.records.push(record);
+                }
+                RunResult::Failed(failure) => {
+                    progress.log(format!("{at} failed: {}", failure.message));
+                    if failure.exit_status == Some(2) && runs.records.is_empty() {
+                        return Err(EvalError::RunInput {
+                            threads: t,
+                            seed,
+                            message: failure.message,
+                        });
+                    }
+                    runs.failures.push(failure);
+                }
+            }
+        }
+    }
+    Ok(runs)
 }
 
 /// Sets each run's largest weight difference against the run of the same seed at the smallest
