@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use allcores_eval::evaluate_run;
 use allcores_trainer::{Layers, Options, Settings, Summary, default_run_dir, thousands, train};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -25,99 +25,111 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train the model a config file describes.
-    Train {
-        /// The TOML config file.
-        config: PathBuf,
-        /// Override a setting, e.g. --set training.threads=2 (repeatable, applied last).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// The run folder [default: runs/<config name>-<unix time>].
-        #[arg(long, value_name = "RUN_DIR")]
-        out: Option<PathBuf>,
-        /// Continue the run in --out from its newest valid checkpoint (afresh if it has none).
-        #[arg(long, requires = "out")]
-        resume: bool,
-        /// No progress bar, no log lines.
-        #[arg(long)]
-        quiet: bool,
-        /// Print the summary as one JSON object on the last line of stdout.
-        #[arg(long)]
-        json: bool,
-        /// Write no run folder (no checkpoints, no weights file): for `allcores bench`.
-        #[arg(long, hide = true, conflicts_with_all = ["out", "resume"])]
-        no_save: bool,
-        /// Record each optimizer step's wall and CPU seconds in the summary (`step_times`):
-        /// for `allcores bench`.
-        #[arg(long, hide = true)]
-        record_steps: bool,
-    },
+    Train(TrainArgs),
     /// Score a trained run's model on the test split of its config.
-    Eval {
-        /// The run folder written by `allcores train`.
-        run_dir: PathBuf,
-        /// Override a setting of the run's config, e.g. to name another test set.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Print the evaluation as one JSON object on the last line of stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Eval(EvalArgs),
     /// Train a config at several thread counts and seeds (one process a run) and report
     /// whether the thread count changed the result or only the speed.
-    Sweep {
-        /// The TOML config file.
-        config: PathBuf,
-        /// Thread counts to compare, comma-separated, e.g. 1,2,4.
-        #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
-        threads: String,
-        /// Train each thread count with seeds 0..N.
-        #[arg(long, value_name = "N", default_value_t = 1)]
-        seeds: u64,
-        /// Override a setting of every run, e.g. --set training.epochs=2 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// The sweep folder [default: sweeps/<config name>-<unix time>].
-        #[arg(long, value_name = "DIR")]
-        out: Option<PathBuf>,
-        /// Print the report as one JSON object on the last line of stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Sweep(SweepArgs),
     /// Measure steady-state training throughput at several thread counts (one process
     /// each): samples/s, step-time spread, CPU use, peak memory, speed-up.
-    Bench {
-        /// The TOML config file.
-        config: PathBuf,
-        /// Thread counts to measure, comma-separated, e.g. 1,2,4.
-        #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
-        threads: String,
-        /// Timed steps per thread count (1 or more; warm-up + steps at most 100,000).
-        #[arg(long, value_name = "N", default_value_t = allcores_eval::bench::DEFAULT_STEPS.to_string(), allow_hyphen_values = true)]
-        steps: String,
-        /// Steps run before the timed ones, not timed (0 or more).
-        #[arg(long, value_name = "W", default_value_t = allcores_eval::bench::DEFAULT_WARMUP.to_string(), allow_hyphen_values = true)]
-        warmup: String,
-        /// Override a setting of every run, e.g. --set training.batch_size=128 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// After each thread count n > 1, also run n one-thread runs at once: the efficiency
-        /// this machine gives independent work, a ceiling for the runs' (needs 1 first in
-        /// --threads).
-        #[arg(long)]
-        ceiling: bool,
-        /// Rounds over the thread counts (1 to 100); each thread count is reported by its
-        /// median run, so that a burst of load on a shared machine spoils no figure.
-        #[arg(
-            long,
-            value_name = "R",
-            default_value = "1",
-            allow_hyphen_values = true
-        )]
-        repeat: String,
-        /// Print the report as one JSON object on the last line of stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The TOML config file.
+    config: PathBuf,
+    /// Override a setting, e.g. --set training.threads=2 (repeatable, applied last).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// The run folder [default: runs/<config name>-<unix time>].
+    #[arg(long, value_name = "RUN_DIR")]
+    out: Option<PathBuf>,
+    /// Continue the run in --out from its newest valid checkpoint (afresh if it has none).
+    #[arg(long, requires = "out")]
+    resume: bool,
+    /// No progress bar, no log lines.
+    #[arg(long)]
+    quiet: bool,
+    /// Print the summary as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Write no run folder (no checkpoints, no weights file): for `allcores bench`.
+    #[arg(long, hide = true, conflicts_with_all = ["out", "resume"])]
+    no_save: bool,
+    /// Record each optimizer step's wall and CPU seconds in the summary (`step_times`):
+    /// for `allcores bench`.
+    #[arg(long, hide = true)]
+    record_steps: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The run folder written by `allcores train`.
+    run_dir: PathBuf,
+    /// Override a setting of the run's config, e.g. to name another test set.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Print the evaluation as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SweepArgs {
+    /// The TOML config file.
+    config: PathBuf,
+    /// Thread counts to compare, comma-separated, e.g. 1,2,4.
+    #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
+    threads: String,
+    /// Train each thread count with seeds 0..N.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    seeds: u64,
+    /// Override a setting of every run, e.g. --set training.epochs=2 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// The sweep folder [default: sweeps/<config name>-<unix time>].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Print the report as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The TOML config file.
+    config: PathBuf,
+    /// Thread counts to measure, comma-separated, e.g. 1,2,4.
+    #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
+    threads: String,
+    /// Timed steps per thread count (1 or more; warm-up + steps at most 100,000).
+    #[arg(long, value_name = "N", default_value_t = allcores_eval::bench::DEFAULT_STEPS.to_string(), allow_hyphen_values = true)]
+    steps: String,
+    /// Steps run before the timed ones, not timed (0 or more).
+    #[arg(long, value_name = "W", default_value_t = allcores_eval::bench::DEFAULT_WARMUP.to_string(), allow_hyphen_values = true)]
+    warmup: String,
+    /// Override a setting of every run, e.g. --set training.batch_size=128 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// After each thread count n > 1, also run n one-thread runs at once: the efficiency
+    /// this machine gives independent work, a ceiling for the runs' (needs 1 first in
+    /// --threads).
+    #[arg(long)]
+    ceiling: bool,
+    /// Rounds over the thread counts (1 to 100); each thread count is reported by its
+    /// median run, so that a burst of load on a shared machine spoils no figure.
+    #[arg(
+        long,
+        value_name = "R",
+        default_value = "1",
+        allow_hyphen_values = true
+    )]
+    repeat: String,
+    /// Print the report as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 /// A failure to show the user: one line, and whether the input was at fault.
@@ -165,93 +177,74 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Train {
-            config,
-            overrides,
-            out,
-            resume,
-            quiet,
-            json,
-            no_save,
-            record_steps,
-        } => {
-            let settings = Settings::load(&config, &layers(overrides))?;
-            let run_dir = (!no_save).then(|| out.unwrap_or_else(|| default_run_dir(&config)));
-            let options = Options {
-                quiet,
-                run_dir,
-                resume,
-                stop: Some(stop_on_ctrl_c()),
-                record_steps,
-            };
-            let summary = train(&settings, options)?;
-            print_summary(&summary, json);
-        }
-        Command::Eval {
-            run_dir,
-            overrides,
-            json,
-        } => {
-            let evaluation = evaluate_run(&run_dir, &layers(overrides))?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&evaluation).expect("serializes")
-                );
-            } else {
-                println!("{}", evaluation.to_text());
-            }
-        }
-        Command::Sweep {
-            config,
-            threads,
-            seeds,
-            overrides,
-            out,
-            json,
-        } => {
-            let outcome = allcores_eval::run_sweep(&allcores_eval::SweepRequest {
-                config,
-                threads,
-                seeds,
-                overrides,
-                out,
-                program: None,
-            })?;
-            if json {
-                println!("{}", outcome.report.verdict.line);
-                println!("{}", outcome.to_json());
-            } else {
-                println!("{}", outcome.to_text());
-            }
-            outcome.status()?;
-        }
-        Command::Bench {
-            config,
-            threads,
-            steps,
-            warmup,
-            overrides,
-            ceiling,
-            repeat,
-            json,
-        } => {
-            let report = allcores_eval::run_bench(&allcores_eval::BenchRequest {
-                config,
-                threads,
-                steps: allcores_eval::bench::parse_count("--steps", &steps)?,
-                warmup: allcores_eval::bench::parse_count("--warmup", &warmup)?,
-                overrides,
-                program: None,
-                ceiling,
-                repeat: allcores_eval::bench::parse_rounds(&repeat)?,
-            })?;
-            if json {
-                println!("{}", report.to_json());
-            } else {
-                println!("{}", report.to_text());
-            }
-        }
+        Command::Train(args) => train_command(args),
+        Command::Eval(args) => eval_command(args),
+        Command::Sweep(args) => sweep_command(args),
+        Command::Bench(args) => bench_command(args),
+    }
+}
+
+fn train_command(args: TrainArgs) -> Result<(), Failure> {
+    let settings = Settings::load(&args.config, &layers(args.overrides))?;
+    let run_dir =
+        (!args.no_save).then(|| args.out.unwrap_or_else(|| default_run_dir(&args.config)));
+    let options = Options {
+        quiet: args.quiet,
+        run_dir,
+        resume: args.resume,
+        stop: Some(stop_on_ctrl_c()),
+        record_steps: args.record_steps,
+    };
+    let summary = train(&settings, options)?;
+    print_summary(&summary, args.json);
+    Ok(())
+}
+
+fn eval_command(args: EvalArgs) -> Result<(), Failure> {
+    let evaluation = evaluate_run(&args.run_dir, &layers(args.overrides))?;
+    match args.json {
+        true => println!(
+            "{}",
+            serde_json::to_string(&evaluation).expect("serializes")
+        ),
+        false => println!("{}", evaluation.to_text()),
+    }
+    Ok(())
+}
+
+fn sweep_command(args: SweepArgs) -> Result<(), Failure> {
+    let outcome = allcores_eval::run_sweep(&allcores_eval::SweepRequest {
+        config: args.config,
+        threads: args.threads,
+        seeds: args.seeds,
+        overrides: args.overrides,
+        out: args.out,
+        program: None,
+    })?;
+    if args.json {
+        println!("{}", outcome.report.verdict.line);
+        println!("{}", outcome.to_json());
+    } else {
+        println!("{}", outcome.to_text());
+    }
+    Ok(outcome.status()?)
+}
+
+fn bench_command(args: BenchArgs) -> Result<(), Failure> {
+    use allcores_eval::bench::{parse_count, parse_rounds};
+    let report = allcores_eval::run_bench(&allcores_eval::BenchRequest {
+        config: args.config,
+        threads: args.threads,
+        steps: parse_count("--steps", &args.steps)?,
+        warmup: parse_count("--warmup", &args.warmup)?,
+        overrides: args.overrides,
+        program: None,
+        ceiling: args.ceiling,
+        repeat: parse_rounds(&args.repeat)?,
+    })?;
+    match args.json {
+        true => println!("{}", report.to_json()),
+        false => println!("{}", report.to_text()),
     }
     Ok(())
 }
