@@ -183,14 +183,16 @@ fn environment_variables_override_the_file_and_set_overrides_them() {
     assert_eq!(last_json(&output)["steps"], 2);
 }
 
+/// The start line names the threads in use; the summary counts in words (singular for one,
+/// digits grouped).
 #[test]
-fn the_start_line_names_the_threads_in_use() {
+fn the_start_and_summary_lines_name_what_ran() {
     let dir = tempfile::tempdir().unwrap();
     let config = write(
         dir.path(),
         "digits.toml",
         format!(
-            "{}{SMALL_MLP}\n[training]\nmax_steps = 2\nthreads = 2\n",
+            "{}{SMALL_MLP}\n[training]\nepochs = 1\nbatch_size = 32\nthreads = 2\n",
             digits_data()
         ),
     );
@@ -210,10 +212,12 @@ fn the_start_line_names_the_threads_in_use() {
     );
     assert!(log.contains("epoch 1: train loss"), "{log}");
     assert!(stdout(&output).contains("test accuracy"));
+    // 1,438 training rows in batches of 32: 45 steps.
+    let summary = stdout(&output);
     assert!(
-        stdout(&output).contains(" · 2 threads, CPU "),
-        "{}",
-        stdout(&output)
+        summary.contains("\n1 epoch · 45 steps · 1,438 samples in ")
+            && summary.contains(" · 2 threads, CPU "),
+        "{summary}"
     );
 
     let run = dir.path().join("quiet");
@@ -232,34 +236,5 @@ fn the_start_line_names_the_threads_in_use() {
         stdout(&output).contains(" · 1 thread, CPU "),
         "{}",
         stdout(&output)
-    );
-}
-
-/// The summary's counts read as a person writes them: singular for one, digits grouped.
-#[test]
-fn the_summary_line_counts_in_words() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write(
-        dir.path(),
-        "digits.toml",
-        format!(
-            "{}{SMALL_MLP}\n[training]\nepochs = 1\nbatch_size = 32\nthreads = 1\n",
-            digits_data()
-        ),
-    );
-    let run = dir.path().join("run");
-    let output = allcores(&[
-        "train",
-        config.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    // 1,438 training rows in batches of 32: 45 steps.
-    let summary = stdout(&output);
-    assert!(
-        summary.contains("\n1 epoch · 45 steps · 1,438 samples in ")
-            && summary.contains(" · 1 thread, CPU "),
-        "{summary}"
     );
 }

@@ -105,7 +105,10 @@ const CAP: f64 = 0.06;
 /// Width of the legend column right of each chart, in pixels.
 const LEGEND_WIDTH: u32 = 230;
 
-/// One line of a legend.
+/// One line of a legend: its mark and its words.
+type LegendEntry = (Mark, String);
+
+/// The mark of a legend line.
 enum Mark {
     Dot(RGBColor),
     Line,
@@ -117,7 +120,7 @@ enum Mark {
 fn draw_legend<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     top: i32,
-    entries: &[(Mark, String)],
+    entries: &[LegendEntry],
 ) -> DrawResult
 where
     DB::ErrorType: 'static,
@@ -249,7 +252,7 @@ fn draw_reference<DB: DrawingBackend>(
     chart: &mut PanelChart<'_, DB>,
     positions: usize,
     panel: &Panel,
-) -> Result<Option<(Mark, String)>, Box<dyn Error>>
+) -> Result<Option<LegendEntry>, Box<dyn Error>>
 where
     DB::ErrorType: 'static,
 {
@@ -269,7 +272,7 @@ where
 fn draw_spread<DB: DrawingBackend>(
     chart: &mut PanelChart<'_, DB>,
     panel: &Panel,
-) -> Result<Option<(Mark, String)>, Box<dyn Error>>
+) -> Result<Option<LegendEntry>, Box<dyn Error>>
 where
     DB::ErrorType: 'static,
 {
@@ -293,7 +296,7 @@ fn draw_means<DB: DrawingBackend>(
     chart: &mut PanelChart<'_, DB>,
     positions: usize,
     panel: &Panel,
-) -> Result<Option<(Mark, String)>, Box<dyn Error>>
+) -> Result<Option<LegendEntry>, Box<dyn Error>>
 where
     DB::ErrorType: 'static,
 {
@@ -322,7 +325,7 @@ fn draw_seed_points<DB: DrawingBackend>(
     chart: &mut PanelChart<'_, DB>,
     seeds: u64,
     panel: &Panel,
-) -> Result<Vec<(Mark, String)>, Box<dyn Error>>
+) -> Result<Vec<LegendEntry>, Box<dyn Error>>
 where
     DB::ErrorType: 'static,
 {
