@@ -378,58 +378,18 @@ pub fn run_bench(request: &BenchRequest) -> Result<BenchReport, EvalError> {
     let (threads, settings) = check(request)?;
     let program = child::program(request.program.as_ref())?;
     let threads_available = child::warn_beyond_available(&threads);
-    eprintln!(
-        "allcores: benchmarking {} ({} on {}, batch {}) at threads {}: {} warm-up + {} timed \
-         steps, one process each",
-        request.config.display(),
-        settings.model.kind,
-        settings.training.backend,
-        settings.training.effective_batch_size(),
-        threads
-            .iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        request.warmup,
-        request.steps
-    );
-    let no_run_dir = ["--no-save", "--record-steps"];
+    eprintln!("{}", start_line(request, &settings, &threads));
     // Round after round over the thread counts, so that a burst of load on a shared machine
     // falls on one round's run rather than on one thread count.
     let mut rounds: Vec<Vec<BenchRun>> = vec![Vec::new(); threads.len()];
     for round in 1..=request.repeat {
         for (i, &t) in threads.iter().enumerate() {
-            let failed = |exit_status: Option<i32>, message: String| EvalError::BenchRun {
-                threads: t,
-                exit_status,
-                message,
-            };
-            let summary = train_child(&program, &request.config, run_sets(request, t), &no_run_dir)
-                .map_err(|f| failed(f.exit_status, f.message))?;
-            let mut run = BenchRun::from_summary(t, request.warmup, &summary)
-                .map_err(|message| failed(Some(0), message))?;
             let round_label = match request.repeat {
                 1 => String::new(),
                 n => format!("round {round}/{n} "),
             };
-            eprintln!(
-                "{round_label}[{}/{}] threads {t}: {} samples/s · step {:.2} ms median · CPU {}",
-                i + 1,
-                threads.len(),
-                thousands(run.samples_per_second),
-                run.step_ms_median,
-                run.cpu_text()
-            );
-            if request.ceiling && t > 1 {
-                let independent = independent_runs(&program, request, t)
-                    .map_err(|f| failed(f.exit_status, f.message))?;
-                eprintln!(
-                    "      {t} one-thread runs at once: {} samples/s in all",
-                    thousands(independent)
-                );
-                run.independent_samples_per_second = Some(independent);
-            }
-            rounds[i].push(run);
+            let at = format!("{round_label}[{}/{}] threads {t}", i + 1, threads.len());
+            rounds[i].push(bench_one(&program, request, t, &at)?);
         }
     }
     let identical_weights = rounds
@@ -451,6 +411,59 @@ pub fn run_bench(request: &BenchRequest) -> Result<BenchReport, EvalError> {
         runs,
         identical_weights,
     })
+}
+
+/// The bench's first log line: what it measures, at which thread counts, for how many steps.
+fn start_line(request: &BenchRequest, settings: &Settings, threads: &[usize]) -> String {
+    let threads: Vec<String> = threads.iter().map(|t| t.to_string()).collect();
+    format!(
+        "allcores: benchmarking {} ({} on {}, batch {}) at threads {}: {} warm-up + {} timed \
+         steps, one process each",
+        request.config.display(),
+        settings.model.kind,
+        settings.training.backend,
+        settings.training.effective_batch_size(),
+        threads.join(", "),
+        request.warmup,
+        request.steps
+    )
+}
+
+/// One run at `threads` threads, in a process of its own (with `--ceiling`, then as many
+/// one-thread runs at once), logged after `at`, the run's place in the bench.
+fn bench_one(
+    program: &Path,
+    request: &BenchRequest,
+    threads: usize,
+    at: &str,
+) -> Result<BenchRun, EvalError> {
+    let failed = |exit_status: Option<i32>, message: String| EvalError::BenchRun {
+        threads,
+        exit_status,
+        message,
+    };
+    let no_run_dir = ["--no-save", "--record-steps"];
+    let sets = run_sets(request, threads);
+    let summary = train_child(program, &request.config, sets, &no_run_dir)
+        .map_err(|f| failed(f.exit_status, f.message))?;
+    let mut run = BenchRun::from_summary(threads, request.warmup, &summary)
+        .map_err(|message| failed(Some(0), message))?;
+    eprintln!(
+        "{at}: {} samples/s · step {:.2} ms median · CPU {}",
+        thousands(run.samples_per_second),
+        run.step_ms_median,
+        run.cpu_text()
+    );
+    if request.ceiling && threads > 1 {
+        let independent = independent_runs(program, request, threads)
+            .map_err(|f| failed(f.exit_status, f.message))?;
+        eprintln!(
+            "      {threads} one-thread runs at once: {} samples/s in all",
+            thousands(independent)
+        );
+        run.independent_samples_per_second = Some(independent);
+    }
+    Ok(run)
 }
 
 /// With several rounds: `threads 2, efficiency round by round: 97% 92% 72% (median 92%)`.
