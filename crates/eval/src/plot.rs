@@ -15,7 +15,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::EvalError;
-use crate::report::{Report, thousands};
+use crate::report::{Report, ReportRow, ThreadSummary, thousands};
 
 type DrawResult = Result<(), Box<dyn Error>>;
 
@@ -439,53 +439,59 @@ fn draw_accuracy(report: &Report, path: &Path) -> DrawResult {
         &format!("Test accuracy by thread count - {}", config_name(report)),
         &verdict_words(report),
     )?;
-    let points: Vec<(usize, u64, f64)> = report
-        .runs
-        .iter()
-        .filter_map(|r| {
-            Some((
-                position(report, r.run.threads)?,
-                r.run.seed,
-                r.run.test_accuracy * 100.0,
-            ))
-        })
-        .collect();
-    let summaries = || {
-        report
-            .by_threads
-            .iter()
-            .filter_map(|t| Some((position(report, t.threads)?, t)))
-    };
+    draw_panel(
+        &body,
+        &report.plan.threads,
+        report.plan.seeds,
+        &accuracy_panel(report),
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+/// Each run's test accuracy, the mean across seeds (labelled) and its min-max bar.
+fn accuracy_panel(report: &Report) -> Panel {
+    let points = run_points(report, |r| Some(r.run.test_accuracy * 100.0));
     let y_range = padded(points.iter().map(|p| p.2), 1.0);
     let y_decimals = if y_range.end - y_range.start > 4.0 {
         1
     } else {
         2
     };
-    let panel = Panel {
+    let mean = by_position(report).map(|(i, t)| {
+        let mean = t.mean_accuracy * 100.0;
+        (i, mean, Some(format!("{mean:.2}%")))
+    });
+    let spread = by_position(report)
+        .filter(|(_, t)| t.runs >= 2)
+        .map(|(i, t)| (i, t.min_accuracy * 100.0, t.max_accuracy * 100.0));
+    Panel {
         caption: None,
         y_desc: "test accuracy (%)".into(),
         y_range,
-        mean: summaries()
-            .map(|(i, t)| {
-                (
-                    i,
-                    t.mean_accuracy * 100.0,
-                    Some(format!("{:.2}%", t.mean_accuracy * 100.0)),
-                )
-            })
-            .collect(),
-        spread: summaries()
-            .filter(|(_, t)| t.runs >= 2)
-            .map(|(i, t)| (i, t.min_accuracy * 100.0, t.max_accuracy * 100.0))
-            .collect(),
+        mean: mean.collect(),
+        spread: spread.collect(),
         points,
         reference: None,
         y_decimals,
-    };
-    draw_panel(&body, &report.plan.threads, report.plan.seeds, &panel)?;
-    root.present()?;
-    Ok(())
+    }
+}
+
+/// `(thread position, seed, value)` of every run of the sweep's thread counts with a value.
+fn run_points(
+    report: &Report,
+    value: impl Fn(&ReportRow) -> Option<f64>,
+) -> Vec<(usize, u64, f64)> {
+    let point = |r: &ReportRow| Some((position(report, r.run.threads)?, r.run.seed, value(r)?));
+    report.runs.iter().filter_map(point).collect()
+}
+
+/// Each thread count's summary, with its position on the x axis.
+fn by_position(report: &Report) -> impl Iterator<Item = (usize, &ThreadSummary)> {
+    report
+        .by_threads
+        .iter()
+        .filter_map(|t| Some((position(report, t.threads)?, t)))
 }
 
 /// `throughput.svg`: samples/s against threads (top) and parallel efficiency (bottom).
@@ -509,74 +515,54 @@ fn draw_throughput(report: &Report, path: &Path) -> DrawResult {
         ),
     )?;
     let (top, bottom) = body.split_vertically(510);
-    let summaries = || {
-        report
-            .by_threads
-            .iter()
-            .filter_map(|t| Some((position(report, t.threads)?, t)))
-    };
+    let (threads, seeds) = (&report.plan.threads, report.plan.seeds);
+    draw_panel(&top, threads, seeds, &speed_panel(report))?;
+    draw_panel(&bottom, threads, seeds, &efficiency_panel(report))?;
+    root.present()?;
+    Ok(())
+}
 
-    let speed: Vec<(usize, u64, f64)> = report
-        .runs
-        .iter()
-        .filter_map(|r| {
-            Some((
-                position(report, r.run.threads)?,
-                r.run.seed,
-                r.run.samples_per_second,
-            ))
-        })
-        .collect();
-    let top_speed = speed.iter().map(|p| p.2).fold(0.0, f64::max);
-    let throughput = Panel {
+/// Each run's samples/s and their mean across seeds, labelled with the mean speed-up.
+fn speed_panel(report: &Report) -> Panel {
+    let points = run_points(report, |r| Some(r.run.samples_per_second));
+    let top_speed = points.iter().map(|p| p.2).fold(0.0, f64::max);
+    let mean = by_position(report).map(|(i, t)| {
+        let label = t.mean_speedup.map(|s| format!("{s:.2}x"));
+        (i, t.mean_samples_per_second, label)
+    });
+    Panel {
         caption: Some("Samples per second (labels: mean speed-up)".into()),
         y_desc: "training samples / s".into(),
         y_range: 0.0..(top_speed * 1.2).max(1.0),
-        mean: summaries()
-            .map(|(i, t)| {
-                let label = t.mean_speedup.map(|s| format!("{s:.2}x"));
-                (i, t.mean_samples_per_second, label)
-            })
-            .collect(),
+        mean: mean.collect(),
         spread: vec![],
-        points: speed,
+        points,
         reference: None,
         y_decimals: 0,
-    };
-    draw_panel(&top, &report.plan.threads, report.plan.seeds, &throughput)?;
+    }
+}
 
-    let efficiency: Vec<(usize, u64, f64)> = report
-        .runs
-        .iter()
-        .filter_map(|r| {
-            Some((
-                position(report, r.run.threads)?,
-                r.run.seed,
-                r.efficiency? * 100.0,
-            ))
-        })
-        .collect();
-    let top_efficiency = efficiency.iter().map(|p| p.2).fold(100.0, f64::max);
-    let panel = Panel {
+/// Each run's parallel efficiency and their mean across seeds, against the ideal 100%.
+fn efficiency_panel(report: &Report) -> Panel {
+    let points = run_points(report, |r| Some(r.efficiency? * 100.0));
+    let top_efficiency = points.iter().map(|p| p.2).fold(100.0, f64::max);
+    let mean = by_position(report).filter_map(|(i, t)| {
+        let e = t.mean_efficiency? * 100.0;
+        Some((i, e, Some(format!("{e:.0}%"))))
+    });
+    Panel {
         caption: Some(format!(
-            "Parallel efficiency = speed-up / (threads / {b}) (labels: mean)"
+            "Parallel efficiency = speed-up / (threads / {}) (labels: mean)",
+            report.baseline_threads
         )),
         y_desc: "parallel efficiency (%)".into(),
         y_range: 0.0..top_efficiency * 1.15,
-        mean: summaries()
-            .filter_map(|(i, t)| {
-                let e = t.mean_efficiency? * 100.0;
-                Some((i, e, Some(format!("{e:.0}%"))))
-            })
-            .collect(),
+        mean: mean.collect(),
         spread: vec![],
-        points: efficiency,
+        points,
         reference: Some((100.0, "ideal (100%)".into())),
         y_decimals: 0,
-    };
-    draw_panel(&bottom, &report.plan.threads, report.plan.seeds, &panel)?;
-    root.present()?;
-    Ok(())
+    }
 }
 
 #[cfg(test)]
