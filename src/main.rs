@@ -2,6 +2,10 @@
 //!
 //! Exit status: 0 on success, 2 for bad input (config, data, arguments), 1 when a run fails.
 
+// The arguments' doc comments are clap's help texts, written for a terminal (`<config name>`),
+// not for rustdoc.
+#![allow(rustdoc::invalid_html_tags)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;

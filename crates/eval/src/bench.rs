@@ -1,7 +1,7 @@
 //! `allcores bench`: steady-state training throughput of one config at several thread counts,
 //! one process a thread count.
 //!
-//! Each run is a fresh `allcores train` child (see [`crate::child`]) that writes no run folder
+//! Each run is a fresh `allcores train` child (see `crate::child`) that writes no run folder
 //! (so no checkpoints) and records every optimizer step's wall and CPU seconds. The first
 //! `warmup` steps are dropped; the statistics cover the `steps` after them: samples/s, the
 //! step time's median and spread, and how busy the threads were. A step covers batch

@@ -90,7 +90,7 @@ pub fn candidates(available: usize, pieces_per_step: usize) -> Vec<Candidate> {
 const WARM_UP: Duration = Duration::from_millis(50);
 
 /// Runs `step` under each candidate (in a pool of its thread count): warm-up calls for
-/// [`WARM_UP`] (at least one), then timed calls until the candidate's share of `budget` is spent
+/// `WARM_UP` (at least one), then timed calls until the candidate's share of `budget` is spent
 /// (at least one, at most `MAX_TIMED`), and picks the fastest median. Ties go to fewer threads.
 pub fn calibrate(
     candidates: &[Candidate],

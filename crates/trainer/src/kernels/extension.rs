@@ -65,11 +65,11 @@ pub trait DenseBackend: Backend {
 }
 
 /// Backends whose tensors the kernels can read as a slice of f32 (or, on burn-flex, f16 and bf16)
-/// and build from a [`Buffer`] without a copy.
+/// and build from a `Buffer` without a copy.
 ///
 /// The kernels compute in f32. Half-precision tensors (burn-flex's F16 and BF16) are widened
 /// piece by piece where the kernels use them and their results rounded back to the format
-/// ([`super::values`]), so that what a kernel keeps for its backward pass stays half precision:
+/// (the `values` module), so that what a kernel keeps for its backward pass stays half precision:
 /// the arithmetic of CPU half-precision kernels (this CPU has no half arithmetic in AVX2), the
 /// memory of half storage.
 pub trait HostSlices: Backend {

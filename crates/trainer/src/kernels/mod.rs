@@ -6,7 +6,7 @@
 //! CPU backend and one for `Autodiff<B, C>` whose backward pass calls the gradient kernels here,
 //! so a model keeps burn's `Linear` and `Conv2d` parameters (same names and shapes) and only its
 //! forward changes. Inside, a kernel works on plain slices (f32, or burn-flex's f16 and bf16,
-//! widened where they are used: [`values`]) and packed single-threaded f32 GEMMs (the `gemm`
+//! widened where they are used: the `values` module) and packed single-threaded f32 GEMMs (the `gemm`
 //! crate): for a convolution, im2col and one GEMM per sample, rayon over chunks of samples; for
 //! a dense layer, one GEMM per output tile, rayon over the tiles.
 //!

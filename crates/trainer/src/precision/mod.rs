@@ -82,10 +82,9 @@ pub enum PrecisionMode {
 pub enum Unscaling {
     /// In a pass of their own, before the optimizer: it takes them as they come.
     Before,
-    /// By the optimizer, as it reads them (the fused Adam's
-    /// [`SharedReading`](crate::optim_adam::SharedReading)): before it they are only checked,
-    /// one pass that reads, and half-precision gradients stay half. Emulated half precision's
-    /// rounding of the gradients is left to it too.
+    /// By the optimizer, as it reads them (the fused Adam's `SharedReading`): before it they are
+    /// only checked, one pass that reads, and half-precision gradients stay half. Emulated half
+    /// precision's rounding of the gradients is left to it too.
     ByOptimizer,
 }
 
