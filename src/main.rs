@@ -206,12 +206,13 @@ fn train_command(args: TrainArgs) -> Result<(), Failure> {
 
 fn eval_command(args: EvalArgs) -> Result<(), Failure> {
     let evaluation = evaluate_run(&args.run_dir, &layers(args.overrides))?;
-    match args.json {
-        true => println!(
+    if args.json {
+        println!(
             "{}",
             serde_json::to_string(&evaluation).expect("serializes")
-        ),
-        false => println!("{}", evaluation.to_text()),
+        );
+    } else {
+        println!("{}", evaluation.to_text());
     }
     Ok(())
 }
@@ -246,9 +247,10 @@ fn bench_command(args: BenchArgs) -> Result<(), Failure> {
         ceiling: args.ceiling,
         repeat: parse_rounds(&args.repeat)?,
     })?;
-    match args.json {
-        true => println!("{}", report.to_json()),
-        false => println!("{}", report.to_text()),
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{}", report.to_text());
     }
     Ok(())
 }

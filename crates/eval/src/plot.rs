@@ -17,7 +17,8 @@ use plotters::prelude::*;
 use crate::EvalError;
 use crate::report::{Report, ReportRow, ThreadSummary, thousands};
 
-type DrawResult = Result<(), Box<dyn Error>>;
+/// What drawing gives: `T`, or plotters' error (any backend's, boxed).
+type DrawResult<T = ()> = Result<T, Box<dyn Error>>;
 
 const FONT: &str = "sans-serif";
 const MEAN_COLOR: RGBColor = RGBColor(20, 20, 20);
@@ -205,7 +206,7 @@ fn panel_chart<'a, DB: DrawingBackend>(
     area: &'a DrawingArea<DB, Shift>,
     threads: &[usize],
     panel: &Panel,
-) -> Result<PanelChart<'a, DB>, Box<dyn Error>>
+) -> DrawResult<PanelChart<'a, DB>>
 where
     DB::ErrorType: 'static,
 {
@@ -252,7 +253,7 @@ fn draw_reference<DB: DrawingBackend>(
     chart: &mut PanelChart<'_, DB>,
     positions: usize,
     panel: &Panel,
-) -> Result<Option<LegendEntry>, Box<dyn Error>>
+) -> DrawResult<Option<LegendEntry>>
 where
     DB::ErrorType: 'static,
 {
@@ -272,7 +273,7 @@ where
 fn draw_spread<DB: DrawingBackend>(
     chart: &mut PanelChart<'_, DB>,
     panel: &Panel,
-) -> Result<Option<LegendEntry>, Box<dyn Error>>
+) -> DrawResult<Option<LegendEntry>>
 where
     DB::ErrorType: 'static,
 {
@@ -296,7 +297,7 @@ fn draw_means<DB: DrawingBackend>(
     chart: &mut PanelChart<'_, DB>,
     positions: usize,
     panel: &Panel,
-) -> Result<Option<LegendEntry>, Box<dyn Error>>
+) -> DrawResult<Option<LegendEntry>>
 where
     DB::ErrorType: 'static,
 {
@@ -325,7 +326,7 @@ fn draw_seed_points<DB: DrawingBackend>(
     chart: &mut PanelChart<'_, DB>,
     seeds: u64,
     panel: &Panel,
-) -> Result<Vec<LegendEntry>, Box<dyn Error>>
+) -> DrawResult<Vec<LegendEntry>>
 where
     DB::ErrorType: 'static,
 {
@@ -401,7 +402,7 @@ fn titled<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     title: &str,
     subtitle: &str,
-) -> Result<DrawingArea<DB, Shift>, Box<dyn Error>>
+) -> DrawResult<DrawingArea<DB, Shift>>
 where
     DB::ErrorType: 'static,
 {

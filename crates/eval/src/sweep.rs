@@ -181,6 +181,8 @@ fn run_one(
 /// The sweep's voice on stderr: a bar over the runs when stderr is a terminal, lines otherwise.
 struct SweepProgress {
     bar: ProgressBar,
+    /// The sweep's runs in all.
+    total: u64,
 }
 
 impl SweepProgress {
@@ -198,7 +200,7 @@ impl SweepProgress {
             .progress_chars("=> "),
         );
         bar.enable_steady_tick(Duration::from_millis(250));
-        Self { bar }
+        Self { bar, total }
     }
 
     fn log(&self, line: impl AsRef<str>) {
@@ -219,7 +221,7 @@ pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
     let program = child::program(request.program.as_ref())?;
     let available = child::warn_beyond_available(&threads);
     let progress = SweepProgress::new(threads.len() as u64 * request.seeds);
-    progress.log(start_line(request, &threads, &dir));
+    progress.log(start_line(request, &threads, progress.total, &dir));
     let runs = run_all(&program, request, &threads, &dir, &progress);
     progress.bar.finish_and_clear();
     let Runs {
@@ -251,8 +253,7 @@ pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
 }
 
 /// The sweep's first log line: what it runs, how many times, and where.
-fn start_line(request: &SweepRequest, threads: &[usize], dir: &Path) -> String {
-    let total = threads.len() as u64 * request.seeds;
+fn start_line(request: &SweepRequest, threads: &[usize], total: u64, dir: &Path) -> String {
     let threads: Vec<String> = threads.iter().map(|t| t.to_string()).collect();
     format!(
         "allcores: sweeping {} over threads {} x {} seed{}: {total} runs, one process each, \
@@ -282,7 +283,7 @@ fn run_all(
     dir: &Path,
     progress: &SweepProgress,
 ) -> Result<Runs, EvalError> {
-    let total = threads.len() as u64 * request.seeds;
+    let total = progress.total;
     let mut runs = Runs {
         records: Vec::new(),
         failures: Vec::new(),
