@@ -17,8 +17,11 @@ use plotters::prelude::*;
 use crate::EvalError;
 use crate::report::{Report, ReportRow, ThreadSummary, thousands};
 
-/// What drawing gives: `T`, or plotters' error (any backend's, boxed).
+/// What drawing gives: `T`, or plotters' error, boxed.
 type DrawResult<T = ()> = Result<T, Box<dyn Error>>;
+
+/// A part of an SVG plot, in pixels; `'a` the plot's file path's lifetime.
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 
 const FONT: &str = "sans-serif";
 const MEAN_COLOR: RGBColor = RGBColor(20, 20, 20);
@@ -118,14 +121,7 @@ enum Mark {
 }
 
 /// Draws the legend entries in a box at the top of `area` (pixel coordinates).
-fn draw_legend<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    top: i32,
-    entries: &[LegendEntry],
-) -> DrawResult
-where
-    DB::ErrorType: 'static,
-{
+fn draw_legend(area: &Area<'_>, top: i32, entries: &[LegendEntry]) -> DrawResult {
     if entries.is_empty() {
         return Ok(());
     }
@@ -176,18 +172,10 @@ where
 }
 
 /// A panel's chart: thread positions across, the panel's values up.
-type PanelChart<'a, DB> = ChartContext<'a, DB, Cartesian2d<ThreadAxis, RangedCoordf64>>;
+type PanelChart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<ThreadAxis, RangedCoordf64>>;
 
 /// One panel: its chart left, the legend of what it shows right.
-fn draw_panel<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    threads: &[usize],
-    seeds: u64,
-    panel: &Panel,
-) -> DrawResult
-where
-    DB::ErrorType: 'static,
-{
+fn draw_panel(area: &Area<'_>, threads: &[usize], seeds: u64, panel: &Panel) -> DrawResult {
     let (width, _) = area.dim_in_pixel();
     let (plot_area, legend_area) = area.split_horizontally(width.saturating_sub(LEGEND_WIDTH));
     let mut chart = panel_chart(&plot_area, threads, panel)?;
@@ -202,14 +190,11 @@ where
 }
 
 /// The panel's axes, caption and grid.
-fn panel_chart<'a, DB: DrawingBackend>(
-    area: &'a DrawingArea<DB, Shift>,
+fn panel_chart<'a, 'b>(
+    area: &'a Area<'b>,
     threads: &[usize],
     panel: &Panel,
-) -> DrawResult<PanelChart<'a, DB>>
-where
-    DB::ErrorType: 'static,
-{
+) -> DrawResult<PanelChart<'a, 'b>> {
     let n = threads.len();
     let mut builder = ChartBuilder::on(area);
     if let Some(caption) = &panel.caption {
@@ -249,14 +234,11 @@ where
 }
 
 /// The panel's horizontal reference line, dashed across every position.
-fn draw_reference<DB: DrawingBackend>(
-    chart: &mut PanelChart<'_, DB>,
+fn draw_reference(
+    chart: &mut PanelChart<'_, '_>,
     positions: usize,
     panel: &Panel,
-) -> DrawResult<Option<LegendEntry>>
-where
-    DB::ErrorType: 'static,
-{
+) -> DrawResult<Option<LegendEntry>> {
     let Some((value, text)) = &panel.reference else {
         return Ok(None);
     };
@@ -270,13 +252,7 @@ where
 }
 
 /// The min-max bars across seeds, with caps.
-fn draw_spread<DB: DrawingBackend>(
-    chart: &mut PanelChart<'_, DB>,
-    panel: &Panel,
-) -> DrawResult<Option<LegendEntry>>
-where
-    DB::ErrorType: 'static,
-{
+fn draw_spread(chart: &mut PanelChart<'_, '_>, panel: &Panel) -> DrawResult<Option<LegendEntry>> {
     if panel.spread.is_empty() {
         return Ok(None);
     }
@@ -293,14 +269,11 @@ where
 }
 
 /// The mean across seeds: a line through circles, each labelled where the panel has a label.
-fn draw_means<DB: DrawingBackend>(
-    chart: &mut PanelChart<'_, DB>,
+fn draw_means(
+    chart: &mut PanelChart<'_, '_>,
     positions: usize,
     panel: &Panel,
-) -> DrawResult<Option<LegendEntry>>
-where
-    DB::ErrorType: 'static,
-{
+) -> DrawResult<Option<LegendEntry>> {
     if panel.mean.is_empty() {
         return Ok(None);
     }
@@ -322,14 +295,11 @@ where
 
 /// Each seed's values, a dot each in the seed's colour, shifted sideways by seed; one legend
 /// entry per seed, or one for all when there are more than [`LEGEND_SEEDS`].
-fn draw_seed_points<DB: DrawingBackend>(
-    chart: &mut PanelChart<'_, DB>,
+fn draw_seed_points(
+    chart: &mut PanelChart<'_, '_>,
     seeds: u64,
     panel: &Panel,
-) -> DrawResult<Vec<LegendEntry>>
-where
-    DB::ErrorType: 'static,
-{
+) -> DrawResult<Vec<LegendEntry>> {
     let mut legend = Vec::new();
     for seed in 0..seeds {
         let color = seed_color(seed);
@@ -398,14 +368,7 @@ fn verdict_words(report: &Report) -> String {
 }
 
 /// Draws a title and a grey subtitle at the top of `area`; returns the area below them.
-fn titled<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    title: &str,
-    subtitle: &str,
-) -> DrawResult<DrawingArea<DB, Shift>>
-where
-    DB::ErrorType: 'static,
-{
+fn titled<'a>(area: &Area<'a>, title: &str, subtitle: &str) -> DrawResult<Area<'a>> {
     use plotters::style::text_anchor::{HPos, Pos, VPos};
     let (width, _) = area.dim_in_pixel();
     let centre = Pos::new(HPos::Center, VPos::Center);
