@@ -14,14 +14,13 @@ use std::time::{Duration, Instant};
 use allcores_trainer::{Layers, Settings, Summary};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use allcores_trainer::settings::MAX_THREADS;
+
 use crate::EvalError;
 use crate::child::{self, refuse_owned_keys, train_child};
 use crate::diff::{Weights, max_abs_diff, read_weights};
 use crate::plot;
 use crate::report::{Report, RunFailure, RunRecord, SweepPlan, Timing, build_report, thousands};
-
-/// No sweep asks for more threads than this: a pool that size is a typo, not a measurement.
-pub const MAX_THREADS: usize = 1024;
 
 /// What `allcores sweep` was asked.
 #[derive(Debug, Clone)]
@@ -79,7 +78,7 @@ pub fn parse_threads(text: &str) -> Result<Vec<usize>, EvalError> {
         }
         if count > MAX_THREADS {
             return Err(bad(format!(
-                "{count} threads is more than the {MAX_THREADS} a sweep allows"
+                "{count} threads is more than the {MAX_THREADS} a run allows"
             )));
         }
         if threads.contains(&count) {

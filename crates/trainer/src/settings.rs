@@ -360,6 +360,11 @@ impl fmt::Display for Backend {
     }
 }
 
+/// The largest `training.threads`: a pool that size is a typo, not a machine. Each thread is an
+/// OS thread with its own stack, and a run with a thousand of them on 2 cores already took 5 s
+/// for two steps; larger counts made a run look hung while it spawned them.
+pub const MAX_THREADS: usize = 1024;
+
 /// `training.threads`: a positive count, or `"auto"` for what the process may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Threads {
@@ -885,6 +890,14 @@ impl TrainingSettings {
                 "must be at least 1",
             ));
         }
+        if let Threads::Count(n) = self.threads
+            && n.get() > MAX_THREADS
+        {
+            return Err(Error::setting(
+                "training.threads",
+                format!("must be at most {MAX_THREADS}, got {n}"),
+            ));
+        }
         if self.shards == 0 {
             return Err(Error::setting("training.shards", "must be at least 1"));
         }
@@ -1068,7 +1081,9 @@ mod tests {
     fn threads_accept_auto_and_positive_counts_only() {
         let s = load(MINIMAL, &["training.threads=auto"], &[]).unwrap();
         assert_eq!(s.training.threads, Threads::Auto);
-        for bad in ["0", "-2", "many", "1.5"] {
+        let s = load(MINIMAL, &[&format!("training.threads={MAX_THREADS}")], &[]).unwrap();
+        assert_eq!(s.training.threads.to_string(), MAX_THREADS.to_string());
+        for bad in ["0", "-2", "many", "1.5", "1025", "100000"] {
             let err = load(MINIMAL, &[&format!("training.threads={bad}")], &[]).unwrap_err();
             let text = err.to_string();
             assert!(text.contains("training.threads"), "{bad}: {text}");
