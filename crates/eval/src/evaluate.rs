@@ -4,7 +4,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use allcores_trainer::weights::{self, weights_sha256};
-use allcores_trainer::{BuiltinModel, Layers, RunDir, Settings, Splits, ThreadPlan, score};
+use allcores_trainer::{
+    BuiltinModel, Layers, RunDir, Settings, Splits, ThreadPlan, score, thousands,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::EvalError;
@@ -66,7 +68,7 @@ impl Evaluation {
             self.run_dir,
             self.test_accuracy * 100.0,
             self.test_loss,
-            self.samples
+            thousands(self.samples as f64)
         );
         let classes = self.confusion.len();
         let _ = write!(out, "\nclass  accuracy   predicted:");
@@ -85,5 +87,44 @@ impl Evaluation {
         }
         let _ = write!(out, "\nweights_sha256 {}", self.weights_sha256);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The text form: totals with grouped digits, one row per class (a dash for a class with no
+    /// test samples) with its row of the confusion matrix under the predicted classes.
+    #[test]
+    fn the_text_shows_totals_and_one_row_per_class() {
+        let evaluation = Evaluation {
+            run_dir: "runs/x".into(),
+            test_accuracy: 0.9,
+            test_loss: 0.25,
+            samples: 1250,
+            per_class_accuracy: vec![Some(0.875), Some(1.0), None],
+            confusion: vec![vec![7, 1, 0], vec![0, 3, 0], vec![0, 0, 0]],
+            weights_sha256: "ab".repeat(32),
+        };
+        let text = evaluation.to_text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "runs/x: test accuracy 90.00% · test loss 0.2500 · 1,250 samples"
+        );
+        assert_eq!(lines[2], "class  accuracy   predicted:     0     1     2");
+        let cells = |line: &str| {
+            line.split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(cells(lines[3]), ["0", "87.50%", "7", "1", "0"]);
+        assert_eq!(cells(lines[4]), ["1", "100.00%", "0", "3", "0"]);
+        assert_eq!(cells(lines[5]), ["2", "-", "0", "0", "0"]);
+        assert_eq!(
+            lines.last(),
+            Some(&&*format!("weights_sha256 {}", "ab".repeat(32)))
+        );
     }
 }

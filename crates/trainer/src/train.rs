@@ -455,8 +455,8 @@ impl Trainer {
             progress.log(format!(
                 "warning: the effective batch ({} = training.batch_size x \
                  training.accumulation_steps) is larger than the {} training samples",
-                setup.plan.step_size,
-                self.data.train.len()
+                thousands(setup.plan.step_size as f64),
+                thousands(self.data.train.len() as f64)
             ));
         }
     }
