@@ -55,13 +55,30 @@ pub enum Error {
 
     /// The run was interrupted (Ctrl-C) and saved a checkpoint.
     #[error(
-        "interrupted after step {step}; checkpoint saved. Resume with: allcores train CONFIG --out {run_dir} --resume"
+        "interrupted after step {step}; checkpoint saved. Resume with: {}",
+        resume_command(run_dir)
     )]
     Interrupted { step: u64, run_dir: PathBuf },
 
     /// The loss, a gradient or a weight became NaN or infinite. No checkpoint holds it.
     #[error("training diverged at step {step}: {what}")]
     Diverged { step: u64, what: String },
+}
+
+/// The command that resumes the run in `run_dir`, ready to paste into a shell. It names the
+/// config the run folder keeps (every override applied), so it needs none of the `--set`s the
+/// run was started with.
+fn resume_command(run_dir: &Path) -> String {
+    let config = run_dir.join(crate::run_dir::CONFIG_FILE);
+    let quoted = |path: &Path| {
+        let path = path.to_string_lossy();
+        shlex::try_quote(&path).map_or_else(|_| format!("{path:?}"), |q| q.into_owned())
+    };
+    format!(
+        "allcores train {} --out {} --resume",
+        quoted(&config),
+        quoted(run_dir)
+    )
 }
 
 impl Error {
@@ -98,3 +115,32 @@ impl Error {
 
 /// The trainer's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The interrupted run names a command that works as pasted: the run folder's own config,
+    /// and paths quoted where a shell would split them.
+    #[test]
+    fn an_interrupted_run_names_the_command_that_resumes_it() {
+        let interrupted = |dir: &str| {
+            Error::Interrupted {
+                step: 7,
+                run_dir: PathBuf::from(dir),
+            }
+            .to_string()
+        };
+        assert_eq!(
+            interrupted("runs/cnn"),
+            "interrupted after step 7; checkpoint saved. Resume with: \
+             allcores train runs/cnn/config.toml --out runs/cnn --resume"
+        );
+        assert!(
+            interrupted("my runs/cnn")
+                .ends_with("allcores train 'my runs/cnn/config.toml' --out 'my runs/cnn' --resume"),
+            "{}",
+            interrupted("my runs/cnn")
+        );
+    }
+}
