@@ -185,7 +185,22 @@ fn malformed_csv_rows() {
         dir.path(),
         &config,
         &[&format!("data.train_csv=\"{}\"", bad_label.display())],
-        "line 2: label '12' lies outside the class range",
+        "line 2: label 12 lies outside the class range",
+    );
+    // A missing value is bad input (status 2) named by its cell, not a diverging run (status 1).
+    let missing = write(dir.path(), "missing.csv", "1,2,3,4,0\n1,NaN,3,4,1\n");
+    refused(
+        dir.path(),
+        &config,
+        &[&format!("data.train_csv=\"{}\"", missing.display())],
+        "line 2, column 2: 'NaN' is not a finite number",
+    );
+    let one_row = write(dir.path(), "one.csv", "1,2,3,4,0\n");
+    refused(
+        dir.path(),
+        &config,
+        &[&format!("data.train_csv=\"{}\"", one_row.display())],
+        "one.csv: 1 row is too few to split with data.test_fraction = 0.5",
     );
 }
 

@@ -38,37 +38,43 @@ pub fn load(path: &Path, scale: f32, classes: usize) -> Result<Dataset> {
             ));
         }
         for (column, field) in record.iter().take(expected - 1).enumerate() {
-            let value: f32 = field.parse().map_err(|_| {
+            // A missing value written as NaN (or an infinity) would reach the first step and
+            // show as a diverging loss: name the cell instead.
+            let value = field.parse::<f32>().ok().filter(|v| v.is_finite());
+            let value = value.ok_or_else(|| {
                 Error::data(
                     path,
                     format!(
-                        "line {line}, column {}: '{field}' is not a number",
+                        "line {line}, column {}: '{field}' is not a finite number",
                         column + 1
                     ),
                 )
             })?;
             features.push(value / scale);
         }
-        let label_field = &record[expected - 1];
-        let label = label_field
-            .parse::<usize>()
-            .ok()
-            .filter(|&l| l < classes)
-            .ok_or_else(|| {
-                Error::data(
-                    path,
-                    format!(
-                        "line {line}: label '{label_field}' lies outside the class range \
-                         0..{classes} (set data.classes)"
-                    ),
-                )
-            })?;
-        labels.push(label as u8);
+        labels.push(
+            parse_label(&record[expected - 1], classes)
+                .map_err(|e| Error::data(path, format!("line {line}: {e}")))?,
+        );
     }
     let Some(columns) = columns else {
         return Err(Error::data(path, "no rows"));
     };
     Ok(Dataset::new(features, labels, shape_of(columns - 1)))
+}
+
+/// A label: a whole number below `classes`.
+fn parse_label(field: &str, classes: usize) -> std::result::Result<u8, String> {
+    let label = field
+        .parse::<i64>()
+        .map_err(|_| format!("label '{field}' is not a whole number"))?;
+    usize::try_from(label)
+        .ok()
+        .filter(|&l| l < classes)
+        .map(|l| l as u8)
+        .ok_or_else(|| {
+            format!("label {label} lies outside the class range 0..{classes} (set data.classes)")
+        })
 }
 
 fn shape_of(features: usize) -> SampleShape {
@@ -118,10 +124,26 @@ mod tests {
         assert!(ragged.contains("line 2: 2 columns, expected 3"), "{ragged}");
         let text = load_text("1,x,3\n").unwrap_err().to_string();
         assert!(text.contains("line 1, column 2"), "{text}");
+        for missing in ["nan", "NaN", "inf", "-inf"] {
+            let text = load_text(&format!("1,2,3\n4,{missing},3\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                text.contains(&format!(
+                    "line 2, column 2: '{missing}' is not a finite number"
+                )),
+                "{text}"
+            );
+        }
         let label = load_text("1,2,3\n1,2,10\n").unwrap_err().to_string();
-        assert!(label.contains("line 2: label '10'"), "{label}");
+        assert!(label.contains("line 2: label 10 lies outside"), "{label}");
         let negative = load_text("1,2,-1\n").unwrap_err().to_string();
-        assert!(negative.contains("label '-1'"), "{negative}");
+        assert!(negative.contains("label -1 lies outside"), "{negative}");
+        let fraction = load_text("1,2,1.5\n").unwrap_err().to_string();
+        assert!(
+            fraction.contains("line 1: label '1.5' is not a whole number"),
+            "{fraction}"
+        );
         assert!(load_text("").unwrap_err().to_string().contains("no rows"));
     }
 }

@@ -204,8 +204,11 @@ fn load_csv(settings: &DataSettings) -> Result<(Dataset, Dataset)> {
         return Err(Error::data(
             path,
             format!(
-                "{} rows are too few to split with data.test_fraction = {fraction}",
-                all.len()
+                "{} too few to split with data.test_fraction = {fraction}",
+                match all.len() {
+                    1 => "1 row is".to_string(),
+                    rows => format!("{rows} rows are"),
+                }
             ),
         ));
     }
