@@ -86,3 +86,39 @@ fn auto_threads_calibrate_say_what_they_chose_and_change_nothing() {
     assert!((1..=available).contains(&chosen), "{auto}");
     assert_eq!(hash(&auto), hash(&fixed));
 }
+
+#[test]
+fn auto_threads_time_part_of_a_step_of_many_micro_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let sets = [
+        "training.batch_size=8",
+        "training.accumulation_steps=40",
+        "training.shards=1",
+        "training.max_steps=3",
+    ];
+    let fixed = train_json(
+        &config,
+        &dir.path().join("fixed"),
+        &[&sets[..], &["training.threads=1"]].concat(),
+    );
+    let run = dir.path().join("auto");
+    let mut args = vec!["train", config.to_str().unwrap(), "--out"];
+    args.extend([run.to_str().unwrap(), "--json"]);
+    for set in sets.iter().chain(&["training.threads=auto"]) {
+        args.extend(["--set", set]);
+    }
+    let output = allcores(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let auto = last_json(&output);
+    // Two pieces for each thread the machine offers, out of the step's 40.
+    let available = auto["threads_available"].as_u64().unwrap();
+    let timed = (2 * available).min(40);
+    let line = if timed < 40 {
+        format!("threads = \"auto\": calibrated on {timed} of a step's 40 micro-batches in ")
+    } else {
+        "threads = \"auto\": calibrated in ".to_string()
+    };
+    assert!(stderr(&output).contains(&line), "{}", stderr(&output));
+    assert_eq!(hash(&auto), hash(&fixed));
+}

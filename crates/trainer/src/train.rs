@@ -23,7 +23,7 @@ use burn::store::ModuleSnapshot;
 use burn::tensor::Bytes;
 use rayon::prelude::*;
 
-use crate::calibrate::{Calibration, Candidate, calibrate, candidates};
+use crate::calibrate::{Calibration, Candidate, calibrate, candidates, micro_batches_to_time};
 use crate::checkpoint::{self, Checkpoint, LoopState};
 use crate::data::{Dataset, Splits, epoch_order};
 use crate::error::{Error, Result};
@@ -82,6 +82,8 @@ struct StepPlan {
     shards: usize,
     /// Samples per optimizer step: `batch_size x accumulation_steps`.
     step_size: usize,
+    /// Samples in the training set: a step never holds more.
+    samples: usize,
     steps_per_epoch: u64,
     total_steps: u64,
     epochs: u64,
@@ -97,6 +99,7 @@ impl StepPlan {
             batch_size: training.batch_size,
             shards: training.shards,
             step_size,
+            samples,
             steps_per_epoch,
             total_steps,
             epochs: total_steps.div_ceil(steps_per_epoch),
@@ -120,9 +123,15 @@ impl StepPlan {
         pieces
     }
 
+    /// Micro-batches in a full step: fewer than `accumulation_steps` where the training set is
+    /// smaller than a step.
+    fn micro_batches_per_step(&self) -> usize {
+        self.step_size.min(self.samples).div_ceil(self.batch_size)
+    }
+
     /// Pieces in a full step.
     fn pieces_per_step(&self) -> usize {
-        self.step_size.div_ceil(self.batch_size) * self.shards
+        self.micro_batches_per_step() * self.shards
     }
 }
 
@@ -188,7 +197,9 @@ impl Trainer {
         let train = &self.data.train;
         let plan = StepPlan::new(train.len(), training);
         let order = epoch_order(train.len(), training.seed, 1);
-        let group = &order[..plan.step_size.min(train.len())];
+        let micro_batches = plan.micro_batches_per_step();
+        let timed = micro_batches_to_time(micro_batches, plan.shards, available.threads);
+        let group = &order[..(timed * plan.batch_size).min(train.len())];
         let loss_fn = CrossEntropyLossConfig::new().init(&device);
         let wanted = |c: &Candidate| match training.execution {
             Execution::Auto => true,
@@ -199,7 +210,7 @@ impl Trainer {
             .into_iter()
             .filter(wanted)
             .collect();
-        calibrate(&candidates, BUDGET, |candidate| {
+        let calibration = calibrate(&candidates, BUDGET, |candidate| {
             let pass = Pass {
                 data: train,
                 plan: &plan,
@@ -212,6 +223,10 @@ impl Trainer {
                 poller: Poller::new(training.idle_threads, candidate.threads, available.threads),
             };
             drop(pass.accumulate_gradients(&model, group));
+        })?;
+        Ok(Calibration {
+            part_of_step: (timed < micro_batches).then_some((timed, micro_batches)),
+            ..calibration
         })
     }
 
@@ -1096,5 +1111,8 @@ mod tests {
             .collect();
         assert_eq!(sizes, [1, 1]);
         assert_eq!(plan(10, 3, 3).pieces_per_step(), 9);
+        // A step larger than the 1,000 samples holds them all: 7 micro-batches of 150, not 10.
+        assert_eq!(plan(150, 10, 2).micro_batches_per_step(), 7);
+        assert_eq!(plan(150, 10, 2).pieces_per_step(), 14);
     }
 }
