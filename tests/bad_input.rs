@@ -180,28 +180,29 @@ fn malformed_csv_rows() {
         ),
     );
     refused(dir.path(), &config, &[], "line 2: 4 columns, expected 5");
-    let bad_label = write(dir.path(), "label.csv", "1,2,3,4,0\n1,2,3,4,12\n");
-    refused(
-        dir.path(),
-        &config,
-        &[&format!("data.train_csv=\"{}\"", bad_label.display())],
-        "line 2: label 12 lies outside the class range",
-    );
-    // A missing value is bad input (status 2) named by its cell, not a diverging run (status 1).
-    let missing = write(dir.path(), "missing.csv", "1,2,3,4,0\n1,NaN,3,4,1\n");
-    refused(
-        dir.path(),
-        &config,
-        &[&format!("data.train_csv=\"{}\"", missing.display())],
-        "line 2, column 2: 'NaN' is not a finite number",
-    );
-    let one_row = write(dir.path(), "one.csv", "1,2,3,4,0\n");
-    refused(
-        dir.path(),
-        &config,
-        &[&format!("data.train_csv=\"{}\"", one_row.display())],
-        "one.csv: 1 row is too few to split with data.test_fraction = 0.5",
-    );
+    let files = [
+        (
+            "label.csv",
+            "1,2,3,4,0\n1,2,3,4,12\n",
+            "line 2: label 12 lies outside the class range",
+        ),
+        // A missing value is bad input (status 2) named by its cell, not a diverging run.
+        (
+            "missing.csv",
+            "1,2,3,4,0\n1,NaN,3,4,1\n",
+            "line 2, column 2: 'NaN' is not a finite number",
+        ),
+        (
+            "one.csv",
+            "1,2,3,4,0\n",
+            "one.csv: 1 row is too few to split with data.test_fraction = 0.5",
+        ),
+    ];
+    for (name, rows, expected) in files {
+        let file = write(dir.path(), name, rows);
+        let set = format!("data.train_csv=\"{}\"", file.display());
+        refused(dir.path(), &config, &[&set], expected);
+    }
 }
 
 #[test]
