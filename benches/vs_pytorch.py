@@ -180,7 +180,7 @@ def main():
     print(f"allcores vs PyTorch {torch.__version__}: {total} cells x 2 x {args.rounds} runs, "
           f"{args.warmup} warm-up + {args.steps} timed steps each, threads "
           f"{','.join(map(str, args.threads))}, {os.cpu_count()} CPUs ({cpu_model()})", file=sys.stderr)
-    cells, done = [], 0
+    cells, weights, done = [], [], 0
     base = args.threads[0]
     for model, config, batch in models:
         for backend in args.backends:
@@ -198,6 +198,8 @@ def main():
                                   for t, (ours, theirs) in rounds[-1].items())
                 print(f"  {model} batch {batch} {backend}, round {r + 1}/{args.rounds}, "
                       f"allcores / PyTorch samples/s: {runs}", file=sys.stderr)
+            hashes = {ours["weights_sha256"] for r in rounds for ours, _ in r.values()}
+            weights.append((f"{model} {batch} {backend}", sorted(h[:12] for h in hashes)))
             for threads in args.threads:
                 done += 1
                 cell = summarize(model, batch, backend, threads, rounds, base, load)
@@ -219,6 +221,15 @@ def main():
     loads = [c["load_average_1min"] for c in cells]
     print(f"1-minute load average before each model's rounds: {min(loads):.1f} to {max(loads):.1f} on "
           f"{os.cpu_count()} CPUs (above the thread count, other processes shared the cores)")
+    # The promise, checked on every allcores run of the benchmark, not only the medians.
+    runs = args.rounds * len(args.threads)
+    if all(len(h) == 1 for _, h in weights):
+        print(f"allcores weights: one hash in all {runs} runs of each model, batch and backend "
+              f"(threads {','.join(map(str, args.threads))}): "
+              + ", ".join(f"{name} {h[0]}" for name, h in weights))
+    else:
+        print("allcores weights DIFFER across runs of: "
+              + ", ".join(f"{name} ({' '.join(h)})" for name, h in weights if len(h) > 1))
     if args.out:
         result = {
             "machine": {"cpus": os.cpu_count(), "processor": cpu_model(),
