@@ -98,6 +98,25 @@ fn eval_can_score_another_test_set() {
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(last_json(&output)["samples"], 899);
+
+    // A model the saved weights do not fit is bad input, each tensor at fault named in one line.
+    let output = allcores(&[
+        "eval",
+        run.to_str().unwrap(),
+        "--set",
+        "model.hidden=[16, 8]",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    for problem in [
+        "does not fit the model: ",
+        "Mlp.hidden.0.weight is [64, 32] in the file, [64, 16] in the model",
+        "Mlp.output.weight is [32, 10] in the file, [8, 10] in the model",
+        "Mlp.hidden.1.weight missing",
+    ] {
+        assert!(err.contains(problem), "{problem}: {err}");
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
-use burn::store::{BurnpackStore, ModuleSnapshot, SafetensorsStore};
+use burn::store::{ApplyError, BurnpackStore, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Bytes;
 use sha2::{Digest, Sha256};
 
@@ -92,16 +92,22 @@ pub fn load<M: ModuleSnapshot>(mut model: M, path: &Path) -> Result<M> {
         message,
     };
     let bytes = std::fs::read(path).map_err(|e| weights_error(format!("cannot read: {e}")))?;
+    // Unvalidated and partial: a tensor of the wrong shape, or missing, comes back in the
+    // result, named below, instead of as the store's multi-line report.
     let result = if path.extension().is_some_and(|e| e == "bpk") {
-        let mut store = BurnpackStore::from_bytes(Some(Bytes::from_bytes_vec(bytes)));
-        model.load_from(&mut store).map_err(|e| e.to_string())
+        let store = BurnpackStore::from_bytes(Some(Bytes::from_bytes_vec(bytes)));
+        model
+            .load_from(&mut store.validate(false).allow_partial(true))
+            .map_err(|e| e.to_string())
     } else {
-        let mut store = SafetensorsStore::from_bytes(Some(bytes));
-        model.load_from(&mut store).map_err(|e| e.to_string())
+        let store = SafetensorsStore::from_bytes(Some(bytes));
+        model
+            .load_from(&mut store.validate(false).allow_partial(true))
+            .map_err(|e| e.to_string())
     }
     .map_err(weights_error)?;
     if !result.is_success() || !result.missing.is_empty() || !result.unused.is_empty() {
-        let mut problems: Vec<String> = result.errors.iter().map(|e| e.to_string()).collect();
+        let mut problems: Vec<String> = result.errors.iter().map(describe).collect();
         problems.extend(
             result
                 .missing
@@ -120,4 +126,17 @@ pub fn load<M: ModuleSnapshot>(mut model: M, path: &Path) -> Result<M> {
         )));
     }
     Ok(model)
+}
+
+/// One problem of a weights file, in a line: `Mlp.output.weight is [512, 10] in the file,
+/// [64, 10] in the model`.
+fn describe(error: &ApplyError) -> String {
+    match error {
+        ApplyError::ShapeMismatch {
+            path,
+            expected,
+            found,
+        } => format!("{path} is {found} in the file, {expected} in the model"),
+        other => other.to_string(),
+    }
 }
