@@ -732,10 +732,11 @@ impl DataSettings {
                 format!("must be a positive number, got {}", self.scale),
             ));
         }
-        if self.classes < 2 {
+        // Labels are held as bytes, as IDX files store them: a 300th class would wrap to the 44th.
+        if !(2..=256).contains(&self.classes) {
             return Err(Error::setting(
                 "data.classes",
-                format!("must be at least 2, got {}", self.classes),
+                format!("must be 2 to 256, got {}", self.classes),
             ));
         }
         Ok(())
@@ -1111,6 +1112,8 @@ mod tests {
             ),
             ("data.test_fraction=1.5", "data.test_fraction"),
             ("model.hidden=[64, 0]", "model.hidden[1]"),
+            ("data.classes=1", "data.classes"),
+            ("data.classes=257", "data.classes"),
         ] {
             let err = load(MINIMAL, &[item], &[]).unwrap_err();
             assert!(err.to_string().starts_with(key), "{item}: {err}");
