@@ -11,10 +11,9 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use allcores_trainer::settings::MAX_THREADS;
 use allcores_trainer::{Layers, Settings, Summary};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-
-use allcores_trainer::settings::MAX_THREADS;
 
 use crate::EvalError;
 use crate::child::{self, refuse_owned_keys, train_child};
