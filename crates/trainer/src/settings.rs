@@ -694,6 +694,36 @@ impl DataSettings {
                 format!("required when data.format = \"{}\"", self.format_name()),
             )),
         };
+        // A key of the other format would be ignored: a test_fraction on IDX files would not
+        // split anything. Refuse it rather than train on what the user did not mean.
+        let (other_format, other_keys): (_, &[(&str, bool)]) = match self.format {
+            DataFormat::Idx => (
+                "csv",
+                &[
+                    ("train_csv", self.train_csv.is_some()),
+                    ("test_csv", self.test_csv.is_some()),
+                    ("test_fraction", self.test_fraction.is_some()),
+                ],
+            ),
+            DataFormat::Csv => (
+                "idx",
+                &[
+                    ("train_images", self.train_images.is_some()),
+                    ("train_labels", self.train_labels.is_some()),
+                    ("test_images", self.test_images.is_some()),
+                    ("test_labels", self.test_labels.is_some()),
+                ],
+            ),
+        };
+        if let Some((key, _)) = other_keys.iter().find(|(_, set)| *set) {
+            return Err(Error::setting(
+                format!("data.{key}"),
+                format!(
+                    "applies to data.format = \"{other_format}\" only; this config reads \"{}\"",
+                    self.format_name()
+                ),
+            ));
+        }
         match self.format {
             DataFormat::Idx => {
                 require(&self.train_images, "train_images")?;
@@ -1113,6 +1143,7 @@ mod tests {
             ("data.test_fraction=1.5", "data.test_fraction"),
             ("model.hidden=[64, 0]", "model.hidden[1]"),
             ("data.classes=1", "data.classes"),
+            ("data.test_images=\"t.gz\"", "data.test_images"),
             ("data.classes=257", "data.classes"),
         ] {
             let err = load(MINIMAL, &[item], &[]).unwrap_err();
