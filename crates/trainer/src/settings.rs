@@ -749,7 +749,7 @@ impl DataSettings {
                     (None, Some(f)) if !(f > 0.0 && f < 1.0) => {
                         return Err(Error::setting(
                             "data.test_fraction",
-                            format!("must lie strictly between 0 and 1, got {f}"),
+                            format!("must lie strictly between 0 and 1, got {}", number(f)),
                         ));
                     }
                     _ => {}
@@ -759,10 +759,10 @@ impl DataSettings {
         if !(self.scale.is_finite() && self.scale > 0.0) {
             return Err(Error::setting(
                 "data.scale",
-                format!("must be a positive number, got {}", self.scale),
+                format!("must be a positive number, got {}", number(self.scale)),
             ));
         }
-        // Labels are held as bytes, as IDX files store them: a 300th class would wrap to the 44th.
+        // Labels are held as bytes, as IDX files store them: label 300 would wrap to 44.
         if !(2..=256).contains(&self.classes) {
             return Err(Error::setting(
                 "data.classes",
@@ -804,12 +804,23 @@ impl ModelSettings {
     }
 }
 
+/// A number from the config as an error shows it: `1e30`, not thirty-one digits.
+fn number(value: impl Into<f64>) -> String {
+    let value = value.into();
+    let magnitude = value.abs();
+    if value.is_finite() && (magnitude >= 1e9 || (magnitude > 0.0 && magnitude < 1e-4)) {
+        format!("{value:e}")
+    } else {
+        format!("{value}")
+    }
+}
+
 impl OptimizerSettings {
     fn validate(&self) -> Result<()> {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(Error::setting(
                 "optimizer.lr",
-                format!("must be a positive number, got {}", self.lr),
+                format!("must be a positive number, got {}", number(self.lr)),
             ));
         }
         if self.schedule == Schedule::Cosine && self.lr > 1.0 {
@@ -817,26 +828,29 @@ impl OptimizerSettings {
                 "optimizer.lr",
                 format!(
                     "must be at most 1 with the cosine schedule, got {}",
-                    self.lr
+                    number(self.lr)
                 ),
             ));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(Error::setting(
                 "optimizer.weight_decay",
-                format!("must be zero or positive, got {}", self.weight_decay),
+                format!(
+                    "must be zero or positive, got {}",
+                    number(self.weight_decay)
+                ),
             ));
         }
         if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
             return Err(Error::setting(
                 "optimizer.epsilon",
-                format!("must be a positive number, got {}", self.epsilon),
+                format!("must be a positive number, got {}", number(self.epsilon)),
             ));
         }
         if !(0.0..1.0).contains(&self.momentum) {
             return Err(Error::setting(
                 "optimizer.momentum",
-                format!("must lie in [0, 1), got {}", self.momentum),
+                format!("must lie in [0, 1), got {}", number(self.momentum)),
             ));
         }
         Ok(())
@@ -866,7 +880,7 @@ impl PrecisionSettings {
                 "precision.init_scale",
                 format!(
                     "must be a positive number of at most 1e38, got {}",
-                    self.init_scale
+                    number(self.init_scale)
                 ),
             ));
         }
@@ -879,7 +893,7 @@ impl PrecisionSettings {
         if !(self.growth_factor.is_finite() && self.growth_factor > 1.0) {
             return Err(Error::setting(
                 "precision.growth_factor",
-                format!("must be greater than 1, got {}", self.growth_factor),
+                format!("must be greater than 1, got {}", number(self.growth_factor)),
             ));
         }
         if !(self.backoff_factor > 0.0 && self.backoff_factor < 1.0) {
@@ -887,7 +901,7 @@ impl PrecisionSettings {
                 "precision.backoff_factor",
                 format!(
                     "must lie strictly between 0 and 1, got {}",
-                    self.backoff_factor
+                    number(self.backoff_factor)
                 ),
             ));
         }
@@ -1128,6 +1142,20 @@ mod tests {
         assert!(err.to_string().contains("threds"), "{err}");
         let err = load(MINIMAL, &[], &[("ALLCORES__TRAINING__SPEED", "9")]).unwrap_err();
         assert!(err.to_string().contains("speed"), "{err}");
+    }
+
+    #[test]
+    fn large_and_tiny_numbers_are_shown_with_exponents() {
+        let sets = ["optimizer.lr=1e30", "optimizer.schedule=cosine"];
+        let err = load(MINIMAL, &sets, &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "optimizer.lr: must be at most 1 with the cosine schedule, got 1e30"
+        );
+        assert_eq!(number(-1e-7), "-1e-7");
+        assert_eq!(number(0.001), "0.001");
+        assert_eq!(number(f64::NAN), "NaN");
+        assert_eq!(number(2.5f32), "2.5");
     }
 
     #[test]
