@@ -36,7 +36,7 @@ pub struct Settings {
 
 /// Dynamic loss scaling of half-precision training (`training.precision`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [precision] table of keys")]
 pub struct PrecisionSettings {
     /// Whether the loss is scaled: `auto` scales for f16 only (bf16 has f32's exponent range).
     #[serde(default, deserialize_with = "named::variant")]
@@ -104,7 +104,7 @@ impl fmt::Display for Precision {
 
 /// When the run saves checkpoints, and how many it keeps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [checkpoint] table of keys")]
 pub struct CheckpointSettings {
     /// Save every this many optimizer steps.
     #[serde(
@@ -133,7 +133,7 @@ impl Default for CheckpointSettings {
 
 /// Where the data is and how to read it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [data] table of keys")]
 pub struct DataSettings {
     #[serde(deserialize_with = "named::variant")]
     pub format: DataFormat,
@@ -173,7 +173,7 @@ pub enum DataFormat {
 
 /// The network to train.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [model] table of keys")]
 pub struct ModelSettings {
     #[serde(default = "defaults::model_kind", deserialize_with = "named::variant")]
     pub kind: ModelKind,
@@ -209,7 +209,7 @@ impl fmt::Display for ModelKind {
 
 /// The optimizer and its learning-rate schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [optimizer] table of keys")]
 pub struct OptimizerSettings {
     #[serde(
         default = "defaults::optimizer_kind",
@@ -250,7 +250,7 @@ pub enum Schedule {
 
 /// How long and how wide to train.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [training] table of keys")]
 pub struct TrainingSettings {
     #[serde(default = "defaults::epochs", deserialize_with = "whole::number")]
     pub epochs: u64,
@@ -450,13 +450,22 @@ mod whole {
                 .and_then(|v| self.visit_u64(v))
         }
         fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+            let v = super::number(v);
             Err(E::custom(format!("expected a whole number, got {v}")))
         }
         fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
-            match v.trim().parse::<i64>() {
-                Ok(n) => self.visit_i64(n),
-                Err(_) => Err(E::custom(format!("expected a whole number, got \"{v}\""))),
+            let text = v.trim();
+            if let Ok(n) = text.parse::<i64>() {
+                return self.visit_i64(n);
             }
+            // A number past TOML's integers arrives as text: say so, rather than "not a number".
+            if text.parse::<u64>().is_ok() {
+                return Err(E::custom(format!(
+                    "{text} is too large: config whole numbers stop at {}",
+                    i64::MAX
+                )));
+            }
+            Err(E::custom(format!("expected a whole number, got \"{v}\"")))
         }
     }
 
@@ -1156,6 +1165,24 @@ mod tests {
         assert_eq!(number(0.001), "0.001");
         assert_eq!(number(f64::NAN), "NaN");
         assert_eq!(number(2.5f32), "2.5");
+        let err = load(MINIMAL, &["training=3"], &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("expected a [training] table of keys"),
+            "{err}"
+        );
+        let err = load(MINIMAL, &["training.seed=1e20"], &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("expected a whole number, got 1e20"),
+            "{err}"
+        );
+        let err = load(MINIMAL, &["training.seed=18446744073709551615"], &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("18446744073709551615 is too large: config whole numbers stop at"),
+            "{err}"
+        );
     }
 
     #[test]
