@@ -1154,6 +1154,16 @@ mod tests {
     }
 
     #[test]
+    fn a_section_given_a_value_is_named_as_a_table() {
+        let err = load(MINIMAL, &["training=3"], &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("expected a [training] table of keys"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn large_and_tiny_numbers_are_shown_with_exponents() {
         let sets = ["optimizer.lr=1e30", "optimizer.schedule=cosine"];
         let err = load(MINIMAL, &sets, &[]).unwrap_err();
@@ -1165,12 +1175,6 @@ mod tests {
         assert_eq!(number(0.001), "0.001");
         assert_eq!(number(f64::NAN), "NaN");
         assert_eq!(number(2.5f32), "2.5");
-        let err = load(MINIMAL, &["training=3"], &[]).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("expected a [training] table of keys"),
-            "{err}"
-        );
         let err = load(MINIMAL, &["training.seed=1e20"], &[]).unwrap_err();
         assert!(
             err.to_string()
