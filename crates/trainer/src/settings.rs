@@ -171,6 +171,16 @@ pub enum DataFormat {
     Csv,
 }
 
+impl DataFormat {
+    /// The name the config gives it.
+    fn name(self) -> &'static str {
+        match self {
+            DataFormat::Idx => "idx",
+            DataFormat::Csv => "csv",
+        }
+    }
+}
+
 /// The network to train.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a [model] table of keys")]
@@ -696,52 +706,39 @@ impl DataSettings {
     }
 
     fn validate(&self) -> Result<()> {
-        let require = |value: &Option<PathBuf>, key: &str| match value {
-            Some(_) => Ok(()),
-            None => Err(Error::setting(
+        let required = |key: &str| {
+            Error::setting(
                 format!("data.{key}"),
-                format!("required when data.format = \"{}\"", self.format_name()),
-            )),
+                format!("required when data.format = \"{}\"", self.format.name()),
+            )
         };
         // A key of the other format would be ignored: a test_fraction on IDX files would not
         // split anything. Refuse it rather than train on what the user did not mean.
-        let (other_format, other_keys): (_, &[(&str, bool)]) = match self.format {
-            DataFormat::Idx => (
-                "csv",
-                &[
-                    ("train_csv", self.train_csv.is_some()),
-                    ("test_csv", self.test_csv.is_some()),
-                    ("test_fraction", self.test_fraction.is_some()),
-                ],
-            ),
-            DataFormat::Csv => (
-                "idx",
-                &[
-                    ("train_images", self.train_images.is_some()),
-                    ("train_labels", self.train_labels.is_some()),
-                    ("test_images", self.test_images.is_some()),
-                    ("test_labels", self.test_labels.is_some()),
-                ],
-            ),
+        let other = match self.format {
+            DataFormat::Idx => DataFormat::Csv,
+            DataFormat::Csv => DataFormat::Idx,
         };
-        if let Some((key, _)) = other_keys.iter().find(|(_, set)| *set) {
+        if let Some((key, _)) = self.file_keys(other).into_iter().find(|(_, set)| *set) {
             return Err(Error::setting(
                 format!("data.{key}"),
                 format!(
-                    "applies to data.format = \"{other_format}\" only; this config reads \"{}\"",
-                    self.format_name()
+                    "applies to data.format = \"{}\" only; this config reads \"{}\"",
+                    other.name(),
+                    self.format.name()
                 ),
             ));
         }
         match self.format {
             DataFormat::Idx => {
-                require(&self.train_images, "train_images")?;
-                require(&self.train_labels, "train_labels")?;
-                require(&self.test_images, "test_images")?;
-                require(&self.test_labels, "test_labels")?;
+                let keys = self.file_keys(DataFormat::Idx);
+                if let Some((key, _)) = keys.into_iter().find(|(_, set)| !set) {
+                    return Err(required(key));
+                }
             }
             DataFormat::Csv => {
-                require(&self.train_csv, "train_csv")?;
+                if self.train_csv.is_none() {
+                    return Err(required("train_csv"));
+                }
                 match (&self.test_csv, self.test_fraction) {
                     (Some(_), Some(_)) => {
                         return Err(Error::setting(
@@ -781,10 +778,20 @@ impl DataSettings {
         Ok(())
     }
 
-    fn format_name(&self) -> &'static str {
-        match self.format {
-            DataFormat::Idx => "idx",
-            DataFormat::Csv => "csv",
+    /// The file keys of `format`, each with whether this config sets it.
+    fn file_keys(&self, format: DataFormat) -> Vec<(&'static str, bool)> {
+        match format {
+            DataFormat::Idx => vec![
+                ("train_images", self.train_images.is_some()),
+                ("train_labels", self.train_labels.is_some()),
+                ("test_images", self.test_images.is_some()),
+                ("test_labels", self.test_labels.is_some()),
+            ],
+            DataFormat::Csv => vec![
+                ("train_csv", self.train_csv.is_some()),
+                ("test_csv", self.test_csv.is_some()),
+                ("test_fraction", self.test_fraction.is_some()),
+            ],
         }
     }
 }
@@ -1153,40 +1160,37 @@ mod tests {
         assert!(err.to_string().contains("speed"), "{err}");
     }
 
+    /// The error that loading MINIMAL with `overrides` gives, as the user reads it.
+    fn refusal(overrides: &[&str]) -> String {
+        load(MINIMAL, overrides, &[]).unwrap_err().to_string()
+    }
+
     #[test]
     fn a_section_given_a_value_is_named_as_a_table() {
-        let err = load(MINIMAL, &["training=3"], &[]).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("expected a [training] table of keys"),
-            "{err}"
-        );
+        let err = refusal(&["training=3"]);
+        assert!(err.contains("expected a [training] table of keys"), "{err}");
     }
 
     #[test]
     fn large_and_tiny_numbers_are_shown_with_exponents() {
-        let sets = ["optimizer.lr=1e30", "optimizer.schedule=cosine"];
-        let err = load(MINIMAL, &sets, &[]).unwrap_err();
         assert_eq!(
-            err.to_string(),
+            refusal(&["optimizer.lr=1e30", "optimizer.schedule=cosine"]),
             "optimizer.lr: must be at most 1 with the cosine schedule, got 1e30"
         );
         assert_eq!(number(-1e-7), "-1e-7");
         assert_eq!(number(0.001), "0.001");
         assert_eq!(number(f64::NAN), "NaN");
         assert_eq!(number(2.5f32), "2.5");
-        let err = load(MINIMAL, &["training.seed=1e20"], &[]).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("expected a whole number, got 1e20"),
-            "{err}"
-        );
-        let err = load(MINIMAL, &["training.seed=18446744073709551615"], &[]).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("18446744073709551615 is too large: config whole numbers stop at"),
-            "{err}"
-        );
+        for (set, expected) in [
+            ("training.seed=1e20", "expected a whole number, got 1e20"),
+            (
+                "training.seed=18446744073709551615",
+                "18446744073709551615 is too large: config whole numbers stop at",
+            ),
+        ] {
+            let err = refusal(&[set]);
+            assert!(err.contains(expected), "{set}: {err}");
+        }
     }
 
     #[test]
