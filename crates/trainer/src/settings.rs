@@ -188,10 +188,10 @@ pub struct ModelSettings {
     #[serde(default = "defaults::model_kind", deserialize_with = "named::variant")]
     pub kind: ModelKind,
     /// MLP: sizes of the hidden layers.
-    #[serde(default = "defaults::hidden")]
+    #[serde(default = "defaults::hidden", deserialize_with = "whole::list")]
     pub hidden: Vec<usize>,
     /// CNN: output channels of the two convolution blocks.
-    #[serde(default = "defaults::channels")]
+    #[serde(default = "defaults::channels", deserialize_with = "whole::pair")]
     pub channels: [usize; 2],
     /// CNN: square kernel size of both convolutions (stride 1, no padding).
     #[serde(default = "defaults::kernel_size", deserialize_with = "whole::number")]
@@ -487,6 +487,28 @@ mod whole {
         d: D,
     ) -> Result<Option<T>, D::Error> {
         number(d).map(Some)
+    }
+
+    /// One element of a list, read as [`number`] reads a key.
+    struct Element(usize);
+
+    impl<'de> de::Deserialize<'de> for Element {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            number(d).map(Element)
+        }
+    }
+
+    /// A list of whole numbers: config-rs would truncate `[1.5]` to `[1]`.
+    pub fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<usize>, D::Error> {
+        let elements: Vec<Element> = de::Deserialize::deserialize(d)?;
+        Ok(elements.into_iter().map(|Element(n)| n).collect())
+    }
+
+    /// Exactly two whole numbers: config-rs hands serde's arrays a longer list's first two.
+    pub fn pair<'de, D: Deserializer<'de>>(d: D) -> Result<[usize; 2], D::Error> {
+        let elements = list(d)?;
+        <[usize; 2]>::try_from(elements.as_slice())
+            .map_err(|_| de::Error::invalid_length(elements.len(), &"a list of two numbers"))
     }
 }
 
@@ -1163,6 +1185,39 @@ mod tests {
     /// The error that loading MINIMAL with `overrides` gives, as the user reads it.
     fn refusal(overrides: &[&str]) -> String {
         load(MINIMAL, overrides, &[]).unwrap_err().to_string()
+    }
+
+    /// config-rs truncated `[1.5]` to `[1]` and handed a two-element array the first two of
+    /// three: both trained a model the user did not write.
+    #[test]
+    fn layer_lists_are_whole_numbers_of_the_right_length() {
+        for (set, expected) in [
+            ("model.hidden=[1.5]", "expected a whole number, got 1.5"),
+            ("model.hidden=[64, -3]", "got -3"),
+            (
+                "model.channels=[8, 2.5]",
+                "expected a whole number, got 2.5",
+            ),
+            (
+                "model.channels=[4, 4, 4]",
+                "invalid length 3, expected a list of two",
+            ),
+            (
+                "model.channels=[4]",
+                "invalid length 1, expected a list of two",
+            ),
+        ] {
+            let err = refusal(&[set]);
+            let key = set.split('=').next().unwrap();
+            assert!(err.contains(expected) && err.contains(key), "{set}: {err}");
+        }
+        let s = load(
+            MINIMAL,
+            &["model.hidden=[3, 2]", "model.channels=[5, 6]"],
+            &[],
+        )
+        .unwrap();
+        assert_eq!((s.model.hidden, s.model.channels), (vec![3, 2], [5, 6]));
     }
 
     #[test]
