@@ -565,7 +565,7 @@ mod tests {
         let text = r#"{"test_accuracy":0.9,"test_loss":0.3,"train_loss":0.2,"epochs":1,
             "steps":0,"samples":0,"wall_seconds":1,"train_seconds":1,"checkpoint_seconds":0,
             "samples_per_second":1,"threads":1,"threads_available":2,"cpu_utilization":1,
-            "backend":"ndarray","model":"mlp","batch_size":4,"accumulation_steps":1,
+            "backend":"ndarray","model":"mlp","parameters":100,"batch_size":4,"accumulation_steps":1,
             "effective_batch_size":4,"seed":0,"peak_rss_bytes":1048576,
             "execution":"sequential","shards":1,"precision":"f32","precision_mode":"native",
             "skipped_steps":0,"loss_scale":null,

@@ -19,6 +19,17 @@ use crate::settings::{ModelKind, ModelSettings};
 pub trait Classifier: Module + Sync {
     /// `inputs` is `[batch, channels, height, width]`; the result is `[batch, classes]` logits.
     fn forward(&self, inputs: Tensor<4>) -> Tensor<2>;
+
+    /// What a run's log and summary call the model: by default its type's name (`ResidualMlp`).
+    fn name(&self) -> String {
+        short_type_name(std::any::type_name::<Self>()).to_string()
+    }
+}
+
+/// `my_crate::models::Net<Backend>` as `Net`.
+fn short_type_name(full: &str) -> &str {
+    let path = full.split('<').next().unwrap_or(full);
+    path.rsplit("::").next().unwrap_or(path)
 }
 
 /// Multi-layer perceptron: ReLU hidden layers, then a linear classifier.
@@ -167,5 +178,30 @@ impl Classifier for BuiltinModel {
             BuiltinModel::Mlp(m) => m.forward(inputs),
             BuiltinModel::Cnn(m) => m.forward(inputs),
         }
+    }
+
+    /// The `model.kind` that names it.
+    fn name(&self) -> String {
+        match self {
+            BuiltinModel::Mlp(_) => ModelKind::Mlp,
+            BuiltinModel::Cnn(_) => ModelKind::Cnn,
+        }
+        .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_is_named_by_its_type_or_its_kind() {
+        assert_eq!(short_type_name("custom_model::ResidualMlp"), "ResidualMlp");
+        assert_eq!(short_type_name("a::b::Net<burn::Dispatch>"), "Net");
+        assert_eq!(short_type_name("Net"), "Net");
+        let device = Device::default();
+        let mlp = Mlp::new(4, &[3], 2, &device);
+        assert_eq!(mlp.name(), "Mlp");
+        assert_eq!(BuiltinModel::Mlp(mlp).name(), "mlp");
     }
 }

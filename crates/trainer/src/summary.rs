@@ -56,7 +56,10 @@ pub struct Summary {
     /// Working CPU time (polling for work not counted) / (wall time x threads) over the run.
     pub cpu_utilization: f64,
     pub backend: String,
+    /// What [`crate::Classifier::name`] calls the model: `model.kind` for the built-in networks.
     pub model: String,
+    /// The model's trainable values, all tensors together.
+    pub parameters: usize,
     pub batch_size: usize,
     pub accumulation_steps: usize,
     pub effective_batch_size: usize,

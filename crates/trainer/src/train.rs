@@ -415,7 +415,7 @@ impl Trainer {
     /// The run's first log lines: what trains where and how, in what precision, what the
     /// calibration measured and chose, the checkpoints that failed verification and the one it
     /// resumes from, and a warning when one step takes more samples than there are.
-    fn announce<M>(
+    fn announce<M: Classifier>(
         &self,
         progress: &Progress,
         setup: &Setup,
@@ -424,8 +424,9 @@ impl Trainer {
     ) {
         let training = &self.settings.training;
         progress.log(format!(
-            "allcores: training {} on {} with {}{}{}",
-            self.settings.model.kind,
+            "allcores: training {} ({} parameters) on {} with {}{}{}",
+            start.model.name(),
+            thousands(start.model.num_params() as f64),
             training.backend,
             setup.threads.describe(training.backend),
             match (setup.threads.threads, setup.poller.polls()) {
@@ -486,7 +487,7 @@ impl Trainer {
 
     /// The summary of a finished run (but for its folder), `last` the metrics of its last (maybe
     /// partial) epoch.
-    fn summary<M: Module>(
+    fn summary<M: Classifier>(
         &self,
         setup: &Setup,
         state: &LoopState,
@@ -518,7 +519,8 @@ impl Trainer {
             idle_threads: setup.poller.idle_threads().to_string(),
             cpu_utilization: timing.cpu.utilization(threads.threads),
             backend: training.backend.to_string(),
-            model: self.settings.model.kind.to_string(),
+            model: model.name(),
+            parameters: model.num_params(),
             batch_size: plan.batch_size,
             accumulation_steps: training.accumulation_steps,
             effective_batch_size: plan.step_size,

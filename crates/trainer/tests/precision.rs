@@ -64,6 +64,9 @@ fn accuracy(backend: &str, scaling: &str) -> f64 {
             })
         })
         .expect("trains");
+    // A model of one's own is named by its type, not by the config's `model.kind`.
+    assert_eq!(outcome.summary.model, "ShrunkGradients");
+    assert_eq!(outcome.summary.parameters, (64 * 32 + 32) + (32 * 10 + 10));
     outcome.summary.test_accuracy
 }
 
