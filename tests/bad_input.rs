@@ -217,6 +217,22 @@ fn a_model_that_does_not_fit_the_data() {
     );
 }
 
+/// A layer size with a few zeros too many is refused at once, naming the memory it would take,
+/// where it used to abort on an allocation of 313 GB, or grind until the out-of-memory killer.
+#[test]
+fn a_model_too_large_for_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = digits_config(dir.path());
+    let err = refused(
+        dir.path(),
+        &config,
+        &["model.hidden=[1000000000000]"],
+        "model: 75,000,000,000,010 parameters: their f32 weights, gradients and Adam's two \
+         moments take",
+    );
+    assert!(err.contains("GiB this process may use"), "{err}");
+}
+
 #[test]
 fn run_folders_are_never_overwritten_and_eval_needs_a_run() {
     let dir = tempfile::tempdir().unwrap();

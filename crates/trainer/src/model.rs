@@ -102,6 +102,22 @@ impl Cnn {
         device: &Device,
     ) -> Result<Self> {
         let k = settings.kernel_size;
+        let [c1, c2] = settings.channels;
+        Ok(Self {
+            conv1: Conv2dConfig::new([shape.channels, c1], [k, k]).init(device),
+            conv2: Conv2dConfig::new([c1, c2], [k, k]).init(device),
+            pool: MaxPool2dConfig::new([2, 2]).init(),
+            dense: LinearConfig::new(c2 * Self::feature_map(settings, shape)?, settings.dense)
+                .init(device),
+            output: LinearConfig::new(settings.dense, classes).init(device),
+            activation: Relu::new(),
+        })
+    }
+
+    /// The side of each channel the second block hands the dense layer, height x width, for
+    /// samples of `shape`.
+    fn feature_map(settings: &ModelSettings, shape: SampleShape) -> Result<usize> {
+        let k = settings.kernel_size;
         let block = |side: usize| side.checked_sub(k - 1).map(|s| s / 2).filter(|&s| s > 0);
         let out = |side| block(side).and_then(block);
         let (Some(h), Some(w)) = (out(shape.height), out(shape.width)) else {
@@ -110,18 +126,10 @@ impl Cnn {
                  convolution and pooling blocks need images of at least {min}x{min}",
                 shape.height,
                 shape.width,
-                min = 3 * k + 1
+                min = 3 * k as u128 + 1
             )));
         };
-        let [c1, c2] = settings.channels;
-        Ok(Self {
-            conv1: Conv2dConfig::new([shape.channels, c1], [k, k]).init(device),
-            conv2: Conv2dConfig::new([c1, c2], [k, k]).init(device),
-            pool: MaxPool2dConfig::new([2, 2]).init(),
-            dense: LinearConfig::new(c2 * h * w, settings.dense).init(device),
-            output: LinearConfig::new(settings.dense, classes).init(device),
-            activation: Relu::new(),
-        })
+        Ok(h * w)
     }
 
     /// Convolution, ReLU and 2x2 max-pool. On burn-ndarray and burn-flex this runs the crate's
@@ -156,19 +164,73 @@ pub enum BuiltinModel {
 
 impl BuiltinModel {
     /// Builds the configured network for samples of `shape`, initialised from the device's
-    /// random generator (seed it first).
+    /// random generator (seed it first). Refuses, before allocating any of it, a network whose
+    /// weights alone would not fit in memory: a few zeros too many in a layer size would
+    /// otherwise end the process in a failed allocation.
     pub fn new(
         settings: &ModelSettings,
         shape: SampleShape,
         classes: usize,
         device: &Device,
     ) -> Result<Self> {
+        let parameters = Self::parameter_count(settings, shape, classes)?;
+        ensure_memory_for(parameters, 1, "their f32 weights alone")?;
         Ok(match settings.kind {
             ModelKind::Mlp => {
                 BuiltinModel::Mlp(Mlp::new(shape.len(), &settings.hidden, classes, device))
             }
             ModelKind::Cnn => BuiltinModel::Cnn(Cnn::new(settings, shape, classes, device)?),
         })
+    }
+
+    /// The trainable values of the configured network, counted without building it (in `f64`:
+    /// a size with too many zeros must be counted, not overflow).
+    pub fn parameter_count(
+        settings: &ModelSettings,
+        shape: SampleShape,
+        classes: usize,
+    ) -> Result<f64> {
+        // A dense layer: a weight per input and output, a bias per output; a convolution's
+        // inputs are its input channels times its window.
+        let layer = |inputs: f64, outputs: f64| (inputs + 1.0) * outputs;
+        let size = |n: usize| n as f64;
+        Ok(match settings.kind {
+            ModelKind::Mlp => {
+                let widths: Vec<f64> = std::iter::once(shape.len())
+                    .chain(settings.hidden.iter().copied())
+                    .chain(std::iter::once(classes))
+                    .map(size)
+                    .collect();
+                widths.windows(2).map(|w| layer(w[0], w[1])).sum()
+            }
+            ModelKind::Cnn => {
+                let window = size(settings.kernel_size).powi(2);
+                let [c1, c2] = settings.channels.map(size);
+                let features = c2 * size(Cnn::feature_map(settings, shape)?);
+                let dense = size(settings.dense);
+                layer(size(shape.channels) * window, c1)
+                    + layer(c1 * window, c2)
+                    + layer(features, dense)
+                    + layer(dense, size(classes))
+            }
+        })
+    }
+}
+
+/// Refuses `parameters` whose `values_each` f32 values (weights, and gradients and optimizer
+/// state where a run keeps them) would take more memory than this process may use: `what`
+/// names those values in the error.
+pub fn ensure_memory_for(parameters: f64, values_each: usize, what: &str) -> Result<()> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let needed = parameters * values_each as f64 * 4.0;
+    match crate::usage::memory_limit_bytes() {
+        Some(limit) if needed > limit as f64 => Err(Error::Model(format!(
+            "{} parameters: {what} take {:.1} GiB, more than the {:.1} GiB this process may use",
+            crate::thousands(parameters),
+            needed / GIB,
+            limit as f64 / GIB
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -203,5 +265,39 @@ mod tests {
         let mlp = Mlp::new(4, &[3], 2, &device);
         assert_eq!(mlp.name(), "Mlp");
         assert_eq!(BuiltinModel::Mlp(mlp).name(), "mlp");
+    }
+
+    /// The count made before building a network is the built network's.
+    #[test]
+    fn parameters_are_counted_before_the_model_is_built() {
+        let device = Device::default();
+        let shape = SampleShape {
+            channels: 1,
+            height: 12,
+            width: 11,
+        };
+        for kind in [ModelKind::Mlp, ModelKind::Cnn] {
+            let settings = ModelSettings {
+                kind,
+                hidden: vec![7, 5],
+                channels: [3, 4],
+                kernel_size: 2,
+                dense: 6,
+            };
+            let counted = BuiltinModel::parameter_count(&settings, shape, 3).unwrap();
+            let built = BuiltinModel::new(&settings, shape, 3, &device).unwrap();
+            assert_eq!(counted, built.num_params() as f64, "{kind}");
+        }
+    }
+
+    #[test]
+    fn a_model_larger_than_memory_is_refused_before_it_is_built() {
+        let err = ensure_memory_for(1e15, 1, "their weights").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("model: 1,000,000,000,000,000 parameters: their weights take"),
+            "{text}"
+        );
+        ensure_memory_for(1e3, 4, "their weights").unwrap();
     }
 }

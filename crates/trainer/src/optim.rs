@@ -34,6 +34,20 @@ impl Optimizer {
     }
 }
 
+/// The f32 values a training step holds for each parameter at the least (the weight, its
+/// gradient, the optimizer's state), and what they are, as an error names them.
+pub fn values_per_parameter(settings: &OptimizerSettings) -> (usize, &'static str) {
+    match settings.kind {
+        OptimizerKind::Adam | OptimizerKind::Adamw => {
+            (4, "their f32 weights, gradients and Adam's two moments")
+        }
+        OptimizerKind::Sgd if settings.momentum > 0.0 => {
+            (3, "their f32 weights, gradients and momentum")
+        }
+        OptimizerKind::Sgd => (2, "their f32 weights and gradients"),
+    }
+}
+
 /// The optimizer the settings name.
 pub fn optimizer(settings: &OptimizerSettings) -> Optimizer {
     let decay =

@@ -27,8 +27,8 @@ use crate::calibrate::{Calibration, Candidate, calibrate, candidates, micro_batc
 use crate::checkpoint::{self, Checkpoint, LoopState};
 use crate::data::{Dataset, Splits, epoch_order};
 use crate::error::{Error, Result};
-use crate::model::{BuiltinModel, Classifier};
-use crate::optim::{Optimizer, optimizer, schedule};
+use crate::model::{BuiltinModel, Classifier, ensure_memory_for};
+use crate::optim::{Optimizer, optimizer, schedule, values_per_parameter};
 use crate::polling::Poller;
 use crate::precision::{self, Compute, GradientReading, LossScaler, ScalerState, Unscaling};
 use crate::progress::{Progress, thousands};
@@ -151,11 +151,15 @@ impl Trainer {
         }
     }
 
-    /// Trains the built-in network that `model.*` describes.
+    /// Trains the built-in network that `model.*` describes; refuses, before building it, one
+    /// that cannot train in this machine's memory.
     pub fn fit_builtin(&self) -> Result<Outcome<BuiltinModel>> {
         let shape = self.data.train.shape();
         let classes = self.data.classes;
         let model = &self.settings.model;
+        let (values_each, what) = values_per_parameter(&self.settings.optimizer);
+        let parameters = BuiltinModel::parameter_count(model, shape, classes)?;
+        ensure_memory_for(parameters, values_each, what)?;
         self.fit(|device| BuiltinModel::new(model, shape, classes, device))
     }
 

@@ -1,6 +1,7 @@
 //! What the process used: CPU time (from `getrusage`; a thread's own from its CPU clock), the
 //! part of it spent polling for work, and peak resident memory.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,44 @@ fn vm_hwm_bytes() -> Option<u64> {
     Some(kilobytes * 1024)
 }
 
+/// The memory this process may use: the machine's, or its cgroup's limit where that is lower.
+/// `None` where neither can be read.
+pub fn memory_limit_bytes() -> Option<u64> {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let physical = (pages > 0 && page_size > 0).then(|| pages as u64 * page_size as u64);
+    match (physical, cgroup_memory_max()) {
+        (Some(p), Some(c)) => Some(p.min(c)),
+        (p, c) => p.or(c),
+    }
+}
+
+/// The memory limit of this process's cgroup (`memory.max` in v2, `memory.limit_in_bytes` in
+/// v1), where one is set and readable.
+fn cgroup_memory_max() -> Option<u64> {
+    let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    groups.lines().find_map(|line| {
+        // "0::/path" (v2), or "4:memory:/path" (v1).
+        let mut fields = line.splitn(3, ':');
+        let (id, controllers, group) = (fields.next()?, fields.next()?, fields.next()?);
+        let group = group.trim_start_matches('/');
+        let file = match (id, controllers) {
+            ("0", "") => Path::new("/sys/fs/cgroup").join(group).join("memory.max"),
+            (_, c) if c.split(',').any(|c| c == "memory") => Path::new("/sys/fs/cgroup/memory")
+                .join(group)
+                .join("memory.limit_in_bytes"),
+            _ => return None,
+        };
+        // "max" where a v2 group has no limit.
+        std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    })
+}
+
 fn rusage() -> libc::rusage {
     // SAFETY: getrusage only writes the struct it is given; RUSAGE_SELF is always valid.
     unsafe {
@@ -121,6 +160,12 @@ mod tests {
         // this one in the same process add their CPU time to the process's.
         assert!(busy > 0.05, "{busy}");
         assert!(peak_rss_bytes() > 1 << 20);
+    }
+
+    #[test]
+    fn the_memory_limit_is_at_least_what_this_process_holds() {
+        let limit = memory_limit_bytes().expect("Linux reports its memory");
+        assert!(limit >= peak_rss_bytes(), "{limit}");
     }
 
     /// The peak follows this program's own memory: 64 MiB touched show up in it.
