@@ -114,8 +114,8 @@ impl Cnn {
         })
     }
 
-    /// The side of each channel the second block hands the dense layer, height x width, for
-    /// samples of `shape`.
+    /// How many values each channel of the second block's output holds (height x width) for
+    /// samples of `shape`; fails when the images are too small for two blocks.
     fn feature_map(settings: &ModelSettings, shape: SampleShape) -> Result<usize> {
         let k = settings.kernel_size;
         let block = |side: usize| side.checked_sub(k - 1).map(|s| s / 2).filter(|&s| s > 0);
