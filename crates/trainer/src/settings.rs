@@ -4,7 +4,7 @@
 //! then `key=value` overrides from the command line. Every section rejects unknown keys, and
 //! [`Settings::validate`] checks ranges, so a typo or a bad value stops the run before it starts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -662,16 +662,15 @@ impl Settings {
         if !path.is_file() {
             return Err(config_error("config file not found".into()));
         }
-        let environment = config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .source(layers.environment.clone());
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(environment);
+        // The environment, then `--set`: both as overrides, which config-rs applies in order
+        // over the file.
+        let mut overrides = environment_overrides(layers.environment.as_ref());
         for item in &layers.overrides {
-            let (key, value) = parse_override(item)?;
+            overrides.push(parse_override(item)?);
+        }
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml));
+        for (key, value) in overrides {
             builder = builder
                 .set_override(key.clone(), value)
                 .map_err(|e| Error::setting(key, e.to_string()))?;
@@ -1014,15 +1013,46 @@ fn parse_override(item: &str) -> Result<(String, config::Value)> {
     if key.is_empty() {
         return Err(Error::setting(item, "an override needs a key before '='"));
     }
+    Ok((key.to_string(), override_value(raw)))
+}
+
+/// An override's value, read as TOML (`4`, `[256, 128]`, `"flex"`); one that is not TOML is
+/// taken as a string (`flex`).
+fn override_value(raw: &str) -> config::Value {
     let raw = raw.trim();
-    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut table) => table
             .remove("v")
             .map(toml_to_config)
             .unwrap_or_else(|| raw.into()),
         Err(_) => raw.into(),
+    }
+}
+
+/// The `ALLCORES__SECTION__KEY` variables of `environment` (the process's where `None`) as
+/// `section.key` overrides, their values read as `--set` reads them, in the variables' name
+/// order.
+fn environment_overrides(
+    environment: Option<&HashMap<String, String>>,
+) -> Vec<(String, config::Value)> {
+    let prefix = format!("{ENV_PREFIX}__");
+    let variables: BTreeMap<String, String> = match environment {
+        Some(variables) => variables.clone().into_iter().collect(),
+        // Variables that are not Unicode cannot name a key: leave them, not panic on them.
+        None => std::env::vars_os()
+            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+            .collect(),
     };
-    Ok((key.to_string(), value))
+    variables
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let key = name
+                .strip_prefix(&prefix)?
+                .to_lowercase()
+                .replace("__", ".");
+            Some((key, override_value(&value)))
+        })
+        .collect()
 }
 
 fn toml_to_config(value: toml::Value) -> config::Value {
@@ -1141,6 +1171,24 @@ mod tests {
             Threads::Count(NonZeroUsize::new(2).unwrap())
         );
         assert_eq!(s.training.batch_size, 16);
+    }
+
+    /// A variable's value is read as `--set` reads one: a list, a bare name, a number.
+    #[test]
+    fn environment_values_are_read_as_overrides_are() {
+        let env = [
+            ("ALLCORES__MODEL__HIDDEN", "[32, 16]"),
+            ("ALLCORES__TRAINING__BACKEND", "flex"),
+            ("ALLCORES__OPTIMIZER__LR", "0.5"),
+            ("OTHER__MODEL__HIDDEN", "[1]"),
+        ];
+        let s = load(MINIMAL, &[], &env).unwrap();
+        assert_eq!(s.model.hidden, vec![32, 16]);
+        assert_eq!(s.training.backend, Backend::Flex);
+        assert_eq!(s.optimizer.lr, 0.5);
+        let env = [("ALLCORES__TRAINING__THREDS", "2")];
+        let err = load(MINIMAL, &[], &env).unwrap_err().to_string();
+        assert!(err.contains("unknown field `threds`"), "{err}");
     }
 
     #[test]
