@@ -114,6 +114,13 @@ fn ctrl_c_saves_a_checkpoint_and_the_resume_matches() {
         .unwrap_or_else(|| panic!("no resume command: {err}"));
     let mut args: Vec<&str> = command.split_whitespace().collect();
     assert_eq!(args.last(), Some(&"--resume"), "{command}");
+    // `eval` of the unfinished run names the same command.
+    let run_dir = args[args.iter().position(|&a| a == "--out").unwrap() + 1];
+    let scored = allcores(&["eval", run_dir]);
+    assert_eq!(scored.status.code(), Some(2));
+    let refusal = stderr(&scored);
+    assert!(refusal.contains("holds an unfinished run"), "{refusal}");
+    assert!(refusal.contains(&command), "{refusal}");
     args.push("--json");
     let output = allcores(&args);
     assert!(output.status.success(), "{}", stderr(&output));

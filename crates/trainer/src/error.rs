@@ -68,7 +68,7 @@ pub enum Error {
 /// The command that resumes the run in `run_dir`, ready to paste into a shell. It names the
 /// config the run folder keeps (every override applied), so it needs none of the `--set`s the
 /// run was started with.
-fn resume_command(run_dir: &Path) -> String {
+pub(crate) fn resume_command(run_dir: &Path) -> String {
     let config = run_dir.join(crate::run_dir::CONFIG_FILE);
     let quoted = |path: &Path| {
         let path = path.to_string_lossy();

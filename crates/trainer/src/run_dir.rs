@@ -75,10 +75,18 @@ impl RunDir {
         if !path.is_dir() {
             return Err(run_dir_error("no such run folder"));
         }
-        for file in [CONFIG_FILE, WEIGHTS_FILE] {
-            if !path.join(file).is_file() {
-                return Err(run_dir_error(&format!("holds no run: {file} is missing")));
-            }
+        if !path.join(CONFIG_FILE).is_file() {
+            return Err(run_dir_error(&format!(
+                "holds no run: {CONFIG_FILE} is missing"
+            )));
+        }
+        if !path.join(WEIGHTS_FILE).is_file() {
+            // A run that stopped early (Ctrl-C, a crash) has its config but not yet its weights.
+            return Err(run_dir_error(&format!(
+                "holds an unfinished run ({WEIGHTS_FILE} is written at its end); resume it \
+                 with: {}",
+                crate::error::resume_command(path)
+            )));
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -140,6 +148,13 @@ mod tests {
             .to_string();
         assert!(err.contains("no such run folder"), "{err}");
         let err = RunDir::open(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("holds no run"), "{err}");
+        assert!(
+            err.contains("holds no run: config.toml is missing"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join(CONFIG_FILE), "").unwrap();
+        let err = RunDir::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("holds an unfinished run"), "{err}");
+        assert!(err.contains("config.toml --out"), "{err}");
     }
 }
