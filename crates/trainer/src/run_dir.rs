@@ -44,7 +44,10 @@ impl RunDir {
                 ));
             }
         }
-        fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+        // A folder that cannot be made (a file in its path, a read-only file system, no
+        // permission) is the --out the user gave: bad input, not a failed run.
+        fs::create_dir_all(path)
+            .map_err(|e| run_dir_error(format!("cannot create the run folder: {e}")))?;
         Ok(Self {
             path: path.to_path_buf(),
         })
@@ -138,6 +141,19 @@ mod tests {
         let err = RunDir::create(dir.path()).unwrap_err().to_string();
         assert!(err.contains("not empty"), "{err}");
         assert!(dir.path().join("x").exists());
+    }
+
+    #[test]
+    fn a_folder_that_cannot_be_made_is_bad_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let err = RunDir::create(&file.join("run")).unwrap_err();
+        assert!(err.is_bad_input(), "{err}");
+        assert!(
+            err.to_string().contains("cannot create the run folder"),
+            "{err}"
+        );
     }
 
     #[test]
