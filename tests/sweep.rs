@@ -236,6 +236,21 @@ fn a_config_error_exits_2_before_any_run() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("use --seeds instead"));
     assert!(!out.exists());
+
+    // A folder that cannot be made stops the sweep before its first run.
+    let blocked = write(dir.path(), "a-file", "").join("sweep");
+    let output = allcores(&[
+        "sweep",
+        good.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--out",
+        blocked.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot create the sweep folder"), "{err}");
 }
 
 #[test]

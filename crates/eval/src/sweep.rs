@@ -129,11 +129,11 @@ fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf), EvalError> {
         .out
         .clone()
         .unwrap_or_else(|| default_sweep_dir(&request.config));
+    let out_error = |message: String| EvalError::OutDir {
+        path: dir.clone(),
+        message,
+    };
     if dir.exists() {
-        let out_error = |message: String| EvalError::OutDir {
-            path: dir.clone(),
-            message,
-        };
         let mut entries = std::fs::read_dir(&dir)
             .map_err(|e| out_error(format!("cannot use as a sweep folder: {e}")))?;
         if entries.next().is_some() {
@@ -142,6 +142,9 @@ fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf), EvalError> {
             ));
         }
     }
+    // Made now, so that a folder that cannot be made stops the sweep before its first run.
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| out_error(format!("cannot create the sweep folder: {e}")))?;
     Ok((threads, dir))
 }
 
@@ -254,12 +257,13 @@ pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
 fn start_line(request: &SweepRequest, threads: &[usize], total: u64, dir: &Path) -> String {
     let threads: Vec<String> = threads.iter().map(|t| t.to_string()).collect();
     format!(
-        "allcores: sweeping {} over threads {} x {} seed{}: {total} runs, one process each, \
+        "allcores: sweeping {} over threads {} x {} seed{}: {total} run{}, one process each, \
          into {}",
         request.config.display(),
         threads.join(", "),
         request.seeds,
         if request.seeds == 1 { "" } else { "s" },
+        if total == 1 { "" } else { "s" },
         dir.display()
     )
 }
