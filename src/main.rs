@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use allcores_eval::evaluate_run;
-use allcores_trainer::{Layers, Options, Settings, Summary, default_run_dir, thousands, train};
+use allcores_trainer::{
+    Layers, Options, Settings, Summary, default_run_dir, number, thousands, train,
+};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -309,6 +311,14 @@ fn print_summary(summary: &Summary, json: bool) {
         summary.cpu_utilization * 100.0,
         summary.peak_rss_bytes >> 20
     );
+    if let Some(scale) = summary.loss_scale {
+        println!(
+            "loss scaling: {} of {} skipped (inf or NaN gradients) · loss scale {} at the end",
+            thousands(summary.skipped_steps as f64),
+            counted(summary.steps, "step"),
+            number(scale)
+        );
+    }
     println!("weights_sha256 {}", summary.weights_sha256);
     if let Some(dir) = &summary.run_dir {
         println!("run folder {dir}");

@@ -96,6 +96,36 @@ fn a_huge_initial_scale_skips_steps_backs_off_then_trains() {
     }
 }
 
+/// The text output says what the scaler did: the start scale, and how many steps it skipped.
+#[test]
+fn the_text_output_reports_the_loss_scaling() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "precision = \"f16\"\nthreads = 1");
+    let run = dir.path().join("run");
+    let output = allcores(&[
+        "train",
+        config.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--set",
+        "precision.init_scale=1e30",
+        "--set",
+        "training.max_steps=5",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains("(emulated), f32 master weights, loss scale 1e30"),
+        "{err}"
+    );
+    // Every step overflows at 1e30: five halvings.
+    let out = stdout(&output);
+    assert!(
+        out.contains("loss scaling: 5 of 5 steps skipped (inf or NaN gradients) · loss scale 3.125e28 at the end"),
+        "{out}"
+    );
+}
+
 #[test]
 fn a_resumed_f16_run_continues_with_the_scaler_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();

@@ -38,7 +38,7 @@ pub mod weights;
 pub use data::{Dataset, SampleShape, Splits};
 pub use error::{Error, Result};
 pub use model::{BuiltinModel, Classifier};
-pub use progress::thousands;
+pub use progress::{number, thousands};
 pub use run_dir::RunDir;
 pub use score::{Score, score};
 pub use settings::{Layers, Precision, Settings};

@@ -81,11 +81,40 @@ pub fn thousands(value: f64) -> String {
     out
 }
 
+/// A number as a message shows it: `1e30` and `1e-7`, not thirty-one digits or seven zeros;
+/// with an exponent, to six significant digits (an f32 widened to f64 has seventeen).
+pub fn number(value: impl Into<f64>) -> String {
+    let value = value.into();
+    let magnitude = value.abs();
+    if value.is_finite() && (magnitude >= 1e9 || (magnitude > 0.0 && magnitude < 1e-4)) {
+        let text = format!("{value:.5e}");
+        let (mantissa, exponent) = text.split_once('e').unwrap_or((&text, "0"));
+        let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+        format!("{mantissa}e{exponent}")
+    } else {
+        format!("{value}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn thousands_groups_digits() {
-        assert_eq!(super::thousands(1234567.4), "1,234,567");
-        assert_eq!(super::thousands(999.0), "999");
+        assert_eq!(thousands(1234567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+    }
+
+    #[test]
+    fn large_and_tiny_numbers_take_an_exponent() {
+        assert_eq!(number(1e30), "1e30");
+        assert_eq!(number(1e30f32), "1e30");
+        assert_eq!(number(9.313225746154785e20), "9.31323e20");
+        assert_eq!(number(65536.0), "65536");
+        assert_eq!(number(-1e-7), "-1e-7");
+        assert_eq!(number(0.001), "0.001");
+        assert_eq!(number(f64::NAN), "NaN");
+        assert_eq!(number(2.5f32), "2.5");
     }
 }

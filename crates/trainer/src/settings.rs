@@ -13,6 +13,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::error::{Error, Result};
+use crate::progress::number;
 
 /// Prefix of the environment variables that override settings.
 pub const ENV_PREFIX: &str = "ALLCORES";
@@ -841,17 +842,6 @@ impl ModelSettings {
     }
 }
 
-/// A number from the config as an error shows it: `1e30`, not thirty-one digits.
-fn number(value: impl Into<f64>) -> String {
-    let value = value.into();
-    let magnitude = value.abs();
-    if value.is_finite() && (magnitude >= 1e9 || (magnitude > 0.0 && magnitude < 1e-4)) {
-        format!("{value:e}")
-    } else {
-        format!("{value}")
-    }
-}
-
 impl OptimizerSettings {
     fn validate(&self) -> Result<()> {
         if !(self.lr.is_finite() && self.lr > 0.0) {
@@ -1280,10 +1270,6 @@ mod tests {
             refusal(&["optimizer.lr=1e30", "optimizer.schedule=cosine"]),
             "optimizer.lr: must be at most 1 with the cosine schedule, got 1e30"
         );
-        assert_eq!(number(-1e-7), "-1e-7");
-        assert_eq!(number(0.001), "0.001");
-        assert_eq!(number(f64::NAN), "NaN");
-        assert_eq!(number(2.5f32), "2.5");
         for (set, expected) in [
             ("training.seed=1e20", "expected a whole number, got 1e20"),
             (

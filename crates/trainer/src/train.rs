@@ -31,7 +31,7 @@ use crate::model::{BuiltinModel, Classifier, ensure_memory_for};
 use crate::optim::{Optimizer, optimizer, schedule, values_per_parameter};
 use crate::polling::Poller;
 use crate::precision::{self, Compute, GradientReading, LossScaler, ScalerState, Unscaling};
-use crate::progress::{Progress, thousands};
+use crate::progress::{Progress, number, thousands};
 use crate::resume::check_resumable;
 use crate::run_dir::RunDir;
 use crate::score::score;
@@ -446,14 +446,17 @@ impl Trainer {
         ));
         if training.precision != crate::settings::Precision::F32 {
             progress.log(format!(
-                "precision: {} ({:?}), f32 master weights{}",
+                "precision: {} ({}), f32 master weights{}",
                 training.precision,
                 setup.compute.mode(),
                 start
                     .updater
                     .scaler
                     .as_ref()
-                    .map_or(String::new(), |s| format!(", loss scale {}", s.scale()))
+                    .map_or(String::new(), |s| format!(
+                        ", loss scale {}",
+                        number(s.scale())
+                    ))
             ));
         }
         if let Some(calibration) = calibration {

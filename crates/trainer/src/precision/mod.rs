@@ -77,6 +77,15 @@ pub enum PrecisionMode {
     Emulated,
 }
 
+impl std::fmt::Display for PrecisionMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PrecisionMode::Native => "native",
+            PrecisionMode::Emulated => "emulated",
+        })
+    }
+}
+
 /// Where the gradients of a step are divided by the loss scale and brought to f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unscaling {
