@@ -107,7 +107,8 @@ const SWEPT_KEYS: [(&str, &str); 2] = [
     ("training.seed", "--seeds"),
 ];
 
-/// Checks everything the user gave before any run starts.
+/// Checks everything the user gave before any run starts, and makes the sweep folder (the last
+/// check: whether it can be made).
 fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf), EvalError> {
     let threads = parse_threads(&request.threads)?;
     if request.seeds == 0 {

@@ -1,5 +1,5 @@
 //! What the process used: CPU time (from `getrusage`; a thread's own from its CPU clock), the
-//! part of it spent polling for work, and peak resident memory.
+//! part of it spent polling for work, and peak resident memory; and the memory it may use.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
