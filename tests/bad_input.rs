@@ -240,12 +240,7 @@ fn run_folders_are_never_overwritten_and_eval_needs_a_run() {
     let occupied = dir.path().join("occupied");
     std::fs::create_dir(&occupied).unwrap();
     write(&occupied, "notes.txt", "mine");
-    let output = allcores(&[
-        "train",
-        config.to_str().unwrap(),
-        "--out",
-        occupied.to_str().unwrap(),
-    ]);
+    let output = allcores(&train_command(&config, &occupied, &[], &[]));
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("not empty"), "{}", stderr(&output));
     assert_eq!(

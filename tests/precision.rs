@@ -102,16 +102,12 @@ fn the_text_output_reports_the_loss_scaling() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), "precision = \"f16\"\nthreads = 1");
     let run = dir.path().join("run");
-    let output = allcores(&[
-        "train",
-        config.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--set",
-        "precision.init_scale=1e30",
-        "--set",
-        "training.max_steps=5",
-    ]);
+    let output = allcores(&train_command(
+        &config,
+        &run,
+        &[],
+        &["precision.init_scale=1e30", "training.max_steps=5"],
+    ));
     assert!(output.status.success(), "{}", stderr(&output));
     let err = stderr(&output);
     assert!(

@@ -282,13 +282,7 @@ fn resume_refuses_changes_and_broken_checkpoints_and_touches_nothing() {
     let elsewhere = dir.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
     write(&elsewhere, "notes.txt", "mine");
-    let output = allcores(&[
-        "train",
-        config.to_str().unwrap(),
-        "--out",
-        elsewhere.to_str().unwrap(),
-        "--resume",
-    ]);
+    let output = allcores(&train_command(&config, &elsewhere, &["--resume"], &[]));
     assert_eq!(output.status.code(), Some(2));
     assert!(
         stderr(&output).contains("holds no run to resume"),
@@ -296,13 +290,7 @@ fn resume_refuses_changes_and_broken_checkpoints_and_touches_nothing() {
         stderr(&output)
     );
     let missing = dir.path().join("missing");
-    let output = allcores(&[
-        "train",
-        config.to_str().unwrap(),
-        "--out",
-        missing.to_str().unwrap(),
-        "--resume",
-    ]);
+    let output = allcores(&train_command(&config, &missing, &["--resume"], &[]));
     assert_eq!(output.status.code(), Some(2));
     assert!(
         stderr(&output).contains("no such run folder"),

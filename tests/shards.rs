@@ -65,15 +65,12 @@ fn auto_threads_calibrate_say_what_they_chose_and_change_nothing() {
     let config = config(dir.path());
     let fixed = train_json(&config, &dir.path().join("fixed"), &["training.threads=1"]);
     let run = dir.path().join("auto");
-    let output = allcores(&[
-        "train",
-        config.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--set",
-        "training.threads=auto",
-        "--json",
-    ]);
+    let output = allcores(&train_command(
+        &config,
+        &run,
+        &["--json"],
+        &["training.threads=auto"],
+    ));
     assert!(output.status.success(), "{}", stderr(&output));
     let log = stderr(&output);
     assert!(

@@ -171,14 +171,7 @@ fn environment_variables_override_the_file_and_set_overrides_them() {
     );
     let run = dir.path().join("run");
     let output = allcores_env(
-        &[
-            "train",
-            config.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-            "--json",
-            "--quiet",
-        ],
+        &train_command(&config, &run, &["--json", "--quiet"], &[]),
         &[("ALLCORES__TRAINING__MAX_STEPS", "4")],
     );
     assert!(output.status.success(), "{}", stderr(&output));
@@ -186,23 +179,20 @@ fn environment_variables_override_the_file_and_set_overrides_them() {
 
     let run = dir.path().join("run2");
     let output = allcores_env(
-        &[
-            "train",
-            config.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-            "--json",
-            "--quiet",
-            "--set",
-            "training.max_steps=2",
-        ],
+        &train_command(
+            &config,
+            &run,
+            &["--json", "--quiet"],
+            &["training.max_steps=2"],
+        ),
         &[("ALLCORES__TRAINING__MAX_STEPS", "4")],
     );
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(last_json(&output)["steps"], 2);
 }
 
-/// The start line names the threads in use; the summary counts in words (singular for one,
+/// The start line names the model, its parameter count and the threads in use; the summary
+/// counts in words (singular for one,
 /// digits grouped).
 #[test]
 fn the_start_and_summary_lines_name_what_ran() {
@@ -216,15 +206,13 @@ fn the_start_and_summary_lines_name_what_ran() {
         ),
     );
     let run = dir.path().join("run");
-    let output = allcores(&[
-        "train",
-        config.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let output = allcores(&train_command(&config, &run, &[], &[]));
     assert!(output.status.success(), "{}", stderr(&output));
     let log = stderr(&output);
-    assert!(log.contains("with 2 threads of"), "{log}");
+    assert!(
+        log.contains("allcores: training mlp (2,410 parameters) on ndarray with 2 threads of"),
+        "{log}"
+    );
     assert!(
         log.contains(", idle threads polling") || log.contains(", idle threads sleeping"),
         "{log}"
@@ -240,15 +228,12 @@ fn the_start_and_summary_lines_name_what_ran() {
     );
 
     let run = dir.path().join("quiet");
-    let output = allcores(&[
-        "train",
-        config.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--quiet",
-        "--set",
-        "training.threads=1",
-    ]);
+    let output = allcores(&train_command(
+        &config,
+        &run,
+        &["--quiet"],
+        &["training.threads=1"],
+    ));
     assert!(output.status.success());
     assert_eq!(stderr(&output), "");
     assert!(

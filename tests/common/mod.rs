@@ -71,20 +71,29 @@ pub fn last_json(output: &Output) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
-/// `train CONFIG --out RUN --json --quiet` with a `--set` for each of `sets`.
-pub fn train_args<'a>(config: &'a Path, run: &'a Path, sets: &[&'a str]) -> Vec<&'a str> {
+/// `train CONFIG --out RUN`, then `flags`, then a `--set` for each of `sets`.
+pub fn train_command<'a>(
+    config: &'a Path,
+    run: &'a Path,
+    flags: &[&'a str],
+    sets: &[&'a str],
+) -> Vec<&'a str> {
     let mut args = vec![
         "train",
         config.to_str().unwrap(),
         "--out",
         run.to_str().unwrap(),
-        "--json",
-        "--quiet",
     ];
+    args.extend(flags);
     for set in sets {
         args.extend(["--set", set]);
     }
     args
+}
+
+/// `train CONFIG --out RUN --json --quiet` with a `--set` for each of `sets`.
+pub fn train_args<'a>(config: &'a Path, run: &'a Path, sets: &[&'a str]) -> Vec<&'a str> {
+    train_command(config, run, &["--json", "--quiet"], sets)
 }
 
 /// Trains `config` into `out` with `--json --quiet` and extra `--set`s; panics on failure.
