@@ -208,12 +208,19 @@ fn malformed_csv_rows() {
 #[test]
 fn a_model_that_does_not_fit_the_data() {
     let dir = tempfile::tempdir().unwrap();
-    let config = digits_config(dir.path());
+    let cnn = write(
+        dir.path(),
+        "cnn.toml",
+        format!("{}\n[model]\nkind = \"cnn\"\n", digits_data()),
+    );
+    refused(dir.path(), &cnn, &[], "does not fit 8x8 inputs");
+    // The MLP config's hidden layers would be ignored by the CNN: refused, not dropped.
+    let mlp = digits_config(dir.path());
     refused(
         dir.path(),
-        &config,
+        &mlp,
         &["model.kind=cnn"],
-        "does not fit 8x8 inputs",
+        "model.hidden: applies to model.kind = \"mlp\" only; this config trains \"cnn\"",
     );
 }
 

@@ -259,6 +259,25 @@ pub enum Schedule {
     Cosine,
 }
 
+impl fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::Adamw => "adamw",
+        })
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Schedule::Constant => "constant",
+            Schedule::Cosine => "cosine",
+        })
+    }
+}
+
 /// How long and how wide to train.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a [training] table of keys")]
@@ -692,14 +711,136 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Checks every value against its range; the error names the key.
+    /// Checks every value against its range, and that no key is set where the rest of the
+    /// config ignores it; the error names the key.
     pub fn validate(&self) -> Result<()> {
         self.data.validate()?;
         self.model.validate()?;
         self.optimizer.validate()?;
         self.training.validate()?;
         self.checkpoint.validate()?;
-        self.precision.validate()
+        self.precision.validate()?;
+        self.refuse_ignored_keys()
+    }
+
+    /// Refuses a key set away from its default where the rest of the config makes it do
+    /// nothing (`momentum` with Adam, `hidden` for the CNN): whoever set it meant it to act, as
+    /// with a data file key of the other format. A key at its default passes, so the run
+    /// folders of earlier builds, which save every key, still load.
+    fn refuse_ignored_keys(&self) -> Result<()> {
+        let (data, model, optimizer) = (&self.data, &self.model, &self.optimizer);
+        let (default_model, default_optimizer) =
+            (ModelSettings::default(), OptimizerSettings::default());
+        let default_precision = PrecisionSettings::default();
+        let model_kind = |kind: ModelKind| {
+            (
+                model.kind == kind,
+                format!(
+                    "applies to model.kind = \"{kind}\" only; this config trains \"{}\"",
+                    model.kind
+                ),
+            )
+        };
+        let mlp = model_kind(ModelKind::Mlp);
+        let cnn = model_kind(ModelKind::Cnn);
+        let sgd = (
+            optimizer.kind == OptimizerKind::Sgd,
+            format!(
+                "applies to optimizer.kind = \"sgd\" only; this config uses \"{}\"",
+                optimizer.kind
+            ),
+        );
+        let adam = (
+            optimizer.kind != OptimizerKind::Sgd,
+            "applies to optimizer.kind = \"adam\" or \"adamw\" only; this config uses \"sgd\""
+                .into(),
+        );
+        let cosine = (
+            optimizer.schedule == Schedule::Cosine,
+            format!(
+                "applies to optimizer.schedule = \"cosine\" only; this config uses \"{}\"",
+                optimizer.schedule
+            ),
+        );
+        let csv = (
+            data.format == DataFormat::Csv,
+            format!(
+                "applies to data.format = \"csv\" only; this config reads \"{}\"",
+                data.format.name()
+            ),
+        );
+        let split = (
+            data.test_fraction.is_some(),
+            "applies to a split of data.train_csv (data.test_fraction) only; this config has none"
+                .into(),
+        );
+        let scaled = (
+            self.precision.scales(self.training.precision),
+            format!(
+                "applies only where the loss is scaled (training.precision = \"f16\", or \
+                 precision.loss_scaling = \"dynamic\"); this config trains in {} without scaling",
+                self.training.precision
+            ),
+        );
+        let precision = &self.precision;
+        let checks: [(&str, bool, &(bool, String)); 13] = [
+            ("model.hidden", model.hidden != default_model.hidden, &mlp),
+            (
+                "model.channels",
+                model.channels != default_model.channels,
+                &cnn,
+            ),
+            (
+                "model.kernel_size",
+                model.kernel_size != default_model.kernel_size,
+                &cnn,
+            ),
+            ("model.dense", model.dense != default_model.dense, &cnn),
+            (
+                "optimizer.momentum",
+                optimizer.momentum != default_optimizer.momentum,
+                &sgd,
+            ),
+            (
+                "optimizer.epsilon",
+                optimizer.epsilon != default_optimizer.epsilon,
+                &adam,
+            ),
+            (
+                "optimizer.warmup_steps",
+                optimizer.warmup_steps != 0,
+                &cosine,
+            ),
+            ("data.scale", data.scale != defaults::scale(), &csv),
+            ("data.split_seed", data.split_seed != 0, &split),
+            (
+                "precision.init_scale",
+                precision.init_scale != default_precision.init_scale,
+                &scaled,
+            ),
+            (
+                "precision.growth_interval",
+                precision.growth_interval != default_precision.growth_interval,
+                &scaled,
+            ),
+            (
+                "precision.growth_factor",
+                precision.growth_factor != default_precision.growth_factor,
+                &scaled,
+            ),
+            (
+                "precision.backoff_factor",
+                precision.backoff_factor != default_precision.backoff_factor,
+                &scaled,
+            ),
+        ];
+        match checks
+            .iter()
+            .find(|(_, set, (applies, _))| *set && !applies)
+        {
+            Some((key, _, (_, why))) => Err(Error::setting(*key, why.clone())),
+            None => Ok(()),
+        }
     }
 
     /// The settings as TOML, as saved in a run folder.
@@ -1249,13 +1390,123 @@ mod tests {
             let key = set.split('=').next().unwrap();
             assert!(err.contains(expected) && err.contains(key), "{set}: {err}");
         }
-        let s = load(
-            MINIMAL,
-            &["model.hidden=[3, 2]", "model.channels=[5, 6]"],
-            &[],
-        )
-        .unwrap();
-        assert_eq!((s.model.hidden, s.model.channels), (vec![3, 2], [5, 6]));
+        let mlp = load(MINIMAL, &["model.hidden=[3, 2]"], &[]).unwrap();
+        assert_eq!(mlp.model.hidden, vec![3, 2]);
+        let cnn = load(MINIMAL, &["model.kind=cnn", "model.channels=[5, 6]"], &[]).unwrap();
+        assert_eq!(cnn.model.channels, [5, 6]);
+    }
+
+    /// A key that the rest of the config would ignore is refused with where it applies; the
+    /// same value passes where it applies, and every key passes at its default.
+    #[test]
+    fn keys_the_config_would_ignore_are_refused() {
+        let cnn = "model.kind=cnn";
+        for (ignored, applies, expected) in [
+            (
+                &["model.hidden=[64]", cnn][..],
+                &["model.hidden=[64]"][..],
+                "model.kind = \"mlp\" only; this config trains \"cnn\"",
+            ),
+            (
+                &["model.channels=[8, 16]"],
+                &["model.channels=[8, 16]", cnn],
+                "\"cnn\" only",
+            ),
+            (
+                &["model.kernel_size=5"],
+                &["model.kernel_size=5", cnn],
+                "\"cnn\" only",
+            ),
+            (
+                &["model.dense=64"],
+                &["model.dense=64", cnn],
+                "\"cnn\" only",
+            ),
+            (
+                &["optimizer.momentum=0.5"],
+                &["optimizer.momentum=0.5", "optimizer.kind=sgd"],
+                "optimizer.kind = \"sgd\" only; this config uses \"adam\"",
+            ),
+            (
+                &["optimizer.epsilon=1e-6", "optimizer.kind=sgd"],
+                &["optimizer.epsilon=1e-6"],
+                "\"adam\" or \"adamw\" only; this config uses \"sgd\"",
+            ),
+            (
+                &["optimizer.warmup_steps=5"],
+                &["optimizer.warmup_steps=5", "optimizer.schedule=cosine"],
+                "\"cosine\" only; this config uses \"constant\"",
+            ),
+            (
+                &["precision.init_scale=1024"],
+                &["precision.init_scale=1024", "training.precision=f16"],
+                "this config trains in f32 without scaling",
+            ),
+            (
+                &["precision.growth_interval=10", "training.precision=bf16"],
+                &[
+                    "precision.growth_interval=10",
+                    "precision.loss_scaling=dynamic",
+                ],
+                "this config trains in bf16 without scaling",
+            ),
+            (
+                &["precision.growth_factor=4"],
+                &["precision.growth_factor=4", "training.precision=f16"],
+                "where the loss is scaled",
+            ),
+            (
+                &[
+                    "precision.backoff_factor=0.25",
+                    "training.precision=f16",
+                    "precision.loss_scaling=off",
+                ],
+                &["precision.backoff_factor=0.25", "training.precision=f16"],
+                "this config trains in f16 without scaling",
+            ),
+        ] {
+            let key = ignored[0].split('=').next().unwrap();
+            let err = refusal(ignored);
+            assert!(
+                err.starts_with(&format!("{key}: applies ")),
+                "{ignored:?}: {err}"
+            );
+            assert!(err.contains(expected), "{ignored:?}: {err}");
+            load(MINIMAL, applies, &[]).unwrap_or_else(|e| panic!("{applies:?}: {e}"));
+        }
+        // The data keys that need another kind of file.
+        let with_test_csv =
+            "[data]\nformat = \"csv\"\ntrain_csv = \"d.csv\"\ntest_csv = \"t.csv\"\n";
+        let err = load(with_test_csv, &["data.split_seed=3"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("data.split_seed: applies to a split"),
+            "{err}"
+        );
+        let idx = "[data]\nformat = \"idx\"\ntrain_images = \"a\"\ntrain_labels = \"b\"\n\
+                   test_images = \"c\"\ntest_labels = \"d\"\n";
+        let err = load(idx, &["data.scale=255"], &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("data.scale: applies to data.format = \"csv\" only"),
+            "{err}"
+        );
+        load(idx, &[], &[]).unwrap();
+        // Every default passes for every model, optimizer and precision.
+        for sets in [
+            [
+                "model.kind=cnn",
+                "optimizer.kind=sgd",
+                "training.precision=bf16",
+            ],
+            [
+                "model.kind=mlp",
+                "optimizer.kind=adamw",
+                "training.precision=f32",
+            ],
+        ] {
+            load(MINIMAL, &sets, &[]).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
+        }
     }
 
     #[test]
