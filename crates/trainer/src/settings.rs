@@ -661,6 +661,14 @@ impl Default for TrainingSettings {
     }
 }
 
+/// Where a key acts, for [`Settings::refuse_ignored_keys`].
+struct Scope {
+    /// Whether it acts in this config.
+    holds: bool,
+    /// The refusal where it does not: where it would act, and what this config has instead.
+    otherwise: String,
+}
+
 /// Where the settings come from, besides the file.
 #[derive(Debug, Clone, Default)]
 pub struct Layers {
@@ -732,58 +740,58 @@ impl Settings {
         let (default_model, default_optimizer) =
             (ModelSettings::default(), OptimizerSettings::default());
         let default_precision = PrecisionSettings::default();
-        let model_kind = |kind: ModelKind| {
-            (
-                model.kind == kind,
-                format!(
-                    "applies to model.kind = \"{kind}\" only; this config trains \"{}\"",
-                    model.kind
-                ),
-            )
+        let model_kind = |kind: ModelKind| Scope {
+            holds: model.kind == kind,
+            otherwise: format!(
+                "applies to model.kind = \"{kind}\" only; this config trains \"{}\"",
+                model.kind
+            ),
         };
         let mlp = model_kind(ModelKind::Mlp);
         let cnn = model_kind(ModelKind::Cnn);
-        let sgd = (
-            optimizer.kind == OptimizerKind::Sgd,
-            format!(
+        let sgd = Scope {
+            holds: optimizer.kind == OptimizerKind::Sgd,
+            otherwise: format!(
                 "applies to optimizer.kind = \"sgd\" only; this config uses \"{}\"",
                 optimizer.kind
             ),
-        );
-        let adam = (
-            optimizer.kind != OptimizerKind::Sgd,
-            "applies to optimizer.kind = \"adam\" or \"adamw\" only; this config uses \"sgd\""
-                .into(),
-        );
-        let cosine = (
-            optimizer.schedule == Schedule::Cosine,
-            format!(
+        };
+        let adam = Scope {
+            holds: optimizer.kind != OptimizerKind::Sgd,
+            otherwise:
+                "applies to optimizer.kind = \"adam\" or \"adamw\" only; this config uses \"sgd\""
+                    .into(),
+        };
+        let cosine = Scope {
+            holds: optimizer.schedule == Schedule::Cosine,
+            otherwise: format!(
                 "applies to optimizer.schedule = \"cosine\" only; this config uses \"{}\"",
                 optimizer.schedule
             ),
-        );
-        let csv = (
-            data.format == DataFormat::Csv,
-            format!(
+        };
+        let csv = Scope {
+            holds: data.format == DataFormat::Csv,
+            otherwise: format!(
                 "applies to data.format = \"csv\" only; this config reads \"{}\"",
                 data.format.name()
             ),
-        );
-        let split = (
-            data.test_fraction.is_some(),
-            "applies to a split of data.train_csv (data.test_fraction) only; this config has none"
+        };
+        let split = Scope {
+            holds: data.test_fraction.is_some(),
+            otherwise: "applies to a split of data.train_csv (data.test_fraction) only; this \
+                        config has none"
                 .into(),
-        );
-        let scaled = (
-            self.precision.scales(self.training.precision),
-            format!(
+        };
+        let scaled = Scope {
+            holds: self.precision.scales(self.training.precision),
+            otherwise: format!(
                 "applies only where the loss is scaled (training.precision = \"f16\", or \
                  precision.loss_scaling = \"dynamic\"); this config trains in {} without scaling",
                 self.training.precision
             ),
-        );
+        };
         let precision = &self.precision;
-        let checks: [(&str, bool, &(bool, String)); 13] = [
+        let checks: [(&str, bool, &Scope); 13] = [
             ("model.hidden", model.hidden != default_model.hidden, &mlp),
             (
                 "model.channels",
@@ -834,11 +842,8 @@ impl Settings {
                 &scaled,
             ),
         ];
-        match checks
-            .iter()
-            .find(|(_, set, (applies, _))| *set && !applies)
-        {
-            Some((key, _, (_, why))) => Err(Error::setting(*key, why.clone())),
+        match checks.iter().find(|(_, set, scope)| *set && !scope.holds) {
+            Some((key, _, scope)) => Err(Error::setting(*key, scope.otherwise.clone())),
             None => Ok(()),
         }
     }
