@@ -484,17 +484,20 @@ impl Report {
         let _ = writeln!(out, "# Thread sweep of `{}`\n", plan.config);
         let _ = writeln!(out, "**Verdict:** {}\n", self.verdict.line);
         let threads: Vec<String> = plan.threads.iter().map(|t| t.to_string()).collect();
+        let seeds = match plan.seeds {
+            1 => "seed 0".to_string(),
+            n => format!("seeds 0 to {}", n - 1),
+        };
         let _ = writeln!(
             out,
-            "{} run{} of {} planned: threads {} x seeds 0..{} (seeds 0 to {}), one process \
-             each, on a machine that allows {} threads.{}",
+            "{} run{} of {} planned: threads {} x {seeds}, one process each, on a machine that \
+             allows {} thread{}.{}",
             self.runs.len(),
             if self.runs.len() == 1 { "" } else { "s" },
             plan.threads.len() as u64 * plan.seeds,
             threads.join(", "),
-            plan.seeds,
-            plan.seeds.saturating_sub(1),
             plan.threads_available,
+            if plan.threads_available == 1 { "" } else { "s" },
             if plan.overrides.is_empty() {
                 String::new()
             } else {
@@ -723,6 +726,13 @@ mod tests {
         let md = report.to_markdown();
         assert!(md.contains(IDENTICAL));
         assert!(
+            md.contains(
+                "4 runs of 4 planned: threads 1, 2 x seeds 0 to 1, one process each, on a \
+                 machine that allows 2 threads."
+            ),
+            "{md}"
+        );
+        assert!(
             md.contains("| 2 | 0 | 90.00% | 0.4000 | 1,800 | 1.80x | 90% | 90% | `aaaa` |"),
             "{md}"
         );
@@ -821,7 +831,12 @@ mod tests {
             "{}",
             v.line
         );
-        assert!(report.to_markdown().contains("unknown (one seed)"));
+        let md = report.to_markdown();
+        assert!(md.contains("unknown (one seed)"));
+        assert!(
+            md.contains("threads 1, 2 x seed 0, one process each"),
+            "{md}"
+        );
     }
 
     #[test]
