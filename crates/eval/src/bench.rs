@@ -491,14 +491,15 @@ impl BenchReport {
     /// the weights.
     pub fn to_text(&self) -> String {
         let mut out = format!(
-            "{} on {}, batch {}: {} warm-up + {} timed steps per thread count, {} threads \
+            "{} on {}, batch {}: {} warm-up + {} timed steps per thread count, {} thread{} \
              available\n\n",
             self.model,
             self.backend,
             self.effective_batch_size,
             self.warmup_steps,
             self.timed_steps,
-            self.threads_available
+            self.threads_available,
+            if self.threads_available == 1 { "" } else { "s" }
         );
         let ceiling = self.runs.iter().any(|r| r.ceiling.is_some());
         out.push_str(if ceiling {
