@@ -127,14 +127,15 @@ fn missing_and_malformed_idx_files() {
         "nope.idx: dataset file not found",
     );
 
-    let images = |count: u32, pixels: usize| {
+    let images_of_side = |count: u32, side: u32, pixels: usize| {
         let mut bytes = 0x0803u32.to_be_bytes().to_vec();
-        for d in [count, 28, 28] {
+        for d in [count, side, side] {
             bytes.extend_from_slice(&d.to_be_bytes());
         }
         bytes.extend(std::iter::repeat_n(7u8, pixels));
         bytes
     };
+    let images = |count: u32, pixels: usize| images_of_side(count, 28, pixels);
     let labels = |values: &[u8]| {
         let mut bytes = 0x0801u32.to_be_bytes().to_vec();
         bytes.extend_from_slice(&(values.len() as u32).to_be_bytes());
@@ -164,6 +165,18 @@ fn missing_and_malformed_idx_files() {
         &good_images,
         &eleven,
         "label 11 of sample 1 lies outside the class range 0..10",
+    );
+    // Test images of another size than the training images: refused before training, where
+    // the first scoring pass used to panic.
+    let small = write(dir.path(), "small-images", images_of_side(3, 20, 3 * 400));
+    refused(
+        dir.path(),
+        &config,
+        &[
+            &format!("data.test_images=\"{}\"", small.display()),
+            &format!("data.test_labels=\"{}\"", good_labels.display()),
+        ],
+        "small-images: images are 20x20, the training images 28x28",
     );
 }
 

@@ -141,10 +141,23 @@ impl Splits {
     /// Loads both splits as the settings describe; every error names the file at fault.
     pub fn load(settings: &DataSettings) -> Result<Self> {
         let (train, test) = match settings.format {
-            DataFormat::Idx => (
-                load_idx(settings, &settings.train_images, &settings.train_labels)?,
-                load_idx(settings, &settings.test_images, &settings.test_labels)?,
-            ),
+            DataFormat::Idx => {
+                let train = load_idx(settings, &settings.train_images, &settings.train_labels)?;
+                let test = load_idx(settings, &settings.test_images, &settings.test_labels)?;
+                // A model takes one image size: test images of another would fail the first
+                // scoring pass, after an epoch of training.
+                let (a, b) = (train.shape(), test.shape());
+                if a != b {
+                    return Err(Error::data(
+                        required(&settings.test_images),
+                        format!(
+                            "images are {}x{}, the training images {}x{}",
+                            b.height, b.width, a.height, a.width
+                        ),
+                    ));
+                }
+                (train, test)
+            }
             DataFormat::Csv => load_csv(settings)?,
         };
         Ok(Splits {
