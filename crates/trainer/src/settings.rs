@@ -172,13 +172,12 @@ pub enum DataFormat {
     Csv,
 }
 
-impl DataFormat {
-    /// The name the config gives it.
-    fn name(self) -> &'static str {
-        match self {
+impl fmt::Display for DataFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
             DataFormat::Idx => "idx",
             DataFormat::Csv => "csv",
-        }
+        })
     }
 }
 
@@ -773,7 +772,7 @@ impl Settings {
             holds: data.format == DataFormat::Csv,
             otherwise: format!(
                 "applies to data.format = \"csv\" only; this config reads \"{}\"",
-                data.format.name()
+                data.format
             ),
         };
         let split = Scope {
@@ -877,7 +876,7 @@ impl DataSettings {
         let required = |key: &str| {
             Error::setting(
                 format!("data.{key}"),
-                format!("required when data.format = \"{}\"", self.format.name()),
+                format!("required when data.format = \"{}\"", self.format),
             )
         };
         // A key of the other format would be ignored: a test_fraction on IDX files would not
@@ -891,8 +890,7 @@ impl DataSettings {
                 format!("data.{key}"),
                 format!(
                     "applies to data.format = \"{}\" only; this config reads \"{}\"",
-                    other.name(),
-                    self.format.name()
+                    other, self.format
                 ),
             ));
         }
