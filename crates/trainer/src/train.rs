@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::module::{ModuleVisitor, Param};
-use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::store::ModuleSnapshot;
@@ -27,6 +26,7 @@ use crate::calibrate::{Calibration, Candidate, calibrate, candidates, micro_batc
 use crate::checkpoint::{self, Checkpoint, LoopState};
 use crate::data::{Dataset, Splits, epoch_order};
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::model::{BuiltinModel, Classifier, ensure_memory_for};
 use crate::optim::{Optimizer, optimizer, schedule, values_per_parameter};
 use crate::polling::Poller;
@@ -204,7 +204,6 @@ impl Trainer {
         let micro_batches = plan.micro_batches_per_step();
         let timed = micro_batches_to_time(micro_batches, plan.shards, available.threads);
         let group = &order[..(timed * plan.batch_size).min(train.len())];
-        let loss_fn = CrossEntropyLossConfig::new().init(&device);
         let wanted = |c: &Candidate| match training.execution {
             Execution::Auto => true,
             Execution::Concurrent => c.concurrent || c.threads == 1,
@@ -218,7 +217,6 @@ impl Trainer {
             let pass = Pass {
                 data: train,
                 plan: &plan,
-                loss_fn: &loss_fn,
                 device: &device,
                 compute: Compute::new(training.precision, training.backend),
                 loss_scale: None,
@@ -266,7 +264,6 @@ impl Trainer {
             ..
         } = start;
 
-        let loss_fn = CrossEntropyLossConfig::new().init(&device);
         let mut order = EpochOrder::new(train.len(), training.seed, state.epoch);
         let mut epoch_cpu = CpuMeter::start();
         while state.step < plan.total_steps {
@@ -278,7 +275,7 @@ impl Trainer {
 
             // One optimizer step: the summed gradients of the group's pieces, then the update.
             let clock = StepClock::start(self.options.record_steps);
-            let pass = setup.pass(train, &loss_fn, &device, &updater);
+            let pass = setup.pass(train, &device, &updater);
             let gradients = pass.accumulate_gradients(&model, group);
             let loss = gradients.loss;
             if !loss.is_finite() {
@@ -690,7 +687,6 @@ struct StepGradients {
 struct Pass<'a> {
     data: &'a Dataset,
     plan: &'a StepPlan,
-    loss_fn: &'a CrossEntropyLoss,
     device: &'a Device,
     compute: Compute,
     /// With loss scaling, the scale the loss is multiplied by before backward.
@@ -767,7 +763,7 @@ impl Pass<'_> {
     }
 
     /// The gradients (in the working copy's precision, keyed by the master's parameter ids) and
-    /// the loss of one piece, its mean loss weighted by its share of the step's `step_samples`.
+    /// the loss of one piece: its samples' losses summed over the step's `step_samples`.
     fn piece_gradients<M: Classifier>(
         &self,
         working: &M,
@@ -775,9 +771,9 @@ impl Pass<'_> {
         step_samples: usize,
     ) -> (GradientsParams, f32) {
         let (x, y) = self.data.batch(piece, self.device);
-        let share = piece.len() as f32 / step_samples as f32;
         let logits = self.compute.forward(working, x);
-        let loss = self.loss_fn.forward(logits, y).mul_scalar(share);
+        // The piece's part of the step's mean loss: its samples' losses over the step's count.
+        let loss = kernels::cross_entropy(logits, y, step_samples as f32);
         let value = loss.clone().into_scalar::<f32>();
         let loss = match self.loss_scale {
             Some(scale) => loss.mul_scalar(scale),
@@ -833,17 +829,10 @@ struct Setup {
 
 impl Setup {
     /// The forward and backward passes of the next step, with the updater's loss scale.
-    fn pass<'a>(
-        &'a self,
-        data: &'a Dataset,
-        loss_fn: &'a CrossEntropyLoss,
-        device: &'a Device,
-        updater: &Updater,
-    ) -> Pass<'a> {
+    fn pass<'a>(&'a self, data: &'a Dataset, device: &'a Device, updater: &Updater) -> Pass<'a> {
         Pass {
             data,
             plan: &self.plan,
-            loss_fn,
             device,
             compute: self.compute,
             loss_scale: updater.loss_scale(),

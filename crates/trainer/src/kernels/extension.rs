@@ -16,7 +16,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::ndarray::NdArrayTensor;
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, Backend, Flex, NdArray, TensorMetadata, backend_extension};
 use burn::tensor::{DType, TensorData};
 use half::{bf16, f16};
@@ -24,7 +24,7 @@ use half::{bf16, f16};
 use super::conv::{self, ConvGrads, ConvShape};
 use super::linear::{self, LinearGrads, LinearShape};
 use super::values::{Buffer, Format, Held, Values};
-use super::{fused, pool};
+use super::{fused, loss, pool};
 
 /// Convolution and max-pool kernels for the CNN. Shapes are checked by the wrappers in
 /// [`super`]; the operations panic on dtypes that [`HostSlices`] cannot read.
@@ -64,6 +64,18 @@ pub trait DenseBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
+/// The loss of the built-in training loop.
+#[backend_extension(NdArray, Flex, Autodiff)]
+pub trait LossBackend: Backend {
+    /// The softmax cross-entropy of f32 `logits: [n, classes]` against the class indices
+    /// `targets: [n]`, summed over the rows and divided by `divisor`: a `[1]` tensor.
+    fn cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        divisor: f32,
+    ) -> FloatTensor<Self>;
+}
+
 /// Backends whose tensors the kernels can read as a slice of f32 (or, on burn-flex, f16 and bf16)
 /// and build from a `Buffer` without a copy.
 ///
@@ -82,6 +94,9 @@ pub trait HostSlices: Backend {
     /// The elements in row-major order, for writing in place: `Some` only when the tensor is f32,
     /// contiguous and its storage shared with no other tensor.
     fn f32_mut(tensor: &mut FloatTensor<Self>) -> Option<&mut [f32]>;
+
+    /// The class indices held by an integer tensor (i64 or i32), in row-major order.
+    fn read_classes(tensor: &IntTensor<Self>) -> Vec<usize>;
 
     /// The elements in row-major order, as f32 (a copy unless they are f32 and contiguous).
     fn read_f32(tensor: &FloatTensor<Self>) -> Cow<'_, [f32]> {
@@ -145,6 +160,14 @@ impl HostSlices for NdArray {
         }
     }
 
+    fn read_classes(tensor: &NdArrayTensor) -> Vec<usize> {
+        match tensor {
+            NdArrayTensor::I64(storage) => storage.view().iter().map(|&c| c as usize).collect(),
+            NdArrayTensor::I32(storage) => storage.view().iter().map(|&c| c as usize).collect(),
+            other => not_classes(other.dtype()),
+        }
+    }
+
     fn write(buffer: Buffer, shape: Vec<usize>) -> NdArrayTensor {
         match buffer {
             Buffer::F32(data) => NdArrayTensor::from_data(TensorData::new(data, shape)),
@@ -186,6 +209,20 @@ impl HostSlices for Flex {
         Some(&mut tensor.try_storage_mut::<f32>()?[start..end])
     }
 
+    fn read_classes(tensor: &FlexTensor) -> Vec<usize> {
+        let tensor = tensor.to_contiguous();
+        let classes = match tensor.dtype() {
+            DType::I64 => tensor
+                .as_slice::<i64>()
+                .map(|c| c.iter().map(|&c| c as usize).collect()),
+            DType::I32 => tensor
+                .as_slice::<i32>()
+                .map(|c| c.iter().map(|&c| c as usize).collect()),
+            other => not_classes(other),
+        };
+        classes.expect("a contiguous tensor")
+    }
+
     fn write(buffer: Buffer, shape: Vec<usize>) -> FlexTensor {
         FlexTensor::from_data(match buffer {
             Buffer::F32(data) => TensorData::new(data, shape),
@@ -193,6 +230,10 @@ impl HostSlices for Flex {
             Buffer::Bf16(data) => TensorData::new(data, shape),
         })
     }
+}
+
+fn not_classes(dtype: DType) -> ! {
+    panic!("the cross-entropy kernel reads class indices as i64 or i32, got {dtype:?}")
 }
 
 fn dims4<T: TensorMetadata>(tensor: &T) -> [usize; 4] {
@@ -570,6 +611,86 @@ impl<B: CnnBackend + HostSlices, C: CheckpointStrategy> CnnBackend for Autodiff<
                 prep.finish(x, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::max_pool2x2(x)),
+        }
+    }
+}
+
+/// The loss of [`LossBackend::cross_entropy`] and the softmax its backward pass needs.
+fn cross_entropy_forward<B: HostSlices>(
+    logits: &FloatTensor<B>,
+    targets: &[usize],
+    divisor: f32,
+) -> loss::CrossEntropy {
+    let [rows, classes] = dims2(logits);
+    assert_eq!(rows, targets.len(), "cross-entropy: one target a row");
+    loss::forward(&B::read_f32(logits), targets, classes, divisor)
+}
+
+fn cross_entropy_value<B: HostSlices>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+    divisor: f32,
+) -> FloatTensor<B> {
+    let targets = B::read_classes(&targets);
+    let loss = cross_entropy_forward::<B>(&logits, &targets, divisor).loss;
+    B::write_f32(vec![loss], vec![1])
+}
+
+impl LossBackend for NdArray {
+    fn cross_entropy(logits: NdArrayTensor, targets: NdArrayTensor, divisor: f32) -> NdArrayTensor {
+        cross_entropy_value::<Self>(logits, targets, divisor)
+    }
+}
+
+impl LossBackend for Flex {
+    fn cross_entropy(logits: FlexTensor, targets: FlexTensor, divisor: f32) -> FlexTensor {
+        cross_entropy_value::<Self>(logits, targets, divisor)
+    }
+}
+
+/// Backward step of [`LossBackend::cross_entropy`].
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+/// The forward pass's softmax `[rows, classes]`, the targets and the divisor.
+type CrossEntropyState = (Arc<Vec<f32>>, Arc<Vec<usize>>, [usize; 2], f32);
+
+impl<B: HostSlices> Backward<B, 1> for CrossEntropyBackward {
+    type State = CrossEntropyState;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_logits] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let Some(node) = node_logits else { return };
+        let (softmax, targets, [rows, classes], divisor) = ops.state;
+        let upstream = B::read_f32(&grad)[0];
+        // The state is this step's alone once the graph is consumed: its buffer is reused.
+        let softmax = Arc::try_unwrap(softmax).unwrap_or_else(|shared| (*shared).clone());
+        let dx = loss::backward(softmax, &targets, classes, upstream / divisor);
+        grads.register::<B>(node.id, B::write_f32(dx, vec![rows, classes]));
+    }
+}
+
+impl<B: LossBackend + HostSlices, C: CheckpointStrategy> LossBackend for Autodiff<B, C> {
+    fn cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        divisor: f32,
+    ) -> FloatTensor<Self> {
+        let (logits, node) = logits.into_parts();
+        match CrossEntropyBackward
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let classes = B::read_classes(&targets);
+                let out = cross_entropy_forward::<B>(&logits, &classes, divisor);
+                let dims = dims2(&logits);
+                let state = (Arc::new(out.softmax), Arc::new(classes), dims, divisor);
+                prep.finish(state, B::write_f32(vec![out.loss], vec![1]))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::cross_entropy(logits, targets, divisor)),
         }
     }
 }

@@ -22,6 +22,7 @@ pub(crate) mod convert;
 pub mod extension;
 mod fused;
 mod linear;
+mod loss;
 mod matmul;
 mod pool;
 pub(crate) mod values;
@@ -29,10 +30,11 @@ pub(crate) mod values;
 use std::mem::MaybeUninit;
 
 use burn::backend::Dispatch;
+use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use extension::{CnnBackend, DenseBackend};
+use extension::{CnnBackend, DenseBackend, LossBackend};
 
 /// Samples per rayon task, and per partial sum of the weight and bias gradients. A constant: the
 /// order of every sum must not depend on the thread count.
@@ -191,6 +193,29 @@ pub fn linear(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>, relu: bool) -> T
         weight.into_dispatch(),
         bias.into_dispatch(),
         relu,
+    ))
+}
+
+/// The softmax cross-entropy of `logits: [n, classes]` against the class indices `targets: [n]`,
+/// summed over the rows and divided by `divisor` (`n` gives burn's `CrossEntropyLoss`, the
+/// mean): a `[1]` tensor. One operation, forward and backward, on f32 logits where the kernels
+/// run ([`supported`]); burn's loss, scaled to the same, elsewhere.
+///
+/// # Panics
+/// When `targets` is not one class a row, or a target is not below `classes`.
+pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, divisor: f32) -> Tensor<1> {
+    let [rows, _] = logits.dims();
+    assert_eq!(targets.dims(), [rows], "cross-entropy: one target a row");
+    if logits.dtype() != DType::F32 || !supported(&logits.device(), DType::F32) {
+        let mean = CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits, targets);
+        return mean.mul_scalar(rows as f32 / divisor);
+    }
+    Tensor::from_dispatch(<Dispatch as LossBackend>::cross_entropy(
+        logits.into_dispatch(),
+        targets.into_dispatch(),
+        divisor,
     ))
 }
 
@@ -436,6 +461,43 @@ mod tests {
                         "linear bias gradient",
                     );
                 }
+            }
+        }
+    }
+
+    /// Loss and logit gradients against burn's `CrossEntropyLoss`, for the mean (`divisor` the
+    /// row count) and a share of a larger step's mean, on both backends, with and without
+    /// autodiff.
+    #[test]
+    fn cross_entropy_matches_burn_on_both_backends() {
+        use burn::nn::loss::CrossEntropyLossConfig;
+        for device in devices() {
+            device.seed(17);
+            let (rows, classes) = (37, 10);
+            let logits =
+                Tensor::<2>::random([rows, classes], Distribution::Normal(0.0, 4.0), &device)
+                    .require_grad();
+            let labels: Vec<i64> = (0..rows as i64).map(|i| (i * 7) % classes as i64).collect();
+            let targets = Tensor::<1, Int>::from_ints(labels.as_slice(), &device);
+            let burn_loss = CrossEntropyLossConfig::new().init(&device);
+            for divisor in [rows as f32, 128.0] {
+                let reference = burn_loss
+                    .forward(logits.clone(), targets.clone())
+                    .mul_scalar(rows as f32 / divisor);
+                let ours = cross_entropy(logits.clone(), targets.clone(), divisor);
+                assert_close(ours.clone(), reference.clone(), "cross-entropy");
+                let inference =
+                    cross_entropy(logits.clone().inner(), targets.clone().inner(), divisor);
+                assert_close(
+                    inference,
+                    reference.clone().inner(),
+                    "cross-entropy, no autodiff",
+                );
+                assert_close(
+                    logits.grad(&ours.mul_scalar(3.0).backward()).unwrap(),
+                    logits.grad(&reference.mul_scalar(3.0).backward()).unwrap(),
+                    "cross-entropy logit gradient",
+                );
             }
         }
     }
