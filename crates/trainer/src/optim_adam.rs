@@ -6,6 +6,15 @@
 //! bits), in one pass split over the pool in fixed chunks, in place (the parameter and its moments
 //! are updated where they lie): an element-wise update, so the split changes nothing. Its state is
 //! burn's own [`AdamState`], recorded under burn's names, so checkpoints keep their format.
+//!
+//! One difference from burn's arithmetic: the update runs with subnormal numbers (below f32's
+//! smallest normal value, 1.2e-38) flushed to zero ([`update_chunk_flushed`]). A moment whose
+//! gradient has stopped (an input pixel that is almost always 0) decays by `beta` a step into
+//! that range, where every operation on it takes a slow microcode path: an MLP step took twice
+//! as long after 700 steps. Flushed, the moments stop at 0 where burn's would stay subnormal
+//! a while; a parameter's own bits differ only where its update is smaller than 1e-30 and the
+//! parameter itself smaller than that update's precision, which a test checks does not happen
+//! where a gradient decays to nothing.
 #![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -213,6 +222,25 @@ fn update_chunk<R: RoundsInF32>([p, m1, m2]: [&mut [f32]; 3], g: &[f32], c: &Ada
     }
 }
 
+/// [`update_chunk_dispatch`] with subnormal inputs read as 0 and subnormal results flushed to 0
+/// (the CPU's flush-to-zero and denormals-are-zero flags, set for the chunk on the thread that
+/// runs it and restored after, so no other computation sees them; the module's doc says why).
+/// Which thread runs a chunk changes nothing: the flags are the same on every one.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))]
+fn update_chunk_flushed(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
+    // SAFETY: the flags change how subnormal numbers round, nothing else, and only inside this
+    // call. Rust assumes the default floating-point environment, so the compiler may evaluate
+    // an operation at build time as IEEE rounds it, which would give burn's value for that
+    // element; every operation here reads its operands from memory at run time.
+    unsafe { no_denormals::no_denormals(|| update_chunk_dispatch(state, g, c)) }
+}
+
+/// Elsewhere the update keeps IEEE's subnormals (and their slow path).
+#[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
+fn update_chunk_flushed(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
+    update_chunk_dispatch(state, g, c)
+}
+
 /// [`update_chunk`] compiled for wider vectors where the CPU has them, the gradient rounded as
 /// the reading says. Rust never fuses a multiply and an add, and IEEE multiplication, addition,
 /// division and square root round the same at every vector width: the same bits on any of these
@@ -298,7 +326,7 @@ fn adam_tensors<B: HostSlices>(
         .for_each(|(i, ((p, m1), m2))| {
             let mut scratch = Vec::new();
             let g = g.read(i * CHUNK..i * CHUNK + p.len(), &mut scratch);
-            update_chunk_dispatch([p, m1, m2], g, &c)
+            update_chunk_flushed([p, m1, m2], g, &c)
         });
     (param, moment_1, moment_2)
 }
@@ -481,6 +509,53 @@ mod tests {
                 state.momentum.moment_2.into_data()
             );
         }
+    }
+
+    /// Where a gradient stops, its moments decay into the subnormal range: there the flushed
+    /// update stores 0 where IEEE arithmetic keeps a subnormal moment, and every parameter ends
+    /// with the same bits either way.
+    #[test]
+    fn a_stopped_gradient_leaves_zero_moments_and_the_same_parameters() {
+        use crate::kernels::test_values;
+        let n = 4096;
+        let adam = adam(None, 1.0);
+        let start = test_values(n, 3);
+        let [mut flushed, mut ieee] = [0, 1].map(|_| [start.clone(), vec![0.0; n], vec![0.0; n]]);
+        let mut subnormal_moments = 0;
+        for time in 1..=1500 {
+            // Every element's gradient for five steps; then only every other one's, and small
+            // enough (some of them subnormal) for its square to be.
+            let g: Vec<f32> = test_values(n, time as u32)
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| match (time <= 5, i % 2) {
+                    (true, _) => v,
+                    (false, 0) => v * 1e-36,
+                    (false, _) => 0.0,
+                })
+                .collect();
+            let c = adam.coefficients(time, 1e-3);
+            let [p, m1, m2] = &mut flushed;
+            update_chunk_flushed([p, m1, m2], &g, &c);
+            let [p, m1, m2] = &mut ieee;
+            update_chunk_dispatch([p, m1, m2], &g, &c);
+            let is_subnormal = |v: &f32| v.is_subnormal();
+            subnormal_moments += ieee[1]
+                .iter()
+                .chain(&ieee[2])
+                .filter(|v| is_subnormal(v))
+                .count();
+            assert!(
+                !flushed[1].iter().chain(&flushed[2]).any(is_subnormal),
+                "step {time}"
+            );
+        }
+        // The case arose, and the moments differ where it did.
+        assert!(subnormal_moments > n, "{subnormal_moments}");
+        assert_ne!(flushed[1], ieee[1]);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&flushed[0]), bits(&ieee[0]));
+        assert_ne!(bits(&flushed[0]), bits(&start));
     }
 
     fn adam(round_to: Option<HalfFormat>, factor: f32) -> FusedAdam {
