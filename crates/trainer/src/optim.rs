@@ -7,10 +7,10 @@ use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, SgdConfig};
+use burn::optim::{ModuleOptimizer, SgdConfig};
 
 use crate::error::{Error, Result};
-use crate::optim_adam::{FusedAdam, SharedReading};
+use crate::optim_adam::{AdamVariant, FusedAdam, SharedReading};
 use crate::precision::Unscaling;
 use crate::settings::{OptimizerKind, OptimizerSettings, Schedule};
 
@@ -50,44 +50,39 @@ pub fn values_per_parameter(settings: &OptimizerSettings) -> (usize, &'static st
 
 /// The optimizer the settings name.
 pub fn optimizer(settings: &OptimizerSettings) -> Optimizer {
-    let decay =
-        (settings.weight_decay > 0.0).then(|| WeightDecayConfig::new(settings.weight_decay as f32));
-    if settings.kind == OptimizerKind::Adam && decay.is_none() {
-        // Without weight decay (the common case), the same arithmetic in one parallel pass.
-        let reading = SharedReading::default();
-        let adam = FusedAdam {
-            beta_1: 0.9,
-            beta_2: 0.999,
-            epsilon: settings.epsilon as f32,
-            reading: reading.clone(),
-        };
-        return Optimizer {
-            module: ModuleOptimizer::from(adam),
-            reading: Some(reading),
-        };
-    }
-    let module = match settings.kind {
-        OptimizerKind::Sgd => SgdConfig::new()
-            .with_momentum((settings.momentum > 0.0).then(|| {
-                // Plain heavy-ball momentum, as torch.optim.SGD: no dampening.
-                MomentumConfig::new()
-                    .with_momentum(settings.momentum)
-                    .with_dampening(0.0)
-            }))
-            .with_weight_decay(decay)
-            .init(),
-        OptimizerKind::Adam => AdamConfig::new()
-            .with_epsilon(settings.epsilon as f32)
-            .with_weight_decay(decay)
-            .init(),
-        OptimizerKind::Adamw => AdamWConfig::new()
-            .with_epsilon(settings.epsilon as f32)
-            .with_weight_decay(settings.weight_decay as f32)
-            .init(),
+    let decay = (settings.weight_decay > 0.0).then_some(settings.weight_decay as f32);
+    let variant = match settings.kind {
+        OptimizerKind::Adam => AdamVariant::Adam { penalty: decay },
+        OptimizerKind::Adamw => AdamVariant::AdamW {
+            decay: decay.unwrap_or(0.0),
+        },
+        OptimizerKind::Sgd => {
+            let sgd = SgdConfig::new()
+                .with_momentum((settings.momentum > 0.0).then(|| {
+                    // Plain heavy-ball momentum, as torch.optim.SGD: no dampening.
+                    MomentumConfig::new()
+                        .with_momentum(settings.momentum)
+                        .with_dampening(0.0)
+                }))
+                .with_weight_decay(decay.map(WeightDecayConfig::new));
+            return Optimizer {
+                module: sgd.init(),
+                reading: None,
+            };
+        }
+    };
+    // burn's Adam and AdamW, their arithmetic in one parallel pass.
+    let reading = SharedReading::default();
+    let adam = FusedAdam {
+        beta_1: 0.9,
+        beta_2: 0.999,
+        epsilon: settings.epsilon as f32,
+        variant,
+        reading: reading.clone(),
     };
     Optimizer {
-        module,
-        reading: None,
+        module: ModuleOptimizer::from(adam),
+        reading: Some(reading),
     }
 }
 

@@ -1,11 +1,12 @@
-//! Adam as one parallel pass over each parameter.
+//! Adam and AdamW as one parallel pass over each parameter.
 //!
-//! burn's Adam updates a parameter with about ten tensor operations, each a pass over memory on
-//! one thread: a fifth of an MLP step at one thread, and the part of it that more threads did
-//! not speed up. This is the same arithmetic, element by element in the same order (so the same
-//! bits), in one pass split over the pool in fixed chunks, in place (the parameter and its moments
-//! are updated where they lie): an element-wise update, so the split changes nothing. Its state is
-//! burn's own [`AdamState`], recorded under burn's names, so checkpoints keep their format.
+//! burn's Adam and AdamW update a parameter with about ten tensor operations, each a pass over
+//! memory on one thread: a fifth of an MLP step at one thread, and the part of it that more
+//! threads did not speed up. This is the same arithmetic, element by element in the same order
+//! (so the same bits), with or without weight decay, in one pass split over the pool in fixed
+//! chunks, in place (the parameter and its moments are updated where they lie): an element-wise
+//! update, so the split changes nothing. Its state is burn's own [`AdamState`], recorded under
+//! burn's names (AdamW's state records under the same ones), so checkpoints keep their format.
 //!
 //! One difference from burn's arithmetic: the update runs with subnormal numbers (below f32's
 //! smallest normal value, 1.2e-38) flushed to zero ([`update_chunk_flushed`]). A moment whose
@@ -14,7 +15,9 @@
 //! as long after 700 steps. Flushed, the moments stop at 0 where burn's would stay subnormal
 //! a while; a parameter's own bits differ only where its update is smaller than 1e-30 and the
 //! parameter itself smaller than that update's precision, which a test checks does not happen
-//! where a gradient decays to nothing.
+//! where a gradient decays to nothing. Adam's L2 penalty is the exception: it pulls the weights
+//! themselves into the subnormal range, and those then differ from burn's (README, "The
+//! optimizer step", has the figures).
 #![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -44,14 +47,28 @@ use crate::precision::{GradientReading, HalfFormat};
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
 
-/// Adam (no weight decay, no AMSGrad) with PyTorch's and burn's defaults for the betas.
+/// Adam or AdamW (no AMSGrad) with PyTorch's and burn's defaults for the betas.
 #[derive(Debug, Clone)]
 pub struct FusedAdam {
     pub beta_1: f32,
     pub beta_2: f32,
     pub epsilon: f32,
+    pub variant: AdamVariant,
     /// How each gradient is read: as it is unless set.
     pub reading: SharedReading,
+}
+
+/// Which of burn's two Adams the update computes, with its weight decay: their arithmetic
+/// differs in more than the decay (where each applies the bias corrections), so each is
+/// followed as burn writes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AdamVariant {
+    /// burn's `Adam`; with a penalty (L2 weight decay), `weight * penalty` is added to each
+    /// gradient before the moments take it.
+    Adam { penalty: Option<f32> },
+    /// burn's `AdamW`: the weight is multiplied by `1 - lr * decay` (decoupled weight decay)
+    /// before the step is taken off it.
+    AdamW { decay: f32 },
 }
 
 /// How the fused Adam reads the gradients of the next step ([`GradientReading`]), set before
@@ -88,27 +105,64 @@ pub struct AdamCoefficients {
     /// `1 - beta_1`, `1 - beta_2`.
     keep_1: f32,
     keep_2: f32,
-    /// `sqrt(1 - beta_2^t) / (1 - beta_1^t)`.
-    combined: f32,
-    /// `epsilon * sqrt(1 - beta_2^t)`.
-    epsilon: f32,
     lr: f32,
+    variant: VariantCoefficients,
     /// [`SharedReading`].
     reading: GradientReading,
+}
+
+/// The constants of each variant's step.
+#[derive(Debug, Clone, Copy)]
+enum VariantCoefficients {
+    Adam {
+        /// `sqrt(1 - beta_2^t) / (1 - beta_1^t)`.
+        combined: f32,
+        /// `epsilon * sqrt(1 - beta_2^t)`.
+        epsilon: f32,
+        penalty: Option<f32>,
+    },
+    AdamW {
+        /// `1 - beta_1^t`, `1 - beta_2^t`.
+        correction_1: f32,
+        correction_2: f32,
+        epsilon: f32,
+        /// `1 - lr * decay`, rounded to f32 as burn's `mul_scalar` rounds it; 1 (which changes
+        /// no weight) without decay.
+        keep: f32,
+    },
 }
 
 impl FusedAdam {
     fn coefficients(&self, time: usize, lr: LearningRate) -> AdamCoefficients {
         let time = time as i32;
-        let correction_2 = (1.0 - self.beta_2.powi(time)).sqrt();
+        let (bias_1, bias_2) = (1.0 - self.beta_1.powi(time), 1.0 - self.beta_2.powi(time));
+        let variant = match self.variant {
+            AdamVariant::Adam { penalty } => VariantCoefficients::Adam {
+                combined: bias_2.sqrt() / bias_1,
+                epsilon: self.epsilon * bias_2.sqrt(),
+                penalty,
+            },
+            AdamVariant::AdamW { decay } => {
+                let decay_rate = lr * decay as f64;
+                VariantCoefficients::AdamW {
+                    correction_1: bias_1,
+                    correction_2: bias_2,
+                    epsilon: self.epsilon,
+                    keep: if decay_rate == 0.0 {
+                        1.0
+                    } else {
+                        (1.0 - decay_rate) as f32
+                    },
+                }
+            }
+        };
         AdamCoefficients {
             beta_1: self.beta_1,
             beta_2: self.beta_2,
             keep_1: 1.0 - self.beta_1,
             keep_2: 1.0 - self.beta_2,
-            combined: correction_2 / (1.0 - self.beta_1.powi(time)),
-            epsilon: self.epsilon * correction_2,
             lr: lr as f32,
+            variant,
             reading: self.reading.get(),
         }
     }
@@ -204,22 +258,74 @@ pub trait AdamBackend: Backend {
 }
 
 /// One chunk's update, in place, element by element and operation by operation as burn's Adam
-/// does it (the gradient first rounded to `R`'s values and multiplied by the reading's factor:
-/// for f32 and by 1, the same bits). Every slice is cut to one length first, so that the loop
-/// carries no bounds checks and vectorises.
+/// or AdamW does it (the gradient first rounded to `R`'s values and multiplied by the reading's
+/// factor: for f32 and by 1, the same bits). Every slice is cut to one length first, so that
+/// the loops carry no bounds checks and vectorise.
 #[inline(always)]
 fn update_chunk<R: RoundsInF32>([p, m1, m2]: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
     let n = p.len();
     let (m1, m2, g) = (&mut m1[..n], &mut m2[..n], &g[..n]);
-    for i in 0..n {
-        let g = R::round_in_f32(g[i]) * c.reading.factor;
-        let new_m1 = m1[i] * c.beta_1 + g * c.keep_1;
-        let new_m2 = m2[i] * c.beta_2 + (g * g) * c.keep_2;
-        let step = (new_m1 * c.combined) / (new_m2.sqrt() + c.epsilon);
-        p[i] -= step * c.lr;
-        m1[i] = new_m1;
-        m2[i] = new_m2;
+    // Plain loops over inlined functions only: anything left out of line (an iterator's
+    // `for_each`) would be compiled without the caller's vector width.
+    match c.variant {
+        VariantCoefficients::Adam {
+            combined,
+            epsilon,
+            penalty,
+        } => match penalty {
+            // Two loops, so that the plain one carries no test: `weight * 0 + g` would not
+            // always be `g` (the sign of a zero, an infinite weight).
+            None => {
+                for i in 0..n {
+                    let g = read::<R>(g[i], c);
+                    adam([&mut p[i], &mut m1[i], &mut m2[i]], g, combined, epsilon, c);
+                }
+            }
+            Some(penalty) => {
+                for i in 0..n {
+                    let g = p[i] * penalty + read::<R>(g[i], c);
+                    adam([&mut p[i], &mut m1[i], &mut m2[i]], g, combined, epsilon, c);
+                }
+            }
+        },
+        VariantCoefficients::AdamW {
+            correction_1,
+            correction_2,
+            epsilon,
+            keep,
+        } => {
+            for i in 0..n {
+                let (new_m1, new_m2) = moments(m1[i], m2[i], read::<R>(g[i], c), c);
+                let step = (new_m1 / correction_1) / ((new_m2 / correction_2).sqrt() + epsilon);
+                p[i] = p[i] * keep - step * c.lr;
+                (m1[i], m2[i]) = (new_m1, new_m2);
+            }
+        }
     }
+}
+
+/// A gradient as the update reads it ([`SharedReading`]).
+#[inline(always)]
+fn read<R: RoundsInF32>(g: f32, c: &AdamCoefficients) -> f32 {
+    R::round_in_f32(g) * c.reading.factor
+}
+
+/// One element's step of burn's Adam.
+#[inline(always)]
+fn adam([p, m1, m2]: [&mut f32; 3], g: f32, combined: f32, epsilon: f32, c: &AdamCoefficients) {
+    let (new_m1, new_m2) = moments(*m1, *m2, g, c);
+    let step = (new_m1 * combined) / (new_m2.sqrt() + epsilon);
+    *p -= step * c.lr;
+    (*m1, *m2) = (new_m1, new_m2);
+}
+
+/// Both variants' moments, as burn's `AdaptiveMomentum` updates them.
+#[inline(always)]
+fn moments(m1: f32, m2: f32, g: f32, c: &AdamCoefficients) -> (f32, f32) {
+    (
+        m1 * c.beta_1 + g * c.keep_1,
+        m2 * c.beta_2 + (g * g) * c.keep_2,
+    )
 }
 
 /// [`update_chunk_dispatch`] with subnormal inputs read as 0 and subnormal results flushed to 0
@@ -454,33 +560,61 @@ mod tests {
         })
     }
 
+    /// Each variant against burn's own optimizer: Adam without and with an L2 penalty, AdamW
+    /// without and with a decoupled decay.
     #[test]
     #[allow(deprecated)]
-    fn the_same_bits_as_burns_adam_at_any_thread_count() {
+    fn the_same_bits_as_burns_adam_and_adamw_at_any_thread_count() {
+        use burn::optim::AdamWConfig;
+        use burn::optim::decay::WeightDecayConfig;
+        let burns = |variant| match variant {
+            AdamVariant::Adam { penalty } => AdamConfig::new()
+                .with_epsilon(1e-8)
+                .with_weight_decay(penalty.map(WeightDecayConfig::new))
+                .init(),
+            AdamVariant::AdamW { decay } => AdamWConfig::new()
+                .with_epsilon(1e-8)
+                .with_weight_decay(decay)
+                .init(),
+        };
+        let variants = [
+            AdamVariant::Adam { penalty: None },
+            AdamVariant::Adam {
+                penalty: Some(0.05),
+            },
+            AdamVariant::AdamW { decay: 0.0 },
+            AdamVariant::AdamW { decay: 0.5 },
+        ];
         for device in [Device::ndarray().autodiff(), Device::flex().autodiff()] {
-            let fused = || {
-                ModuleOptimizer::from(FusedAdam {
-                    beta_1: 0.9,
-                    beta_2: 0.999,
-                    epsilon: 1e-8,
-                    reading: SharedReading::default(),
-                })
-            };
-            let reference = train(AdamConfig::new().with_epsilon(1e-8).init(), &device, 1);
-            assert_eq!(train(fused(), &device, 1), reference);
-            assert_eq!(train(fused(), &device, 2), reference);
-            assert_ne!(
-                values(&LinearConfig::new(300, 200).init(&device)),
-                reference
-            );
+            let mut outcomes = Vec::new();
+            for variant in variants {
+                let fused = || {
+                    ModuleOptimizer::from(FusedAdam {
+                        beta_1: 0.9,
+                        beta_2: 0.999,
+                        epsilon: 1e-8,
+                        variant,
+                        reading: SharedReading::default(),
+                    })
+                };
+                let reference = train(burns(variant), &device, 1);
+                assert_eq!(train(fused(), &device, 1), reference, "{variant:?}");
+                assert_eq!(train(fused(), &device, 2), reference, "{variant:?}");
+                outcomes.push(reference);
+            }
+            // Every variant trains to weights of its own, none left as initialised.
+            outcomes.push(values(&LinearConfig::new(300, 200).init(&device)));
+            for (i, a) in outcomes.iter().enumerate() {
+                assert!(outcomes[i + 1..].iter().all(|b| b != a), "outcome {i}");
+            }
         }
     }
 
-    /// The fused state records what burn's derive records for the same [`AdamState`]: the same
+    /// The fused state records what burn's derive records for the same [`AdamState`] (and AdamW's): the same
     /// names, scalars and tensor data; and it reads back what it wrote.
     #[test]
     #[allow(deprecated)]
-    fn the_state_records_as_burns_adam_state() {
+    fn the_state_records_as_burns_adam_and_adamw_states() {
         for device in [Device::ndarray().autodiff(), Device::flex().autodiff()] {
             // Fixed values, not the device's generator, which other tests seed and draw from.
             let moment = |seed| {
@@ -496,6 +630,14 @@ mod tests {
                 format!("{:?}", burns.scalars)
             );
             assert_eq!(ours.tensors, burns.tensors);
+            // burn's AdamW records its state under the same names.
+            let mut adamw = StateSink::default();
+            burn::optim::AdamWState::new(state.momentum.clone()).state_flatten("3", &mut adamw);
+            assert_eq!(
+                format!("{:?}", ours.scalars),
+                format!("{:?}", adamw.scalars)
+            );
+            assert_eq!(ours.tensors, adamw.tensors);
             assert_eq!(ours.tensors.len(), 2);
 
             let mut source = StateSource::new(ours.scalars.into_iter().collect());
@@ -516,9 +658,21 @@ mod tests {
     /// with the same bits either way.
     #[test]
     fn a_stopped_gradient_leaves_zero_moments_and_the_same_parameters() {
+        for variant in [
+            AdamVariant::Adam { penalty: None },
+            AdamVariant::AdamW { decay: 0.01 },
+        ] {
+            let adam = FusedAdam {
+                variant,
+                ..adam(None, 1.0)
+            };
+            stopped_gradient(&adam);
+        }
+    }
+
+    fn stopped_gradient(adam: &FusedAdam) {
         use crate::kernels::test_values;
         let n = 4096;
-        let adam = adam(None, 1.0);
         let start = test_values(n, 3);
         let [mut flushed, mut ieee] = [0, 1].map(|_| [start.clone(), vec![0.0; n], vec![0.0; n]]);
         let mut subnormal_moments = 0;
@@ -547,14 +701,15 @@ mod tests {
                 .count();
             assert!(
                 !flushed[1].iter().chain(&flushed[2]).any(is_subnormal),
-                "step {time}"
+                "{:?}, step {time}",
+                adam.variant
             );
         }
         // The case arose, and the moments differ where it did.
         assert!(subnormal_moments > n, "{subnormal_moments}");
         assert_ne!(flushed[1], ieee[1]);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&flushed[0]), bits(&ieee[0]));
+        assert_eq!(bits(&flushed[0]), bits(&ieee[0]), "{:?}", adam.variant);
         assert_ne!(bits(&flushed[0]), bits(&start));
     }
 
@@ -565,6 +720,7 @@ mod tests {
             beta_1: 0.9,
             beta_2: 0.999,
             epsilon: 1e-8,
+            variant: AdamVariant::Adam { penalty: None },
             reading,
         }
     }
