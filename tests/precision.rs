@@ -69,6 +69,32 @@ fn half_precision_gives_the_same_weights_at_any_thread_count() {
     }
 }
 
+/// SGD reads a loss-scaled step's half-precision gradients (unscaling, and rounding where
+/// emulated, as it reads them) as Adam does.
+#[test]
+fn sgd_in_half_precision_gives_the_same_weights_at_any_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "epochs = 3\nprecision = \"f16\"");
+    for backend in ["ndarray", "flex"] {
+        let [one, two] = ["1", "2"].map(|threads| {
+            let run = dir.path().join(format!("{backend}-{threads}"));
+            train_json(
+                &config,
+                &run,
+                &[
+                    "optimizer.kind=sgd",
+                    "optimizer.lr=0.05",
+                    &format!("training.backend={backend}"),
+                    &format!("training.threads={threads}"),
+                ],
+            )
+        });
+        assert_eq!(one["weights_sha256"], two["weights_sha256"], "{backend}");
+        assert_eq!(one["loss_scale"], 65536.0, "{backend}");
+        assert!(one["test_accuracy"].as_f64().unwrap() > 0.85, "{one}");
+    }
+}
+
 #[test]
 fn a_huge_initial_scale_skips_steps_backs_off_then_trains() {
     let dir = tempfile::tempdir().unwrap();

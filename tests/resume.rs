@@ -53,17 +53,31 @@ fn spawn(args: &[&str]) -> Child {
 
 #[test]
 fn a_run_stopped_and_resumed_with_other_threads_ends_as_the_uninterrupted_run() {
+    stopped_and_resumed(&[]);
+}
+
+/// SGD's state (the velocity) is saved and restored as Adam's moments are.
+#[test]
+fn an_sgd_run_with_momentum_resumes_as_the_uninterrupted_run() {
+    stopped_and_resumed(&["optimizer.kind=sgd", "optimizer.lr=0.05"]);
+}
+
+/// A run of `settings` stopped at step 57 (inside epoch 1, a step boundary that is no
+/// checkpoint step's multiple of the epoch), then continued on 2 threads up to the same 160
+/// steps, ends with the weights and metrics of the run never stopped.
+fn stopped_and_resumed(settings: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
     let whole = dir.path().join("whole");
-    let reference = train_json(&config, &whole, &[]);
+    let reference = train_json(&config, &whole, settings);
 
-    // Stop at step 57 (inside epoch 1, a step boundary that is no checkpoint step's multiple
-    // of the epoch), then continue on 2 threads up to the same 160 steps.
     let run = dir.path().join("resumed");
-    let first = train_json(&config, &run, &["training.max_steps=57"]);
+    let stop = [settings, &["training.max_steps=57"]].concat();
+    let first = train_json(&config, &run, &stop);
     assert_eq!(first["steps"], 57);
-    let mut args = train_args(&config, &run, &["training.threads=2"]);
+    assert_ne!(first["weights_sha256"], reference["weights_sha256"]);
+    let more = [settings, &["training.threads=2"]].concat();
+    let mut args = train_args(&config, &run, &more);
     args.push("--resume");
     let output = allcores(&args);
     assert!(output.status.success(), "{}", stderr(&output));

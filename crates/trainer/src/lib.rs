@@ -21,7 +21,6 @@ mod files;
 pub mod kernels;
 pub mod model;
 mod optim;
-mod optim_adam;
 pub mod polling;
 pub mod precision;
 mod progress;

@@ -836,7 +836,7 @@ impl Setup {
             device,
             compute: self.compute,
             loss_scale: updater.loss_scale(),
-            unscaling: updater.optimizer.unscaling(),
+            unscaling: Unscaling::ByOptimizer,
             concurrent: self.concurrent,
             poller: self.poller,
         }
@@ -892,9 +892,7 @@ impl Updater {
         if !apply {
             return model;
         }
-        if let Some(reading) = &self.optimizer.reading {
-            reading.set(gradients.reading);
-        }
+        self.optimizer.reading.set(gradients.reading);
         self.optimizer.module.step(rate, model, gradients.grads)
     }
 }

@@ -52,7 +52,7 @@ pub trait HalfFloat: RoundsInF32 + Copy + Send + Sync {
 ///
 /// Emulated half precision rounds this way rather than by narrowing and widening: one pass,
 /// no half buffer, and the same rounding inlines into loops that read values once for other
-/// work (the fused Adam's update, the loss scaler's overflow check).
+/// work (the fused optimizers' updates, the loss scaler's overflow check).
 pub fn round_in_f32<T: RoundsInF32>(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
     assert_eq!(src.len(), dst.len(), "rounding: lengths");
     #[cfg(target_arch = "x86_64")]

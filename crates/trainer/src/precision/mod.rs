@@ -4,7 +4,7 @@
 //! ([`Compute::working_copy`]: the same parameter ids, so its gradients are keyed like the
 //! master's), runs forward and backward on it, hands the gradients to the optimizer
 //! ([`Compute::gradients_for_optimizer`]: divided by the loss scale, in f32) and the optimizer
-//! updates the f32 master with its f32 state. The fused Adam takes them as they are, in half
+//! updates the f32 master with its f32 state. The fused optimizers take them as they are, in half
 //! precision (or, emulated, in f32 not yet rounded), and divides (and rounds) as it reads them
 //! ([`Unscaling::ByOptimizer`], [`GradientReading`]). The loss and its softmax run in f32, on
 //! logits cast up, as PyTorch's autocast does.
@@ -91,7 +91,7 @@ impl std::fmt::Display for PrecisionMode {
 pub enum Unscaling {
     /// In a pass of their own, before the optimizer: it takes them as they come.
     Before,
-    /// By the optimizer, as it reads them (the fused Adam's `SharedReading`): before it they are
+    /// By the optimizer, as it reads them (the fused updates' `SharedReading`): before it they are
     /// only checked, one pass that reads, and half-precision gradients stay half. Emulated half
     /// precision's rounding of the gradients is left to it too.
     ByOptimizer,

@@ -1,51 +1,24 @@
-//! Adam and AdamW as one parallel pass over each parameter.
+//! Adam and AdamW as one parallel pass over each parameter ([`super::fused`]).
 //!
 //! burn's Adam and AdamW update a parameter with about ten tensor operations, each a pass over
 //! memory on one thread: a fifth of an MLP step at one thread, and the part of it that more
 //! threads did not speed up. This is the same arithmetic, element by element in the same order
-//! (so the same bits), with or without weight decay, in one pass split over the pool in fixed
-//! chunks, in place (the parameter and its moments are updated where they lie): an element-wise
-//! update, so the split changes nothing. Its state is burn's own [`AdamState`], recorded under
-//! burn's names (AdamW's state records under the same ones), so checkpoints keep their format.
-//!
-//! One difference from burn's arithmetic: the update runs with subnormal numbers (below f32's
-//! smallest normal value, 1.2e-38) flushed to zero ([`update_chunk_flushed`]). A moment whose
-//! gradient has stopped (an input pixel that is almost always 0) decays by `beta` a step into
-//! that range, where every operation on it takes a slow microcode path: an MLP step took twice
-//! as long after 700 steps. Flushed, the moments stop at 0 where burn's would stay subnormal
-//! a while; a parameter's own bits differ only where its update is smaller than 1e-30 and the
-//! parameter itself smaller than that update's precision, which a test checks does not happen
-//! where a gradient decays to nothing. Adam's L2 penalty is the exception: it pulls the weights
-//! themselves into the subnormal range, and those then differ from burn's (README, "The
-//! optimizer step", has the figures).
+//! (so the same bits, but for subnormal numbers: see [`super::fused`]), with or without weight
+//! decay. Its state is burn's own [`AdamState`], recorded under burn's names (AdamW's state
+//! records under the same ones), so checkpoints keep their format.
 #![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
 
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
-use burn::backend::flex::FlexTensor;
-use burn::backend::ndarray::NdArrayTensor;
-use burn::backend::tensor::FloatTensor;
-use burn::backend::{
-    Autodiff, Backend, Dispatch, Flex, NdArray, TensorMetadata, backend_extension,
-};
+use burn::backend::Dispatch;
 use burn::optim::{
     AdamState, AdaptiveMomentumState, LearningRate, Optimizer, RecordState, StateSink, StateSource,
     join_path,
 };
 use burn::prelude::*;
 use burn::store::burn_pack::Scalar;
-use half::{bf16, f16};
-use rayon::prelude::*;
-use std::sync::{Arc, Mutex, PoisonError};
 
+use super::fused::{ElementUpdate, FusedBackend, SharedReading, read};
 use crate::kernels::convert::RoundsInF32;
-use crate::kernels::extension::HostSlices;
-use crate::precision::{GradientReading, HalfFormat};
-
-/// Elements per rayon task.
-const CHUNK: usize = 1 << 14;
+use crate::precision::GradientReading;
 
 /// Adam or AdamW (no AMSGrad) with PyTorch's and burn's defaults for the betas.
 #[derive(Debug, Clone)]
@@ -69,32 +42,6 @@ pub enum AdamVariant {
     /// burn's `AdamW`: the weight is multiplied by `1 - lr * decay` (decoupled weight decay)
     /// before the step is taken off it.
     AdamW { decay: f32 },
-}
-
-/// How the fused Adam reads the gradients of the next step ([`GradientReading`]), set before
-/// each step: multiplied by `1 / loss scale` when it is handed the gradients of a scaled loss,
-/// as PyTorch's GradScaler hands its `grad_scale` to a fused Adam, and rounded to a half format
-/// first when it is handed emulated half precision's gradients unrounded. The gradients of a
-/// half-precision step then go from the backward pass to the update as they are, read once,
-/// instead of being rounded, or widened and divided, in a pass of their own first. A handle:
-/// clones share it.
-#[derive(Debug, Clone)]
-pub struct SharedReading(Arc<Mutex<GradientReading>>);
-
-impl SharedReading {
-    pub fn set(&self, reading: GradientReading) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = reading;
-    }
-
-    pub fn get(&self) -> GradientReading {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Default for SharedReading {
-    fn default() -> Self {
-        Self(Arc::new(Mutex::new(GradientReading::AS_THEY_ARE)))
-    }
 }
 
 /// The per-step constants of the update, computed as burn computes them.
@@ -186,7 +133,7 @@ impl<const D: usize> RecordState for FusedAdamState<D> {
             ("moment_1", &momentum.moment_1),
             ("moment_2", &momentum.moment_2),
         ] {
-            let copy = <Dispatch as AdamBackend>::unshared_copy(moment.clone().into_dispatch());
+            let copy = <Dispatch as FusedBackend>::unshared_copy(moment.clone().into_dispatch());
             out.push_tensor(&path, leaf, Tensor::<D>::from_dispatch(copy).into_data());
         }
     }
@@ -217,7 +164,7 @@ impl Optimizer for FusedAdam {
             None => (1, tensor.zeros_like(), tensor.zeros_like()),
         };
         let c = self.coefficients(time, lr);
-        let (tensor, moment_1, moment_2) = <Dispatch as AdamBackend>::adam_update(
+        let (tensor, moment_1, moment_2) = <Dispatch as FusedBackend>::adam_update(
             tensor.into_dispatch(),
             grad.into_dispatch(),
             moment_1.into_dispatch(),
@@ -241,73 +188,55 @@ impl Optimizer for FusedAdam {
     }
 }
 
-/// The fused update.
-#[backend_extension(NdArray, Flex, Autodiff)]
-pub trait AdamBackend: Backend {
-    /// `(parameter, first moment, second moment)` after one Adam step with the constants `c`.
-    fn adam_update(
-        param: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        moment_1: FloatTensor<Self>,
-        moment_2: FloatTensor<Self>,
-        c: AdamCoefficients,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+impl ElementUpdate<3> for AdamCoefficients {
+    fn reading(&self) -> GradientReading {
+        self.reading
+    }
 
-    /// A copy of `tensor` (f32) that shares its storage with nothing.
-    fn unshared_copy(tensor: FloatTensor<Self>) -> FloatTensor<Self>;
-}
-
-/// One chunk's update, in place, element by element and operation by operation as burn's Adam
-/// or AdamW does it (the gradient first rounded to `R`'s values and multiplied by the reading's
-/// factor: for f32 and by 1, the same bits). Every slice is cut to one length first, so that
-/// the loops carry no bounds checks and vectorise.
-#[inline(always)]
-fn update_chunk<R: RoundsInF32>([p, m1, m2]: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
-    let n = p.len();
-    let (m1, m2, g) = (&mut m1[..n], &mut m2[..n], &g[..n]);
-    // Plain loops over inlined functions only: anything left out of line (an iterator's
-    // `for_each`) would be compiled without the caller's vector width.
-    match c.variant {
-        VariantCoefficients::Adam {
-            combined,
-            epsilon,
-            penalty,
-        } => match penalty {
-            // Two loops, so that the plain one carries no test: `weight * 0 + g` would not
-            // always be `g` (the sign of a zero, an infinite weight).
-            None => {
-                for i in 0..n {
-                    let g = read::<R>(g[i], c);
-                    adam([&mut p[i], &mut m1[i], &mut m2[i]], g, combined, epsilon, c);
+    /// One chunk's update of `[parameter, first moment, second moment]`, in place, element by
+    /// element and operation by operation as burn's Adam or AdamW does it. Every slice is cut
+    /// to one length first, so that the loops carry no bounds checks and vectorise.
+    #[inline(always)]
+    fn update_chunk<R: RoundsInF32>(&self, [p, m1, m2]: [&mut [f32]; 3], g: &[f32]) {
+        let (c, n) = (self, p.len());
+        let (m1, m2, g) = (&mut m1[..n], &mut m2[..n], &g[..n]);
+        let reading = &c.reading;
+        match c.variant {
+            VariantCoefficients::Adam {
+                combined,
+                epsilon,
+                penalty,
+            } => match penalty {
+                // Two loops, so that the plain one carries no test: `weight * 0 + g` would not
+                // always be `g` (the sign of a zero, an infinite weight).
+                None => {
+                    for i in 0..n {
+                        let g = read::<R>(g[i], reading);
+                        adam([&mut p[i], &mut m1[i], &mut m2[i]], g, combined, epsilon, c);
+                    }
                 }
-            }
-            Some(penalty) => {
-                for i in 0..n {
-                    let g = p[i] * penalty + read::<R>(g[i], c);
-                    adam([&mut p[i], &mut m1[i], &mut m2[i]], g, combined, epsilon, c);
+                Some(penalty) => {
+                    for i in 0..n {
+                        let g = p[i] * penalty + read::<R>(g[i], reading);
+                        adam([&mut p[i], &mut m1[i], &mut m2[i]], g, combined, epsilon, c);
+                    }
                 }
-            }
-        },
-        VariantCoefficients::AdamW {
-            correction_1,
-            correction_2,
-            epsilon,
-            keep,
-        } => {
-            for i in 0..n {
-                let (new_m1, new_m2) = moments(m1[i], m2[i], read::<R>(g[i], c), c);
-                let step = (new_m1 / correction_1) / ((new_m2 / correction_2).sqrt() + epsilon);
-                p[i] = p[i] * keep - step * c.lr;
-                (m1[i], m2[i]) = (new_m1, new_m2);
+            },
+            VariantCoefficients::AdamW {
+                correction_1,
+                correction_2,
+                epsilon,
+                keep,
+            } => {
+                for i in 0..n {
+                    let (new_m1, new_m2) = moments(m1[i], m2[i], read::<R>(g[i], reading), c);
+                    let step = (new_m1 / correction_1) / ((new_m2 / correction_2).sqrt() + epsilon);
+                    p[i] = p[i] * keep - step * c.lr;
+                    (m1[i], m2[i]) = (new_m1, new_m2);
+                }
             }
         }
     }
-}
-
-/// A gradient as the update reads it ([`SharedReading`]).
-#[inline(always)]
-fn read<R: RoundsInF32>(g: f32, c: &AdamCoefficients) -> f32 {
-    R::round_in_f32(g) * c.reading.factor
 }
 
 /// One element's step of burn's Adam.
@@ -328,237 +257,14 @@ fn moments(m1: f32, m2: f32, g: f32, c: &AdamCoefficients) -> (f32, f32) {
     )
 }
 
-/// [`update_chunk_dispatch`] with subnormal inputs read as 0 and subnormal results flushed to 0
-/// (the CPU's flush-to-zero and denormals-are-zero flags, set for the chunk on the thread that
-/// runs it and restored after, so no other computation sees them; the module's doc says why).
-/// Which thread runs a chunk changes nothing: the flags are the same on every one.
-#[cfg(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))]
-fn update_chunk_flushed(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
-    // SAFETY: the flags change how subnormal numbers round, nothing else, and only inside this
-    // call. Rust assumes the default floating-point environment, so the compiler may evaluate
-    // an operation at build time as IEEE rounds it, which would give burn's value for that
-    // element; every operation here reads its operands from memory at run time.
-    unsafe { no_denormals::no_denormals(|| update_chunk_dispatch(state, g, c)) }
-}
-
-/// Elsewhere the update keeps IEEE's subnormals (and their slow path).
-#[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
-fn update_chunk_flushed(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
-    update_chunk_dispatch(state, g, c)
-}
-
-/// [`update_chunk`] compiled for wider vectors where the CPU has them, the gradient rounded as
-/// the reading says. Rust never fuses a multiply and an add, and IEEE multiplication, addition,
-/// division and square root round the same at every vector width: the same bits on any of these
-/// paths.
-fn update_chunk_dispatch(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
-    match c.reading.round_to {
-        None => update_chunk_wide::<f32>(state, g, c),
-        Some(HalfFormat::F16) => update_chunk_wide::<f16>(state, g, c),
-        Some(HalfFormat::Bf16) => update_chunk_wide::<bf16>(state, g, c),
-    }
-}
-
-fn update_chunk_wide<R: RoundsInF32>(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        fn avx512<R: RoundsInF32>(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
-            update_chunk::<R>(state, g, c)
-        }
-        #[target_feature(enable = "avx2")]
-        fn avx2<R: RoundsInF32>(state: [&mut [f32]; 3], g: &[f32], c: &AdamCoefficients) {
-            update_chunk::<R>(state, g, c)
-        }
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, checked just above.
-            return unsafe { avx512::<R>(state, g, c) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, checked just above.
-            return unsafe { avx2::<R>(state, g, c) };
-        }
-    }
-    update_chunk::<R>(state, g, c)
-}
-
-/// `tensor`, owned by nobody else and writable in place as f32: itself when it already is (the
-/// usual case: the step's working copy and graph are gone by the time the optimizer runs), else
-/// a copy.
-fn writable<B: HostSlices>(mut tensor: FloatTensor<B>) -> FloatTensor<B> {
-    if B::f32_mut(&mut tensor).is_some() {
-        return tensor;
-    }
-    copied::<B>(&tensor)
-}
-
-/// A copy of `tensor` as f32, in a buffer of its own.
-fn copied<B: HostSlices>(tensor: &FloatTensor<B>) -> FloatTensor<B> {
-    let shape = tensor.shape().to_vec();
-    B::write_f32(B::read_f32(tensor).into_owned(), shape)
-}
-
-/// Updates the parameter and the moments in place: no new buffers, one pass over memory.
-fn adam_tensors<B: HostSlices>(
-    param: FloatTensor<B>,
-    grad: FloatTensor<B>,
-    moment_1: FloatTensor<B>,
-    moment_2: FloatTensor<B>,
-    c: AdamCoefficients,
-) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
-    let (mut param, mut moment_1, mut moment_2) = (
-        writable::<B>(param),
-        writable::<B>(moment_1),
-        writable::<B>(moment_2),
-    );
-    // A half-precision gradient is widened chunk by chunk, in cache, as the update reads it; an
-    // emulated one is rounded value by value.
-    let g = B::read(&grad);
-    let g = g.values();
-    let (p, m1, m2) = (
-        B::f32_mut(&mut param).expect("a tensor just made writable"),
-        B::f32_mut(&mut moment_1).expect("a tensor just made writable"),
-        B::f32_mut(&mut moment_2).expect("a tensor just made writable"),
-    );
-    let n = p.len();
-    assert!(
-        g.len() == n && m1.len() == n && m2.len() == n,
-        "adam: sizes differ"
-    );
-    p.par_chunks_mut(CHUNK)
-        .zip(m1.par_chunks_mut(CHUNK))
-        .zip(m2.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(i, ((p, m1), m2))| {
-            let mut scratch = Vec::new();
-            let g = g.read(i * CHUNK..i * CHUNK + p.len(), &mut scratch);
-            update_chunk_flushed([p, m1, m2], g, &c)
-        });
-    (param, moment_1, moment_2)
-}
-
-impl AdamBackend for NdArray {
-    fn adam_update(
-        param: NdArrayTensor,
-        grad: NdArrayTensor,
-        moment_1: NdArrayTensor,
-        moment_2: NdArrayTensor,
-        c: AdamCoefficients,
-    ) -> (NdArrayTensor, NdArrayTensor, NdArrayTensor) {
-        adam_tensors::<Self>(param, grad, moment_1, moment_2, c)
-    }
-
-    fn unshared_copy(tensor: NdArrayTensor) -> NdArrayTensor {
-        copied::<Self>(&tensor)
-    }
-}
-
-impl AdamBackend for Flex {
-    fn adam_update(
-        param: FlexTensor,
-        grad: FlexTensor,
-        moment_1: FlexTensor,
-        moment_2: FlexTensor,
-        c: AdamCoefficients,
-    ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        adam_tensors::<Self>(param, grad, moment_1, moment_2, c)
-    }
-
-    fn unshared_copy(tensor: FlexTensor) -> FlexTensor {
-        copied::<Self>(&tensor)
-    }
-}
-
-/// The optimizer runs on tensors without a graph; should one carry a graph, the update is a
-/// constant to it.
-#[derive(Debug)]
-struct Constant;
-
-impl<B: Backend> Backward<B, 1> for Constant {
-    type State = ();
-
-    fn backward(self, _: Ops<Self::State, 1>, _: &mut Gradients, _: &mut Checkpointer) {}
-}
-
-impl<B: AdamBackend, C: CheckpointStrategy> AdamBackend for Autodiff<B, C> {
-    fn adam_update(
-        param: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        moment_1: FloatTensor<Self>,
-        moment_2: FloatTensor<Self>,
-        c: AdamCoefficients,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (param, param_node) = param.into_parts();
-        let (grad, _) = grad.into_parts();
-        let (moment_1, moment_1_node) = moment_1.into_parts();
-        let (moment_2, moment_2_node) = moment_2.into_parts();
-        let (p, m1, m2) = B::adam_update(param, grad, moment_1, moment_2, c);
-        (
-            constant::<B, C>(param_node, p),
-            constant::<B, C>(moment_1_node, m1),
-            constant::<B, C>(moment_2_node, m2),
-        )
-    }
-
-    fn unshared_copy(tensor: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (tensor, node) = tensor.into_parts();
-        constant::<B, C>(node, B::unshared_copy(tensor))
-    }
-}
-
-/// `tensor` as an autodiff tensor that is a constant to the graph of `node`.
-fn constant<B: Backend, C: CheckpointStrategy>(
-    node: NodeGuard,
-    tensor: FloatTensor<B>,
-) -> FloatTensor<Autodiff<B, C>> {
-    match Constant.prepare::<C>([node]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((), tensor),
-        OpsKind::UnTracked(prep) => prep.finish(tensor),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
-    use burn::module::{ModuleVisitor, Param};
-    use burn::nn::{Linear, LinearConfig};
-    use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+    use burn::optim::{AdamConfig, ModuleOptimizer};
 
     use super::*;
-
-    fn values(layer: &Linear) -> Vec<Vec<f32>> {
-        struct Collect(Vec<Vec<f32>>);
-        impl ModuleVisitor for Collect {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                self.0.push(param.val().into_data().to_vec().unwrap());
-            }
-        }
-        let mut collect = Collect(Vec::new());
-        layer.visit(&mut collect);
-        collect.0
-    }
-
-    /// Five steps of a layer under each optimizer, in a pool of `threads`.
-    fn train(mut optimizer: ModuleOptimizer, device: &Device, threads: usize) -> Vec<Vec<f32>> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            device.seed(21);
-            // Big enough for several rayon chunks of the update.
-            let mut layer: Linear = LinearConfig::new(300, 200).init(device);
-            let mut schedule = ModuleLrScheduler::from(1e-2);
-            for step in 0..5 {
-                let x = Tensor::<2>::random([16, 300], burn::tensor::Distribution::Default, device)
-                    .mul_scalar(step as f32 + 1.0);
-                let loss = layer.forward(x).powi_scalar(2).mean();
-                let grads = GradientsParams::from_grads(loss.backward(), &layer);
-                layer = optimizer.step(schedule.step(), layer, grads);
-            }
-            values(&layer)
-        })
-    }
+    use crate::optim::fused::testing::{distinct_and_trained, train};
+    use crate::optim::fused::{dispatch, flushed};
+    use crate::precision::HalfFormat;
 
     /// Each variant against burn's own optimizer: Adam without and with an L2 penalty, AdamW
     /// without and with a decoupled decay.
@@ -602,16 +308,12 @@ mod tests {
                 assert_eq!(train(fused(), &device, 2), reference, "{variant:?}");
                 outcomes.push(reference);
             }
-            // Every variant trains to weights of its own, none left as initialised.
-            outcomes.push(values(&LinearConfig::new(300, 200).init(&device)));
-            for (i, a) in outcomes.iter().enumerate() {
-                assert!(outcomes[i + 1..].iter().all(|b| b != a), "outcome {i}");
-            }
+            distinct_and_trained(outcomes, &device);
         }
     }
 
-    /// The fused state records what burn's derive records for the same [`AdamState`] (and AdamW's): the same
-    /// names, scalars and tensor data; and it reads back what it wrote.
+    /// The fused state records what burn's derive records for the same [`AdamState`] (and
+    /// AdamW's): the same names, scalars and tensor data; and it reads back what it wrote.
     #[test]
     #[allow(deprecated)]
     fn the_state_records_as_burns_adam_and_adamw_states() {
@@ -674,7 +376,8 @@ mod tests {
         use crate::kernels::test_values;
         let n = 4096;
         let start = test_values(n, 3);
-        let [mut flushed, mut ieee] = [0, 1].map(|_| [start.clone(), vec![0.0; n], vec![0.0; n]]);
+        let [mut flushed_run, mut ieee] =
+            [0, 1].map(|_| [start.clone(), vec![0.0; n], vec![0.0; n]]);
         let mut subnormal_moments = 0;
         for time in 1..=1500 {
             // Every element's gradient for five steps; then only every other one's, and small
@@ -689,10 +392,10 @@ mod tests {
                 })
                 .collect();
             let c = adam.coefficients(time, 1e-3);
-            let [p, m1, m2] = &mut flushed;
-            update_chunk_flushed([p, m1, m2], &g, &c);
+            let [p, m1, m2] = &mut flushed_run;
+            flushed(&c, [p, m1, m2], &g);
             let [p, m1, m2] = &mut ieee;
-            update_chunk_dispatch([p, m1, m2], &g, &c);
+            dispatch(&c, [p, m1, m2], &g);
             let is_subnormal = |v: &f32| v.is_subnormal();
             subnormal_moments += ieee[1]
                 .iter()
@@ -700,17 +403,20 @@ mod tests {
                 .filter(|v| is_subnormal(v))
                 .count();
             assert!(
-                !flushed[1].iter().chain(&flushed[2]).any(is_subnormal),
+                !flushed_run[1]
+                    .iter()
+                    .chain(&flushed_run[2])
+                    .any(is_subnormal),
                 "{:?}, step {time}",
                 adam.variant
             );
         }
         // The case arose, and the moments differ where it did.
         assert!(subnormal_moments > n, "{subnormal_moments}");
-        assert_ne!(flushed[1], ieee[1]);
+        assert_ne!(flushed_run[1], ieee[1]);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&flushed[0]), bits(&ieee[0]), "{:?}", adam.variant);
-        assert_ne!(bits(&flushed[0]), bits(&start));
+        assert_eq!(bits(&flushed_run[0]), bits(&ieee[0]), "{:?}", adam.variant);
+        assert_ne!(bits(&flushed_run[0]), bits(&start));
     }
 
     fn adam(round_to: Option<HalfFormat>, factor: f32) -> FusedAdam {

@@ -1,37 +1,31 @@
-//! burn's optimizers and learning-rate schedulers, built from the settings.
+//! The optimizers and learning-rate schedulers, built from the settings: burn's schedulers, and
+//! burn's Adam, AdamW and SGD as fused updates of allcores' own ([`fused`]), each giving burn's
+//! bits.
 
 use burn::lr_scheduler::LrSchedulerConfig;
 use burn::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
 use burn::lr_scheduler::linear::LinearLrSchedulerConfig;
 use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::lr_scheduler::sequential::SequentialLrSchedulerConfig;
-use burn::optim::decay::WeightDecayConfig;
-use burn::optim::momentum::MomentumConfig;
-use burn::optim::{ModuleOptimizer, SgdConfig};
+use burn::optim::ModuleOptimizer;
+
+mod adam;
+mod fused;
+mod sgd;
 
 use crate::error::{Error, Result};
-use crate::optim_adam::{AdamVariant, FusedAdam, SharedReading};
-use crate::precision::Unscaling;
 use crate::settings::{OptimizerKind, OptimizerSettings, Schedule};
+use adam::{AdamVariant, FusedAdam};
+use fused::SharedReading;
+use sgd::FusedSgd;
 
 /// An optimizer built from the settings.
 pub struct Optimizer {
     pub module: ModuleOptimizer,
-    /// Set when the optimizer reads gradients in any format and unscales (and rounds) them as
-    /// this says as it reads them (the fused Adam): it can be handed a scaled loss's
-    /// half-precision gradients as they are.
-    pub reading: Option<SharedReading>,
-}
-
-impl Optimizer {
-    /// Where a step's gradients are divided by the loss scale: by the optimizer as it reads
-    /// them when it can, else before it.
-    pub fn unscaling(&self) -> Unscaling {
-        match self.reading {
-            Some(_) => Unscaling::ByOptimizer,
-            None => Unscaling::Before,
-        }
-    }
+    /// How the optimizer reads the next step's gradients: every fused update reads them in any
+    /// format and unscales (and rounds) them as this says, so it can be handed a scaled loss's
+    /// half-precision gradients as they are ([`crate::precision::Unscaling::ByOptimizer`]).
+    pub reading: SharedReading,
 }
 
 /// The f32 values a training step holds for each parameter at the least (the weight, its
@@ -51,39 +45,29 @@ pub fn values_per_parameter(settings: &OptimizerSettings) -> (usize, &'static st
 /// The optimizer the settings name.
 pub fn optimizer(settings: &OptimizerSettings) -> Optimizer {
     let decay = (settings.weight_decay > 0.0).then_some(settings.weight_decay as f32);
-    let variant = match settings.kind {
-        OptimizerKind::Adam => AdamVariant::Adam { penalty: decay },
-        OptimizerKind::Adamw => AdamVariant::AdamW {
-            decay: decay.unwrap_or(0.0),
-        },
-        OptimizerKind::Sgd => {
-            let sgd = SgdConfig::new()
-                .with_momentum((settings.momentum > 0.0).then(|| {
-                    // Plain heavy-ball momentum, as torch.optim.SGD: no dampening.
-                    MomentumConfig::new()
-                        .with_momentum(settings.momentum)
-                        .with_dampening(0.0)
-                }))
-                .with_weight_decay(decay.map(WeightDecayConfig::new));
-            return Optimizer {
-                module: sgd.init(),
-                reading: None,
-            };
-        }
-    };
-    // burn's Adam and AdamW, their arithmetic in one parallel pass.
     let reading = SharedReading::default();
-    let adam = FusedAdam {
-        beta_1: 0.9,
-        beta_2: 0.999,
-        epsilon: settings.epsilon as f32,
-        variant,
-        reading: reading.clone(),
+    let adam = |variant| {
+        ModuleOptimizer::from(FusedAdam {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: settings.epsilon as f32,
+            variant,
+            reading: reading.clone(),
+        })
     };
-    Optimizer {
-        module: ModuleOptimizer::from(adam),
-        reading: Some(reading),
-    }
+    let module = match settings.kind {
+        OptimizerKind::Adam => adam(AdamVariant::Adam { penalty: decay }),
+        OptimizerKind::Adamw => adam(AdamVariant::AdamW {
+            decay: decay.unwrap_or(0.0),
+        }),
+        // Plain heavy-ball momentum, as torch.optim.SGD: no dampening.
+        OptimizerKind::Sgd => ModuleOptimizer::from(FusedSgd {
+            momentum: (settings.momentum > 0.0).then_some(settings.momentum as f32),
+            penalty: decay,
+            reading: reading.clone(),
+        }),
+    };
+    Optimizer { module, reading }
 }
 
 /// The learning-rate schedule over `total_steps` optimizer steps.
