@@ -245,8 +245,8 @@ mod tests {
     use burn::nn::LinearConfig;
     use burn::nn::conv::Conv2dConfig;
     use burn::nn::pool::MaxPool2dConfig;
-    use burn::tensor::Distribution;
     use burn::tensor::activation::relu;
+    use burn::tensor::{Distribution, Gradients};
 
     use super::*;
 
@@ -266,6 +266,26 @@ mod tests {
                 "{what}[{i}]: {g} vs {w} (scale {scale})"
             );
         }
+    }
+
+    /// Backward from `ours` and from burn's `reference` through the same `probe`: each of the
+    /// gradients `of` names (flattened, see [`flat`]) is close to the reference's.
+    fn assert_same_gradients<const D: usize>(
+        ours: Tensor<D>,
+        reference: Tensor<D>,
+        probe: Tensor<D>,
+        of: impl Fn(&Gradients) -> Vec<(&'static str, Tensor<1>)>,
+    ) {
+        let ref_grads = (reference * probe.clone()).sum().backward();
+        let grads = (ours * probe).sum().backward();
+        for ((what, got), (_, want)) in of(&grads).into_iter().zip(of(&ref_grads)) {
+            assert_close(got, want, what);
+        }
+    }
+
+    /// A gradient that must be there, as one row of its values.
+    fn flat<const D: usize>(grad: Option<Tensor<D>>) -> Tensor<1> {
+        grad.expect("a gradient").reshape([-1])
     }
 
     /// Forward output and the gradients for input, weight and bias against burn's `Conv2d`, with
@@ -294,24 +314,14 @@ mod tests {
                 );
                 assert_close(ours.clone(), reference.clone(), "conv2d output");
 
-                let ref_grads = (reference * probe.clone()).sum().backward();
-                let grads = (ours * probe).sum().backward();
                 let bias = conv.bias.as_ref().unwrap();
-                assert_close(
-                    x.grad(&grads).unwrap(),
-                    x.grad(&ref_grads).unwrap(),
-                    "input gradient",
-                );
-                assert_close(
-                    conv.weight.grad(&grads).unwrap(),
-                    conv.weight.grad(&ref_grads).unwrap(),
-                    "weight gradient",
-                );
-                assert_close(
-                    bias.grad(&grads).unwrap(),
-                    bias.grad(&ref_grads).unwrap(),
-                    "bias gradient",
-                );
+                assert_same_gradients(ours, reference, probe, |g| {
+                    vec![
+                        ("input gradient", flat(x.grad(g))),
+                        ("weight gradient", flat(conv.weight.grad(g))),
+                        ("bias gradient", flat(bias.grad(g))),
+                    ]
+                });
             }
         }
     }
@@ -443,23 +453,13 @@ mod tests {
                     let ours = linear(x.clone(), layer.weight.val(), bias.val(), fused_relu);
                     assert_close(ours.clone(), reference.clone(), "linear output");
 
-                    let ref_grads = (reference * probe.clone()).sum().backward();
-                    let grads = (ours * probe).sum().backward();
-                    assert_close(
-                        x.grad(&grads).unwrap(),
-                        x.grad(&ref_grads).unwrap(),
-                        "linear input gradient",
-                    );
-                    assert_close(
-                        layer.weight.grad(&grads).unwrap(),
-                        layer.weight.grad(&ref_grads).unwrap(),
-                        "linear weight gradient",
-                    );
-                    assert_close(
-                        bias.grad(&grads).unwrap(),
-                        bias.grad(&ref_grads).unwrap(),
-                        "linear bias gradient",
-                    );
+                    assert_same_gradients(ours, reference, probe, |g| {
+                        vec![
+                            ("linear input gradient", flat(x.grad(g))),
+                            ("linear weight gradient", flat(layer.weight.grad(g))),
+                            ("linear bias gradient", flat(bias.grad(g))),
+                        ]
+                    });
                 }
             }
         }
@@ -540,13 +540,9 @@ mod tests {
                 let ours = max_pool2x2(x.clone());
                 assert_eq!(ours.dims(), [5, 3, h / 2, w / 2]);
                 assert_close(ours.clone(), reference.clone(), "max-pool output");
-                let ref_grads = (reference * probe.clone()).sum().backward();
-                let grads = (ours * probe).sum().backward();
-                assert_close(
-                    x.grad(&grads).unwrap(),
-                    x.grad(&ref_grads).unwrap(),
-                    "max-pool input gradient",
-                );
+                assert_same_gradients(ours, reference, probe, |g| {
+                    vec![("max-pool input gradient", flat(x.grad(g)))]
+                });
             }
         }
     }
@@ -566,23 +562,13 @@ mod tests {
             let bias = conv.bias.as_ref().unwrap();
             let ours = conv2d_relu_pool(x.clone(), conv.weight.val(), bias.val());
             assert_close(ours.clone(), reference.clone(), "fused output");
-            let ref_grads = (reference * probe.clone()).sum().backward();
-            let grads = (ours * probe).sum().backward();
-            assert_close(
-                x.grad(&grads).unwrap(),
-                x.grad(&ref_grads).unwrap(),
-                "fused input gradient",
-            );
-            assert_close(
-                conv.weight.grad(&grads).unwrap(),
-                conv.weight.grad(&ref_grads).unwrap(),
-                "fused weight gradient",
-            );
-            assert_close(
-                bias.grad(&grads).unwrap(),
-                bias.grad(&ref_grads).unwrap(),
-                "fused bias gradient",
-            );
+            assert_same_gradients(ours, reference, probe, |g| {
+                vec![
+                    ("fused input gradient", flat(x.grad(g))),
+                    ("fused weight gradient", flat(conv.weight.grad(g))),
+                    ("fused bias gradient", flat(bias.grad(g))),
+                ]
+            });
         }
     }
 
