@@ -38,7 +38,7 @@ use crate::kernels::extension::HostSlices;
 use crate::precision::{GradientReading, HalfFormat};
 
 /// Elements per rayon task.
-pub(super) const CHUNK: usize = 1 << 14;
+const CHUNK: usize = 1 << 14;
 
 /// How a fused optimizer reads the gradients of the next step ([`GradientReading`]), set before
 /// each step: multiplied by `1 / loss scale` when it is handed the gradients of a scaled loss,
@@ -147,19 +147,14 @@ fn update_tensors<B: HostSlices, const N: usize>(
     tensors
 }
 
-/// The arrays cut into chunks of [`CHUNK`] elements, the `N` chunks of each range together.
+/// The arrays (of one length: the caller checks) cut into chunks of [`CHUNK`] elements, the `N`
+/// chunks of each range together.
 fn chunks<const N: usize>(arrays: [&mut [f32]; N]) -> Vec<[&mut [f32]; N]> {
+    let len = arrays.first().map_or(0, |a| a.len());
     let mut pieces = arrays.map(|a| a.chunks_mut(CHUNK));
-    let mut chunks = Vec::new();
-    // The arrays have one length (checked by the caller): their chunks end together.
-    while let Some(first) = pieces[0].next() {
-        let mut first = Some(first);
-        chunks.push(std::array::from_fn(|k| match k {
-            0 => first.take().expect("taken once"),
-            _ => pieces[k].next().expect("arrays of one length"),
-        }));
-    }
-    chunks
+    (0..len.div_ceil(CHUNK))
+        .map(|_| std::array::from_fn(|k| pieces[k].next().expect("arrays of one length")))
+        .collect()
 }
 
 /// [`dispatch`] with subnormal inputs read as 0 and subnormal results flushed to 0 (the CPU's
@@ -372,9 +367,11 @@ fn constant<B: Backend, C: CheckpointStrategy>(
 pub(super) mod testing {
     use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
     use burn::module::{ModuleVisitor, Param};
-    use burn::nn::{Linear, LinearConfig};
+    use burn::nn::{Initializer, Linear, LinearConfig};
     use burn::optim::{GradientsParams, ModuleOptimizer};
     use burn::prelude::*;
+
+    use crate::kernels::test_values;
 
     pub fn values(layer: &Linear) -> Vec<Vec<f32>> {
         struct Collect(Vec<Vec<f32>>);
@@ -388,20 +385,40 @@ pub(super) mod testing {
         collect.0
     }
 
-    /// The parameters of a 300-to-200 dense layer after five steps of `optimizer`, in a pool of
-    /// `threads`.
+    /// A 300-to-200 dense layer (big enough for several rayon chunks of the update) with fixed
+    /// values: not the device's generator, which tests running beside this one seed and draw
+    /// from, so that every call gives the same layer.
+    fn layer(device: &Device) -> Linear {
+        let (inputs, outputs) = (300, 200);
+        let mut layer: Linear = LinearConfig::new(inputs, outputs)
+            .with_initializer(Initializer::Zeros)
+            .init(device);
+        layer.weight = fixed(21, [inputs, outputs], device);
+        layer.bias = Some(fixed(22, [outputs], device));
+        layer
+    }
+
+    /// A parameter of small fixed values.
+    fn fixed<const D: usize>(seed: u32, shape: [usize; D], device: &Device) -> Param<Tensor<D>> {
+        let values: Vec<f32> = test_values(shape.iter().product(), seed)
+            .iter()
+            .map(|v| v * 0.05)
+            .collect();
+        Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+
+    /// The parameters of [`layer`] after five steps of `optimizer`, in a pool of `threads`.
     pub fn train(mut optimizer: ModuleOptimizer, device: &Device, threads: usize) -> Vec<Vec<f32>> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap();
         pool.install(|| {
-            device.seed(21);
-            // Big enough for several rayon chunks of the update.
-            let mut layer: Linear = LinearConfig::new(300, 200).init(device);
+            let mut layer = layer(device);
             let mut schedule = ModuleLrScheduler::from(1e-2);
             for step in 0..5 {
-                let x = Tensor::<2>::random([16, 300], burn::tensor::Distribution::Default, device)
+                let x = test_values(16 * 300, 100 + step);
+                let x = Tensor::<2>::from_data(TensorData::new(x, [16, 300]), device)
                     .mul_scalar(step as f32 + 1.0);
                 let loss = layer.forward(x).powi_scalar(2).mean();
                 let grads = GradientsParams::from_grads(loss.backward(), &layer);
@@ -411,10 +428,10 @@ pub(super) mod testing {
         })
     }
 
-    /// Each of the optimizers' `outcomes` ([`train`]) differs from the others and from the
-    /// layer as initialised: each trained, and to weights of its own.
+    /// Each of the optimizers' `outcomes` ([`train`]) differs from the others and from
+    /// [`layer`] as it starts: each trained, and to weights of its own.
     pub fn distinct_and_trained(mut outcomes: Vec<Vec<Vec<f32>>>, device: &Device) {
-        outcomes.push(values(&LinearConfig::new(300, 200).init(device)));
+        outcomes.push(values(&layer(device)));
         for (i, a) in outcomes.iter().enumerate() {
             assert!(outcomes[i + 1..].iter().all(|b| b != a), "outcome {i}");
         }
