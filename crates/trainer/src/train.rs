@@ -220,7 +220,6 @@ impl Trainer {
                 device: &device,
                 compute: Compute::new(training.precision, training.backend),
                 loss_scale: None,
-                unscaling: Unscaling::Before,
                 concurrent: candidate.concurrent,
                 poller: Poller::new(training.idle_threads, candidate.threads, available.threads),
             };
@@ -691,8 +690,6 @@ struct Pass<'a> {
     compute: Compute,
     /// With loss scaling, the scale the loss is multiplied by before backward.
     loss_scale: Option<f32>,
-    /// Whether the gradients are divided by the loss scale here or by the optimizer.
-    unscaling: Unscaling,
     /// Run the step's pieces at once, one per thread, rather than one after the other.
     concurrent: bool,
     /// Keeps the pool's other threads polling for work through the step.
@@ -702,8 +699,9 @@ struct Pass<'a> {
 impl Pass<'_> {
     /// Forward and backward over the pieces of one step (micro-batches x shards), on the step's
     /// working copy of `model` (half precision or the f32 master itself): the summed gradients,
-    /// divided by the loss scale and in f32, or left to the optimizer to unscale (and, emulated,
-    /// round) as `unscaling` says.
+    /// checked for overflow under a loss scale, and left to the optimizer to unscale (and,
+    /// emulated, round) as it reads them: every optimizer is a fused update
+    /// ([`Unscaling::ByOptimizer`]).
     ///
     /// Concurrent or not, every piece computes the same gradients and they are summed in the
     /// pieces' order: the result does not depend on how the threads were spent.
@@ -714,9 +712,12 @@ impl Pass<'_> {
         if let [piece] = &pieces[..] {
             // One piece: its gradients are the step's, made ready for the optimizer in one pass.
             let (grads, loss) = self.piece_gradients(&working, piece, group.len());
-            let (grads, finite, reading) =
-                self.compute
-                    .gradients_for_optimizer(grads, model, self.loss_scale, self.unscaling);
+            let (grads, finite, reading) = self.compute.gradients_for_optimizer(
+                grads,
+                model,
+                self.loss_scale,
+                Unscaling::ByOptimizer,
+            );
             return StepGradients {
                 grads,
                 finite,
@@ -752,8 +753,13 @@ impl Pass<'_> {
         }
         // Scaling and the overflow check apply to the step's summed gradients.
         let mut grads = grads.grads();
-        let (finite, reading) =
-            precision::unscale(&mut grads, model, self.loss_scale, self.unscaling, None);
+        let (finite, reading) = precision::unscale(
+            &mut grads,
+            model,
+            self.loss_scale,
+            Unscaling::ByOptimizer,
+            None,
+        );
         StepGradients {
             grads,
             finite,
@@ -836,7 +842,6 @@ impl Setup {
             device,
             compute: self.compute,
             loss_scale: updater.loss_scale(),
-            unscaling: Unscaling::ByOptimizer,
             concurrent: self.concurrent,
             poller: self.poller,
         }
