@@ -691,7 +691,7 @@ impl Settings {
         }
         // The environment, then `--set`: both as overrides, which config-rs applies in order
         // over the file.
-        let mut overrides = environment_overrides(layers.environment.as_ref());
+        let mut overrides = environment_overrides(layers.environment.as_ref())?;
         for item in &layers.overrides {
             overrides.push(parse_override(item)?);
         }
@@ -709,7 +709,11 @@ impl Settings {
             .try_deserialize()
             .map_err(|e| config_error(one_line(&e.to_string())))?;
         // Absolute, so that the copy saved in a run folder still finds the data from there.
-        let folder = path.parent().unwrap_or(Path::new("."));
+        // `rel.toml` has the parent "", which does not canonicalize: it is the current folder.
+        let folder = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
         let base = folder
             .canonicalize()
             .unwrap_or_else(|_| folder.to_path_buf());
@@ -1114,6 +1118,19 @@ impl TrainingSettings {
                 format!("must be at most {MAX_THREADS}, got {n}"),
             ));
         }
+        if self
+            .batch_size
+            .checked_mul(self.accumulation_steps)
+            .is_none()
+        {
+            return Err(Error::setting(
+                "training.accumulation_steps",
+                format!(
+                    "training.batch_size x training.accumulation_steps ({} x {}) is too large",
+                    self.batch_size, self.accumulation_steps
+                ),
+            ));
+        }
         if self.shards == 0 {
             return Err(Error::setting("training.shards", "must be at least 1"));
         }
@@ -1129,9 +1146,10 @@ impl TrainingSettings {
         Ok(())
     }
 
-    /// Samples in one optimizer step: `batch_size x accumulation_steps`.
+    /// Samples in one optimizer step: `batch_size x accumulation_steps` (validated settings
+    /// never overflow it; unvalidated ones saturate rather than wrap to a small step).
     pub fn effective_batch_size(&self) -> usize {
-        self.batch_size * self.accumulation_steps
+        self.batch_size.saturating_mul(self.accumulation_steps)
     }
 }
 
@@ -1147,7 +1165,32 @@ fn parse_override(item: &str) -> Result<(String, config::Value)> {
     if key.is_empty() {
         return Err(Error::setting(item, "an override needs a key before '='"));
     }
+    check_key(key).map_err(|message| Error::setting(item, message))?;
     Ok((key.to_string(), override_value(raw)))
+}
+
+/// Refuses a key that is not `section.key` in plain words before it reaches config-rs: that
+/// crate reads `model.hidden[N]` as an index and grows the list up to it (a 30-byte argument
+/// could allocate gigabytes), and answers other malformed paths with multi-line errors that do
+/// not name the argument.
+fn check_key(key: &str) -> std::result::Result<(), String> {
+    if key.contains(['[', ']']) {
+        return Err(format!(
+            "'{key}' indexes a list: set the whole list instead, e.g. model.hidden=[256, 128]"
+        ));
+    }
+    let word = |part: &str| {
+        !part.is_empty()
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    match key.split('.').all(word) {
+        true => Ok(()),
+        false => Err(format!(
+            "'{key}' is not a config key: expected section.key, e.g. training.threads"
+        )),
+    }
 }
 
 /// An override's value, read as TOML (`4`, `[256, 128]`, `"flex"`); one that is not TOML is
@@ -1165,10 +1208,10 @@ fn override_value(raw: &str) -> config::Value {
 
 /// The `ALLCORES__SECTION__KEY` variables of `environment` (the process's where `None`) as
 /// `section.key` overrides, their values read as `--set` reads them, in the variables' name
-/// order.
+/// order. A variable whose name is no config key is refused, naming the variable.
 fn environment_overrides(
     environment: Option<&HashMap<String, String>>,
-) -> Vec<(String, config::Value)> {
+) -> Result<Vec<(String, config::Value)>> {
     let prefix = format!("{ENV_PREFIX}__");
     let variables: BTreeMap<String, String> = match environment {
         Some(variables) => variables.clone().into_iter().collect(),
@@ -1177,16 +1220,16 @@ fn environment_overrides(
             .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
             .collect(),
     };
-    variables
-        .into_iter()
-        .filter_map(|(name, value)| {
-            let key = name
-                .strip_prefix(&prefix)?
-                .to_lowercase()
-                .replace("__", ".");
-            Some((key, override_value(&value)))
-        })
-        .collect()
+    let mut overrides = Vec::new();
+    for (name, value) in variables {
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let key = rest.to_lowercase().replace("__", ".");
+        check_key(&key).map_err(|message| Error::setting(&name, message))?;
+        overrides.push((key, override_value(&value)));
+    }
+    Ok(overrides)
 }
 
 fn toml_to_config(value: toml::Value) -> config::Value {
@@ -1534,6 +1577,49 @@ mod tests {
             let err = refusal(&[set]);
             assert!(err.contains(expected), "{set}: {err}");
         }
+    }
+
+    /// config-rs grows a list up to an index in a key (`model.hidden[N]`): a short argument
+    /// allocated gigabytes. Such keys, and other malformed ones, are refused by name first.
+    #[test]
+    fn indexed_and_malformed_keys_are_refused_naming_the_argument() {
+        for (item, expected) in [
+            (
+                "model.hidden[1000000000]=5",
+                "model.hidden[1000000000]=5: 'model.hidden[1000000000]' indexes a list",
+            ),
+            ("model.hidden[0]=5", "indexes a list"),
+            ("model..hidden=5", "'model..hidden' is not a config key"),
+            (".x=5", "is not a config key"),
+            ("model.hid den=5", "is not a config key"),
+        ] {
+            let err = refusal(&[item]);
+            assert!(err.contains(expected), "{item}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        for name in [
+            "ALLCORES__MODEL__HIDDEN[99999999]",
+            "ALLCORES__MODEL____HIDDEN",
+            "ALLCORES__",
+        ] {
+            let err = load(MINIMAL, &[], &[(name, "5")]).unwrap_err();
+            assert!(err.is_bad_input());
+            let err = err.to_string();
+            assert!(err.starts_with(&format!("{name}: ")), "{name}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+    }
+
+    /// In a release build `batch_size x accumulation_steps` wrapped around to a small step.
+    #[test]
+    fn a_step_size_that_overflows_is_refused() {
+        let big = format!("training.batch_size={}", u64::MAX / 2);
+        let err = refusal(&[&big, "training.accumulation_steps=4"]);
+        assert!(
+            err.starts_with("training.accumulation_steps: training.batch_size x"),
+            "{err}"
+        );
+        assert!(err.contains("is too large"), "{err}");
     }
 
     #[test]
