@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use allcores_trainer::run_dir::SUMMARY_FILE;
 use allcores_trainer::weights::{self, weights_sha256};
 use allcores_trainer::{
     BuiltinModel, Layers, RunDir, Settings, Splits, ThreadPlan, score, thousands,
@@ -38,6 +39,8 @@ pub fn evaluate_run(run_dir: &Path, layers: &Layers) -> Result<Evaluation, EvalE
         let classes = settings.data.classes;
         let model = BuiltinModel::new(&settings.model, test.shape(), classes, &device)?;
         let model = weights::load(model, &run.weights_path())?;
+        let weights_sha256 = weights_sha256(&model);
+        check_weights_are_the_runs(&run, &weights_sha256)?;
         let scored = score(
             &model,
             &test,
@@ -52,9 +55,46 @@ pub fn evaluate_run(run_dir: &Path, layers: &Layers) -> Result<Evaluation, EvalE
             samples: scored.samples,
             per_class_accuracy: scored.per_class_accuracy(),
             confusion: scored.confusion,
-            weights_sha256: weights_sha256(&model),
+            weights_sha256,
         })
     })
+}
+
+/// Refuses weights that are not those the run trained: the run's summary records their hash,
+/// and a `model.safetensors` changed or replaced since would be scored as the run's without a
+/// word. A folder without a summary (written by hand, or by an earlier build) is scored as is.
+fn check_weights_are_the_runs(run: &RunDir, hash: &str) -> Result<(), EvalError> {
+    #[derive(Deserialize)]
+    struct Recorded {
+        weights_sha256: String,
+    }
+    let path = run.path().join(SUMMARY_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let recorded: Recorded =
+        serde_json::from_str(&text).map_err(|e| allcores_trainer::Error::RunDir {
+            path: path.clone(),
+            message: format!("corrupt summary: {e}"),
+        })?;
+    if recorded.weights_sha256 == hash {
+        return Ok(());
+    }
+    Err(allcores_trainer::Error::Weights {
+        path: run.weights_path(),
+        message: format!(
+            "these weights hash to {}, but the run trained weights that hash to {} \
+             ({SUMMARY_FILE}): the file was changed or replaced after the run",
+            short(hash),
+            short(&recorded.weights_sha256)
+        ),
+    }
+    .into())
+}
+
+/// The first 12 hex digits of a hash: enough to tell two apart.
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
 }
 
 impl Evaluation {
