@@ -183,6 +183,34 @@ impl BuiltinModel {
         })
     }
 
+    /// The values one sample's forward pass keeps for backward in the configured network
+    /// (inputs, each layer's output, and for the CNN each convolution's output before pooling),
+    /// counted without building it, in `f64` as [`Self::parameter_count`].
+    pub fn activation_count(
+        settings: &ModelSettings,
+        shape: SampleShape,
+        classes: usize,
+    ) -> Result<f64> {
+        let size = |n: usize| n as f64;
+        let outputs = size(classes) + size(shape.len());
+        Ok(match settings.kind {
+            ModelKind::Mlp => outputs + settings.hidden.iter().copied().map(size).sum::<f64>(),
+            ModelKind::Cnn => {
+                let k = settings.kernel_size;
+                let convolved = |side: usize| side.saturating_sub(k - 1);
+                let pooled_side = |side: usize| convolved(side) / 2;
+                let [c1, c2] = settings.channels.map(size);
+                let first = c1 * size(convolved(shape.height) * convolved(shape.width));
+                let second = c2
+                    * size(
+                        convolved(pooled_side(shape.height)) * convolved(pooled_side(shape.width)),
+                    );
+                let pooled = first / 4.0 + c2 * size(Cnn::feature_map(settings, shape)?);
+                outputs + first + second + pooled + size(settings.dense)
+            }
+        })
+    }
+
     /// The trainable values of the configured network, counted without building it (in `f64`:
     /// a size with too many zeros must be counted, not overflow).
     pub fn parameter_count(
@@ -221,13 +249,52 @@ impl BuiltinModel {
 /// state where a run keeps them) would take more memory than this process may use: `what`
 /// names those values in the error.
 pub fn ensure_memory_for(parameters: f64, values_each: usize, what: &str) -> Result<()> {
-    const GIB: f64 = (1u64 << 30) as f64;
     let needed = parameters * values_each as f64 * 4.0;
     match crate::usage::memory_limit_bytes() {
         Some(limit) if needed > limit as f64 => Err(Error::Model(format!(
             "{} parameters: {what} take {:.1} GiB, more than the {:.1} GiB this process may use",
             crate::thousands(parameters),
             needed / GIB,
+            limit as f64 / GIB
+        ))),
+        _ => Ok(()),
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// What a training run holds at once, for [`ensure_memory_for_run`].
+#[derive(Debug, Clone, Copy)]
+pub struct RunMemory {
+    pub parameters: f64,
+    /// f32 values kept per parameter: weights, gradients, optimizer state.
+    pub values_each: usize,
+    /// What those values are, for the message.
+    pub values_are: &'static str,
+    /// Activations one sample's forward pass keeps for its backward pass.
+    pub activations_per_sample: f64,
+    /// Samples whose passes run at once: a piece's samples times the pieces in flight.
+    pub samples_in_flight: f64,
+}
+
+/// Refuses a run whose parameters and activations would take more memory than this process
+/// may use. The count is a floor (each activation is kept once and gets one gradient, as f32):
+/// what it refuses cannot train here, and a wide layer with a large batch no longer passes a
+/// check of the parameters alone to abort on its first activation.
+pub fn ensure_memory_for_run(run: RunMemory) -> Result<()> {
+    let parameters = run.parameters * run.values_each as f64 * 4.0;
+    let activations = run.activations_per_sample * run.samples_in_flight * 2.0 * 4.0;
+    match crate::usage::memory_limit_bytes() {
+        Some(limit) if parameters + activations > limit as f64 => Err(Error::Model(format!(
+            "this run needs at least {:.1} GiB ({} parameters: {} take {:.1} GiB; {:.1} GiB \
+             of activations for {} samples in flight), more than the {:.1} GiB this process \
+             may use: lower training.batch_size or the model's size",
+            (parameters + activations) / GIB,
+            crate::thousands(run.parameters),
+            run.values_are,
+            parameters / GIB,
+            activations / GIB,
+            crate::thousands(run.samples_in_flight),
             limit as f64 / GIB
         ))),
         _ => Ok(()),
@@ -299,5 +366,63 @@ mod tests {
             "{text}"
         );
         ensure_memory_for(1e3, 4, "their weights").unwrap();
+    }
+
+    /// A 20-million-wide layer on one feature has few parameters, but a batch of 100 holds
+    /// 8 GB of its activations: the parameters alone passed the check.
+    #[test]
+    fn activations_count_toward_the_memory_a_run_needs() {
+        let shape = SampleShape {
+            channels: 1,
+            height: 1,
+            width: 1,
+        };
+        let wide = ModelSettings {
+            hidden: vec![20_000_000],
+            ..ModelSettings::default()
+        };
+        let activations = BuiltinModel::activation_count(&wide, shape, 2).unwrap();
+        assert_eq!(activations, 1.0 + 20_000_000.0 + 2.0);
+        let parameters = BuiltinModel::parameter_count(&wide, shape, 2).unwrap();
+        let run = |activations_per_sample: f64, samples_in_flight: f64| RunMemory {
+            parameters,
+            values_each: 4,
+            values_are: "their weights, gradients and Adam's moments",
+            activations_per_sample,
+            samples_in_flight,
+        };
+        // 1.6 TB of activations: more than any machine that runs these tests.
+        let err = ensure_memory_for_run(run(activations, 1e4))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("model: this run needs at least"), "{err}");
+        assert!(
+            err.contains("of activations for 10,000 samples in flight"),
+            "{err}"
+        );
+        // The same parameters (1 GB with gradients and state) and a few activations pass.
+        ensure_memory_for_run(run(1e3, 1.0)).unwrap();
+    }
+
+    #[test]
+    fn cnn_activations_count_each_block_before_and_after_pooling() {
+        let shape = SampleShape {
+            channels: 1,
+            height: 28,
+            width: 28,
+        };
+        let cnn = ModelSettings {
+            kind: ModelKind::Cnn,
+            channels: [2, 3],
+            kernel_size: 5,
+            dense: 7,
+            ..ModelSettings::default()
+        };
+        // 784 inputs, 2x24x24 convolved, 2x12x12 pooled, 3x8x8 convolved, 3x4x4 pooled, 7, 10.
+        let expected = 784 + 2 * 576 + 2 * 144 + 3 * 64 + 3 * 16 + 7 + 10;
+        assert_eq!(
+            BuiltinModel::activation_count(&cnn, shape, 10).unwrap(),
+            expected as f64
+        );
     }
 }
