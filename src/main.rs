@@ -192,12 +192,14 @@ fn run(command: Command) -> Result<(), Failure> {
 
 fn train_command(args: TrainArgs) -> Result<(), Failure> {
     let settings = Settings::load(&args.config, &layers(args.overrides))?;
+    let numbered_run_dir = args.out.is_none();
     let run_dir =
         (!args.no_save).then(|| args.out.unwrap_or_else(|| default_run_dir(&args.config)));
     let options = Options {
         quiet: args.quiet,
         run_dir,
         resume: args.resume,
+        numbered_run_dir,
         stop: Some(stop_on_ctrl_c()),
         record_steps: args.record_steps,
     };

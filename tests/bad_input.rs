@@ -247,8 +247,8 @@ fn a_model_too_large_for_memory() {
         dir.path(),
         &config,
         &["model.hidden=[1000000000000]"],
-        "model: 75,000,000,000,010 parameters: their f32 weights, gradients and Adam's two \
-         moments take",
+        "model: this run needs at least 1594424.2 GiB (75,000,000,000,010 parameters: their f32 \
+         weights, gradients and Adam's two moments take 1117587.1 GiB;",
     );
     assert!(err.contains("GiB this process may use"), "{err}");
 }
@@ -340,5 +340,72 @@ fn bad_shards_execution_and_idle_threads() {
         &config,
         &["training.idle_threads=spin"],
         "`spin`, expected `poll` or `sleep` for key `training.idle_threads`",
+    );
+}
+
+/// Hostile values that used to panic, allocate without bound or run a silently wrong run.
+#[test]
+fn values_that_overflow_index_or_exhaust_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = digits_config(dir.path());
+    let huge = (u64::MAX / 2).to_string();
+    // In a release build batch x accumulation wrapped: the run stopped after 2 of its steps.
+    refused(
+        dir.path(),
+        &config,
+        &[
+            &format!("training.batch_size={huge}"),
+            "training.accumulation_steps=4",
+        ],
+        "training.accumulation_steps: training.batch_size x training.accumulation_steps",
+    );
+    refused(
+        dir.path(),
+        &config,
+        &[&format!("training.epochs={}", i64::MAX)],
+        "training.epochs: 9223372036854775807 epochs of 23 steps are more steps than a run can count",
+    );
+    // config-rs grew the list up to the index: gigabytes from a 30-byte argument.
+    refused(
+        dir.path(),
+        &config,
+        &["model.hidden[1000000000]=5"],
+        "'model.hidden[1000000000]' indexes a list",
+    );
+    let output = allcores_env(
+        &[
+            "train",
+            config.to_str().unwrap(),
+            "--out",
+            dir.path().join("run").to_str().unwrap(),
+        ],
+        &[("ALLCORES__MODEL__HIDDEN[999999999]", "5")],
+    );
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("ALLCORES__MODEL__HIDDEN[999999999]: "),
+        "{err}"
+    );
+    // A wide layer on one feature: its parameters (6.4 GB with gradients and Adam's moments)
+    // passed the old check, its activations at a batch of 100 (80 GB) aborted the process.
+    let rows: String = (0..200)
+        .map(|i| format!("{}.5,{}\n", i % 7, i % 2))
+        .collect();
+    let narrow = write(dir.path(), "narrow.csv", rows);
+    let config = write(
+        dir.path(),
+        "narrow.toml",
+        format!(
+            "[data]\nformat = \"csv\"\ntrain_csv = \"{}\"\ntest_fraction = 0.5\n",
+            narrow.display()
+        ),
+    );
+    refused(
+        dir.path(),
+        &config,
+        &["model.hidden=[100000000]", "training.batch_size=100"],
+        "of activations for 100 samples in flight",
     );
 }

@@ -250,7 +250,7 @@ fn a_config_error_exits_2_before_any_run() {
     assert_eq!(output.status.code(), Some(2));
     let err = stderr(&output);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("cannot create the sweep folder"), "{err}");
+    assert!(err.contains("cannot create the folder"), "{err}");
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use allcores_trainer::lock::{FolderLock, claim_new_folder};
 use allcores_trainer::settings::MAX_THREADS;
 use allcores_trainer::{Layers, Settings, Summary};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -109,7 +110,7 @@ const SWEPT_KEYS: [(&str, &str); 2] = [
 
 /// Checks everything the user gave before any run starts, and makes the sweep folder (the last
 /// check: whether it can be made).
-fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf), EvalError> {
+fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf, FolderLock), EvalError> {
     let threads = parse_threads(&request.threads)?;
     if request.seeds == 0 {
         return Err(EvalError::Argument {
@@ -126,27 +127,17 @@ fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf), EvalError> {
             environment: None,
         },
     )?;
-    let dir = request
-        .out
-        .clone()
-        .unwrap_or_else(|| default_sweep_dir(&request.config));
-    let out_error = |message: String| EvalError::OutDir {
-        path: dir.clone(),
-        message,
-    };
-    if dir.exists() {
-        let mut entries = std::fs::read_dir(&dir)
-            .map_err(|e| out_error(format!("cannot use as a sweep folder: {e}")))?;
-        if entries.next().is_some() {
-            return Err(out_error(
-                "already exists and is not empty: choose another --out".into(),
-            ));
-        }
+    // Made now, so that a folder that cannot be made stops the sweep before its first run;
+    // locked, so that two sweeps never write into one folder.
+    let (dir, lock) = match &request.out {
+        Some(out) => claim_new_folder(out, false),
+        None => claim_new_folder(&default_sweep_dir(&request.config), true),
     }
-    // Made now, so that a folder that cannot be made stops the sweep before its first run.
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| out_error(format!("cannot create the sweep folder: {e}")))?;
-    Ok((threads, dir))
+    .map_err(|e| match e {
+        allcores_trainer::Error::RunDir { path, message } => EvalError::OutDir { path, message },
+        other => other.into(),
+    })?;
+    Ok((threads, dir, lock))
 }
 
 /// What became of one run.
@@ -219,7 +210,8 @@ impl SweepProgress {
 /// the sweep, since every other run would fail the same way.
 pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
     let started = Instant::now();
-    let (threads, dir) = check(request)?;
+    // Held until the report is written.
+    let (threads, dir, _lock) = check(request)?;
     let program = child::program(request.program.as_ref())?;
     let available = child::warn_beyond_available(&threads);
     let progress = SweepProgress::new(threads.len() as u64 * request.seeds);
@@ -575,6 +567,29 @@ mod tests {
         let err = run_sweep(&r).unwrap_err();
         assert!(err.is_bad_input());
         assert!(err.to_string().contains("not empty"), "{err}");
+    }
+
+    /// One process owns a sweep folder at a time: a second sweep is refused, naming the first.
+    #[test]
+    fn a_sweep_folder_another_process_holds_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = minimal_config(dir.path());
+        let folder = dir.path().join("sweep");
+        let (_, held) = claim_new_folder(&folder, false).unwrap();
+        let mut r = request(config);
+        r.out = Some(folder.clone());
+        let err = run_sweep(&r).unwrap_err();
+        assert!(err.is_bad_input());
+        let pid = std::process::id();
+        assert!(
+            err.to_string().contains(&format!(
+                "is in use by another allcores process (pid {pid})"
+            )),
+            "{err}"
+        );
+        drop(held);
+        // Its holder gone, the (still empty) folder is free.
+        assert!(run_sweep(&r).is_ok());
     }
 
     #[test]

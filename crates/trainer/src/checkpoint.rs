@@ -256,6 +256,90 @@ pub fn read(folder: &Path) -> Result<Checkpoint> {
     })
 }
 
+/// The shape of the run a checkpoint is resumed into, for [`check_position`].
+#[derive(Debug, Clone, Copy)]
+pub struct RunShape {
+    /// Samples in the training set (an epoch).
+    pub samples: u64,
+    /// Samples in a full step.
+    pub step_size: u64,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    /// Whether the run scales its loss (a scaler state must then hold a usable scale).
+    pub scales: bool,
+}
+
+/// Refuses a loop state that no run of `shape` could have written. The checksums only prove
+/// that the files are as written; a state written by hand (or by a bug) with a position past
+/// the epoch's end panicked on a slice, and a step count past the run's replayed the learning
+/// rate schedule for hours.
+pub fn check_position(state: &LoopState, folder: &Path, shape: &RunShape) -> Result<()> {
+    let refuse = |message: String| {
+        Err(Error::Checkpoint {
+            path: folder.join(STATE_FILE),
+            message,
+        })
+    };
+    let RunShape {
+        samples,
+        step_size,
+        steps_per_epoch,
+        total_steps,
+        scales,
+    } = *shape;
+    if state.epoch == 0 || state.groups_done >= steps_per_epoch {
+        return refuse(format!(
+            "epoch {} at step {} of it lies outside a run of {steps_per_epoch} steps an epoch",
+            state.epoch, state.groups_done
+        ));
+    }
+    // Every finished epoch took all its steps and left one line of metrics.
+    let finished_epochs = state.epoch - 1;
+    let step = finished_epochs
+        .checked_mul(steps_per_epoch)
+        .and_then(|s| s.checked_add(state.groups_done));
+    if step != Some(state.step) || state.metrics.len() as u64 != finished_epochs {
+        return refuse(format!(
+            "step {} does not follow from epoch {}, {} steps into it, and {} finished epochs",
+            state.step,
+            state.epoch,
+            state.groups_done,
+            state.metrics.len()
+        ));
+    }
+    if state.step > total_steps {
+        return refuse(format!(
+            "it is at step {}, past this run's {total_steps} steps (training.epochs, \
+             training.max_steps)",
+            state.step
+        ));
+    }
+    let epoch_samples = state.groups_done.checked_mul(step_size);
+    let run_samples = finished_epochs
+        .checked_mul(samples)
+        .zip(epoch_samples)
+        .and_then(|(done, now)| done.checked_add(now));
+    if epoch_samples != Some(state.epoch_samples) || run_samples != Some(state.samples) {
+        return refuse(format!(
+            "{} samples ({} in this epoch) do not follow from its position",
+            state.samples, state.epoch_samples
+        ));
+    }
+    let sums = [
+        state.epoch_loss_sum,
+        state.train_seconds,
+        state.epoch_seconds,
+    ];
+    if sums.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
+        return refuse("its loss sum or times are negative or not finite".into());
+    }
+    let scale = state.scaler.scale;
+    if scales && !(scale.is_finite() && scale > 0.0) {
+        return refuse(format!("its loss scale {scale} is not a positive number"));
+    }
+    Ok(())
+}
+
 fn folder_name(step: u64) -> String {
     format!("step-{step:010}")
 }

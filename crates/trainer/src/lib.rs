@@ -19,6 +19,7 @@ pub mod data;
 mod error;
 mod files;
 pub mod kernels;
+pub mod lock;
 pub mod model;
 mod optim;
 pub mod polling;

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::error::{Error, Result};
-use crate::run_dir::CONFIG_FILE;
+use crate::lock::{FolderLock, is_empty_folder};
+use crate::run_dir::{CONFIG_FILE, RunDir};
 use crate::settings::Settings;
 
 /// Settings that may change on resume: they alter speed or length, never the steps taken.
@@ -20,12 +21,21 @@ const MAY_CHANGE: [&str; 5] = [
 /// Sections that may change on resume.
 const MAY_CHANGE_SECTIONS: [&str; 1] = ["checkpoint."];
 
-/// The checkpoint a run in `run_dir` resumes from, with `settings`; `None` to start afresh
-/// (a folder with no checkpoint yet). The lines say which newer checkpoints failed to verify.
-pub fn check_resumable(
-    run_dir: &Path,
-    settings: &Settings,
-) -> Result<(Option<Checkpoint>, Vec<String>)> {
+/// What a resume starts from: the run folder's lock, taken before anything in it was read, and
+/// the checkpoint to continue from (`None` to start afresh), with lines about newer checkpoints
+/// that failed to verify.
+#[derive(Debug)]
+pub struct Resumable {
+    pub lock: FolderLock,
+    pub checkpoint: Option<Checkpoint>,
+    pub notes: Vec<String>,
+}
+
+/// Checks that the run in `run_dir` can go on with `settings` for `total_steps` steps. The
+/// folder's saved config must match `settings` (but for the keys that may change) whether or
+/// not there is a checkpoint, and a finished run is not run again: a folder that is not this
+/// run's, or has nothing left to run, is refused and left as it was.
+pub fn check_resumable(run_dir: &Path, settings: &Settings, total_steps: u64) -> Result<Resumable> {
     let run_dir_error = |message: &str| Error::RunDir {
         path: run_dir.to_path_buf(),
         message: message.into(),
@@ -35,15 +45,20 @@ pub fn check_resumable(
             "no such run folder to resume (drop --resume to start a new run)",
         ));
     }
-    let is_empty = std::fs::read_dir(run_dir)
-        .map_err(|e| Error::io(run_dir, e))?
-        .next()
-        .is_none();
-    if !is_empty && !run_dir.join(CONFIG_FILE).is_file() {
+    let lock = FolderLock::acquire(run_dir)?;
+    let config = run_dir.join(CONFIG_FILE);
+    if config.exists() {
+        let saved = std::fs::read_to_string(&config).map_err(|e| Error::RunDir {
+            path: config.clone(),
+            message: format!("cannot read the run's config: {e}"),
+        })?;
+        compare(&saved, settings, &config)?;
+    } else if !is_empty_folder(run_dir).map_err(|e| Error::io(run_dir, e))? {
         return Err(run_dir_error(&format!(
             "holds no run to resume ({CONFIG_FILE} is missing)"
         )));
     }
+    let finished = RunDir::is_finished(run_dir);
     let (found, refused) = checkpoint::newest_valid(run_dir)?;
     let Some(found) = found else {
         if let Some(newest) = refused.into_iter().next() {
@@ -53,29 +68,50 @@ pub fn check_resumable(
                 message: format!("no checkpoint verifies; the newest: {newest}"),
             });
         }
-        return Ok((
-            None,
-            vec![format!(
+        if finished {
+            return Err(run_dir_error(
+                "holds a finished run and no checkpoint to continue it from: there is nothing \
+                 to resume",
+            ));
+        }
+        return Ok(Resumable {
+            lock,
+            checkpoint: None,
+            notes: vec![format!(
                 "{}: no checkpoint yet, starting the run afresh",
                 run_dir.display()
             )],
-        ));
+        });
     };
-    compare(&found.settings, settings)?;
+    compare(&found.settings, settings, &found.folder)?;
+    if finished && found.state.step >= total_steps {
+        return Err(run_dir_error(&format!(
+            "holds a finished run ({} steps): there is nothing to resume (raise \
+             training.epochs or training.max_steps to train it further)",
+            found.state.step
+        )));
+    }
     let notes = refused
         .into_iter()
         .map(|reason| format!("skipping a checkpoint that does not verify: {reason}"))
         .collect();
-    Ok((Some(found), notes))
+    Ok(Resumable {
+        lock,
+        checkpoint: Some(found),
+        notes,
+    })
 }
 
-/// Refuses any difference between the settings a checkpoint was written with and `now`,
-/// except in the keys that may change.
-fn compare(saved: &str, now: &Settings) -> Result<()> {
+/// Refuses any difference between the settings a run was written with (`saved`, read from
+/// `source`) and `now`, except in the keys that may change.
+fn compare(saved: &str, now: &Settings, source: &Path) -> Result<()> {
     let before = flatten(
-        &toml::from_str::<toml::Table>(saved).map_err(|e| Error::Checkpoint {
-            path: "state.json".into(),
-            message: format!("its settings do not parse: {e}"),
+        &toml::from_str::<toml::Table>(saved).map_err(|e| Error::RunDir {
+            path: source.to_path_buf(),
+            message: format!(
+                "holds no allcores run config: {}",
+                e.message().lines().next().unwrap_or("not TOML")
+            ),
         })?,
     );
     let after = flatten(&toml::from_str::<toml::Table>(&now.to_toml()).expect("settings are TOML"));
@@ -138,24 +174,34 @@ mod tests {
         let now = settings(
             "[training]\nthreads = 2\nepochs = 5\nmax_steps = 9\n[checkpoint]\nkeep = 1\n",
         );
-        compare(&saved, &now).unwrap();
+        compare(&saved, &now, Path::new("c")).unwrap();
     }
 
     #[test]
     fn anything_that_changes_the_steps_is_refused_naming_key_and_values() {
         let saved = settings("[training]\nbatch_size = 32\n").to_toml();
-        let err = compare(&saved, &settings("[training]\nbatch_size = 64\n")).unwrap_err();
+        let err = compare(
+            &saved,
+            &settings("[training]\nbatch_size = 64\n"),
+            Path::new("c"),
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "cannot resume: training.batch_size was 32 in the run, 64 now"
         );
-        let err = compare(&saved, &settings("[training]\nbatch_size = 32\nseed = 3\n"))
-            .unwrap_err()
-            .to_string();
+        let err = compare(
+            &saved,
+            &settings("[training]\nbatch_size = 32\nseed = 3\n"),
+            Path::new("c"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("training.seed was 0"), "{err}");
         let err = compare(
             &saved,
             &settings("[training]\nbatch_size = 32\n[model]\nhidden = [8]\n"),
+            Path::new("c"),
         )
         .unwrap_err()
         .to_string();

@@ -7,12 +7,14 @@
 //! RUN_DIR/model.safetensors  the final f32 weights
 //! ```
 
-use std::fs::{self, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::files::write_atomically;
+use crate::lock::{FolderLock, claim_new_folder};
 use crate::settings::Settings;
 use crate::summary::{EpochMetrics, Summary};
 
@@ -21,44 +23,35 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
-/// A run's folder.
+/// A run's folder. One made by [`RunDir::create`] or [`RunDir::reopen`] holds the folder's
+/// lock: no other process writes into it while this one runs.
 #[derive(Debug, Clone)]
 pub struct RunDir {
     path: PathBuf,
+    _lock: Option<Arc<FolderLock>>,
 }
 
 impl RunDir {
-    /// Creates the folder for a new run. An existing folder is used only while it is empty, so
-    /// no earlier run is ever overwritten.
-    pub fn create(path: &Path) -> Result<Self> {
-        let run_dir_error = |message: String| Error::RunDir {
-            path: path.to_path_buf(),
-            message,
-        };
-        if path.exists() {
-            let mut entries = fs::read_dir(path)
-                .map_err(|e| run_dir_error(format!("cannot use as a run folder: {e}")))?;
-            if entries.next().is_some() {
-                return Err(run_dir_error(
-                    "already exists and is not empty: choose another --out".into(),
-                ));
-            }
-        }
-        // A folder that cannot be made (a file in its path, a read-only file system, no
-        // permission) is the --out the user gave: bad input, not a failed run.
-        fs::create_dir_all(path)
-            .map_err(|e| run_dir_error(format!("cannot create the run folder: {e}")))?;
+    /// Creates the folder for a new run and takes its lock. An existing folder is used only
+    /// while it is empty, so no earlier run is ever overwritten; with `numbered`, an existing
+    /// `path` is passed over for the first free `path-2`, `path-3`... instead (the default
+    /// folders, named by the second a run starts: two runs started in one second must not meet).
+    pub fn create(path: &Path, numbered: bool) -> Result<Self> {
+        let (path, lock) = claim_new_folder(path, numbered)?;
         Ok(Self {
-            path: path.to_path_buf(),
+            path,
+            _lock: Some(Arc::new(lock)),
         })
     }
 
-    /// Reopens the folder of a run to resume it: its metrics file is rewritten to hold just
-    /// `metrics` (the epochs the checkpoint had finished).
-    pub fn reopen(path: &Path, metrics: &[EpochMetrics]) -> Result<Self> {
-        fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+    /// Reopens the folder of a run to resume it, with the lock taken before it was checked: its
+    /// metrics file is rewritten to hold just `metrics` (the epochs the checkpoint had
+    /// finished).
+    pub fn reopen(path: &Path, lock: FolderLock, metrics: &[EpochMetrics]) -> Result<Self> {
+        lock.record_owner(path)?;
         let run_dir = Self {
             path: path.to_path_buf(),
+            _lock: Some(Arc::new(lock)),
         };
         let mut lines = String::new();
         for m in metrics {
@@ -83,7 +76,13 @@ impl RunDir {
                 "holds no run: {CONFIG_FILE} is missing"
             )));
         }
-        if !path.join(WEIGHTS_FILE).is_file() {
+        let weights = path.join(WEIGHTS_FILE);
+        if weights.exists() && !weights.is_file() {
+            return Err(run_dir_error(&format!(
+                "{WEIGHTS_FILE} is not a file: the folder holds no trained model"
+            )));
+        }
+        if !weights.is_file() {
             // A run that stopped early (Ctrl-C, a crash) has its config but not yet its weights.
             return Err(run_dir_error(&format!(
                 "holds an unfinished run ({WEIGHTS_FILE} is written at its end); resume it \
@@ -93,7 +92,13 @@ impl RunDir {
         }
         Ok(Self {
             path: path.to_path_buf(),
+            _lock: None,
         })
+    }
+
+    /// Whether the folder holds a finished run: its final weights or its summary.
+    pub fn is_finished(path: &Path) -> bool {
+        path.join(WEIGHTS_FILE).exists() || path.join(SUMMARY_FILE).exists()
     }
 
     pub fn path(&self) -> &Path {
@@ -136,9 +141,9 @@ mod tests {
     #[test]
     fn refuses_to_reuse_a_folder_that_holds_files() {
         let dir = tempfile::tempdir().unwrap();
-        RunDir::create(dir.path()).unwrap();
-        fs::write(dir.path().join("x"), "").unwrap();
-        let err = RunDir::create(dir.path()).unwrap_err().to_string();
+        drop(RunDir::create(dir.path(), false).unwrap());
+        std::fs::write(dir.path().join("x"), "").unwrap();
+        let err = RunDir::create(dir.path(), false).unwrap_err().to_string();
         assert!(err.contains("not empty"), "{err}");
         assert!(dir.path().join("x").exists());
     }
@@ -148,10 +153,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("file");
         std::fs::write(&file, "").unwrap();
-        let err = RunDir::create(&file.join("run")).unwrap_err();
+        let err = RunDir::create(&file.join("run"), false).unwrap_err();
         assert!(err.is_bad_input(), "{err}");
         assert!(
-            err.to_string().contains("cannot create the run folder"),
+            err.to_string().contains("cannot create the folder"),
             "{err}"
         );
     }
@@ -172,5 +177,36 @@ mod tests {
         let err = RunDir::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("holds an unfinished run"), "{err}");
         assert!(err.contains("config.toml --out"), "{err}");
+        std::fs::create_dir(dir.path().join(WEIGHTS_FILE)).unwrap();
+        let err = RunDir::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors is not a file"), "{err}");
+    }
+
+    /// Default folders are named by the second: runs started in the same one each get their
+    /// own, and a run started while another holds a folder is refused, naming it.
+    #[test]
+    fn numbered_folders_never_collide_and_a_held_folder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("runs").join("mlp-1700000000");
+        let first = RunDir::create(&base, true).unwrap();
+        let second = RunDir::create(&base, true).unwrap();
+        let third = RunDir::create(&base, true).unwrap();
+        assert_eq!(first.path(), base);
+        assert_eq!(
+            second.path(),
+            dir.path().join("runs").join("mlp-1700000000-2")
+        );
+        assert_eq!(
+            third.path(),
+            dir.path().join("runs").join("mlp-1700000000-3")
+        );
+        let err = RunDir::create(&base, false).unwrap_err().to_string();
+        assert!(
+            err.contains("is in use by another allcores process (pid"),
+            "{err}"
+        );
+        drop(first);
+        // Its holder gone, the folder is free, but its owner record alone keeps nothing out.
+        drop(RunDir::create(&base, false).unwrap());
     }
 }

@@ -23,16 +23,17 @@ use burn::tensor::Bytes;
 use rayon::prelude::*;
 
 use crate::calibrate::{Calibration, Candidate, calibrate, candidates, micro_batches_to_time};
-use crate::checkpoint::{self, Checkpoint, LoopState};
+use crate::checkpoint::{self, Checkpoint, LoopState, RunShape};
 use crate::data::{Dataset, Splits, epoch_order};
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::model::{BuiltinModel, Classifier, ensure_memory_for};
+use crate::lock::FolderLock;
+use crate::model::{BuiltinModel, Classifier, RunMemory, ensure_memory_for_run};
 use crate::optim::{Optimizer, optimizer, schedule, values_per_parameter};
 use crate::polling::Poller;
 use crate::precision::{self, Compute, GradientReading, LossScaler, ScalerState, Unscaling};
 use crate::progress::{Progress, number, thousands};
-use crate::resume::check_resumable;
+use crate::resume::{Resumable, check_resumable};
 use crate::run_dir::RunDir;
 use crate::score::score;
 use crate::settings::{Backend, Execution, Settings, Threads, TrainingSettings};
@@ -50,6 +51,9 @@ pub struct Options {
     pub run_dir: Option<PathBuf>,
     /// Continue the run in `run_dir` from its newest valid checkpoint (fresh if it has none).
     pub resume: bool,
+    /// `run_dir` is a default name: where it exists, take the first free `run_dir-2`,
+    /// `run_dir-3`... rather than refuse it.
+    pub numbered_run_dir: bool,
     /// Set from another thread (a Ctrl-C handler) to stop at the next step boundary, after
     /// saving a checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
@@ -90,12 +94,24 @@ struct StepPlan {
 }
 
 impl StepPlan {
-    fn new(samples: usize, training: &TrainingSettings) -> Self {
+    /// Refuses a run whose step count does not fit in 64 bits (`epochs` near `u64::MAX`): in a
+    /// release build the product wrapped, and the run stopped after a few steps.
+    fn new(samples: usize, training: &TrainingSettings) -> Result<Self> {
         let step_size = training.effective_batch_size();
         let steps_per_epoch = samples.div_ceil(step_size) as u64;
-        let all = steps_per_epoch * training.epochs;
+        let all = steps_per_epoch
+            .checked_mul(training.epochs)
+            .ok_or_else(|| {
+                Error::setting(
+                    "training.epochs",
+                    format!(
+                        "{} epochs of {steps_per_epoch} steps are more steps than a run can count",
+                        training.epochs
+                    ),
+                )
+            })?;
         let total_steps = training.max_steps.map_or(all, |max| max.min(all));
-        Self {
+        Ok(Self {
             batch_size: training.batch_size,
             shards: training.shards,
             step_size,
@@ -103,7 +119,7 @@ impl StepPlan {
             steps_per_epoch,
             total_steps,
             epochs: total_steps.div_ceil(steps_per_epoch),
-        }
+        })
     }
 
     /// The pieces of a step, in the order their gradients are summed: its micro-batches of
@@ -157,9 +173,23 @@ impl Trainer {
         let shape = self.data.train.shape();
         let classes = self.data.classes;
         let model = &self.settings.model;
-        let (values_each, what) = values_per_parameter(&self.settings.optimizer);
-        let parameters = BuiltinModel::parameter_count(model, shape, classes)?;
-        ensure_memory_for(parameters, values_each, what)?;
+        let (values_each, values_are) = values_per_parameter(&self.settings.optimizer);
+        let training = &self.settings.training;
+        let plan = StepPlan::new(self.data.train.len(), training)?;
+        // Pieces run at once up to one a thread (`auto` may choose every available thread).
+        let threads = match training.threads {
+            Threads::Count(n) => n.get(),
+            Threads::Auto => ThreadPlan::new(Threads::Auto).threads,
+        };
+        let piece = plan.batch_size.div_ceil(plan.shards).min(plan.samples);
+        let in_flight = plan.pieces_per_step().min(threads).max(1);
+        ensure_memory_for_run(RunMemory {
+            parameters: BuiltinModel::parameter_count(model, shape, classes)?,
+            values_each,
+            values_are,
+            activations_per_sample: BuiltinModel::activation_count(model, shape, classes)?,
+            samples_in_flight: (piece * in_flight) as f64,
+        })?;
         self.fit(|device| BuiltinModel::new(model, shape, classes, device))
     }
 
@@ -199,7 +229,7 @@ impl Trainer {
         let device = device(training.backend);
         let model = seeded_init(&device, training.seed, init)?;
         let train = &self.data.train;
-        let plan = StepPlan::new(train.len(), training);
+        let plan = StepPlan::new(train.len(), training)?;
         let order = epoch_order(train.len(), training.seed, 1);
         let micro_batches = plan.micro_batches_per_step();
         let timed = micro_batches_to_time(micro_batches, plan.shards, available.threads);
@@ -247,13 +277,13 @@ impl Trainer {
         let mut timing = RunTiming::start();
         let training = &self.settings.training;
         let train = &self.data.train;
-        let setup = self.setup(threads, calibration.as_ref());
+        let setup = self.setup(threads, calibration.as_ref())?;
         let plan = setup.plan;
         let device = device(training.backend);
         let model = seeded_init(&device, training.seed, &init)?;
-        let start = self.start(model, &plan)?;
+        let mut start = self.start(model, &plan)?;
         // Every check of the input is behind us: only now is the run folder written.
-        let run_dir = self.prepare_run_dir(&start.state)?;
+        let run_dir = self.prepare_run_dir(&mut start)?;
         let progress = Progress::new(plan.total_steps, self.options.quiet);
         self.announce(&progress, &setup, &start, calibration.as_ref());
         let Start {
@@ -353,22 +383,22 @@ impl Trainer {
 
     /// How this run spends the machine: its step plan, threads and precision, and whether a
     /// step's pieces run at once (as the calibration chose, or as `training.execution` says).
-    fn setup(&self, threads: ThreadPlan, calibration: Option<&Calibration>) -> Setup {
+    fn setup(&self, threads: ThreadPlan, calibration: Option<&Calibration>) -> Result<Setup> {
         let training = &self.settings.training;
-        let plan = StepPlan::new(self.data.train.len(), training);
+        let plan = StepPlan::new(self.data.train.len(), training)?;
         let concurrent = match (calibration, training.execution) {
             (Some(calibration), _) => calibration.chosen.concurrent,
             (None, Execution::Concurrent) => true,
             (None, Execution::Sequential) => false,
             (None, Execution::Auto) => threads.threads > 1 && plan.pieces_per_step() > 1,
         };
-        Setup {
+        Ok(Setup {
             plan,
             threads,
             compute: Compute::new(training.precision, training.backend),
             concurrent,
             poller: Poller::new(training.idle_threads, threads.threads, threads.available),
-        }
+        })
     }
 
     /// Where the loop starts: fresh, or from the newest valid checkpoint with `resume`.
@@ -377,7 +407,20 @@ impl Trainer {
         let scheduler = schedule(&self.settings.optimizer, plan.total_steps)?;
         let scaling = &self.settings.precision;
         let scales = scaling.scales(self.settings.training.precision);
-        let (resumed, notes) = self.resume_point()?;
+        let (lock, resumed, notes) = match self.resume_point(plan.total_steps)? {
+            Some(r) => (Some(r.lock), r.checkpoint, r.notes),
+            None => (None, None, Vec::new()),
+        };
+        if let Some(checkpoint) = &resumed {
+            let shape = RunShape {
+                samples: plan.samples as u64,
+                step_size: plan.step_size as u64,
+                steps_per_epoch: plan.steps_per_epoch,
+                total_steps: plan.total_steps,
+                scales,
+            };
+            checkpoint::check_position(&checkpoint.state, &checkpoint.folder, &shape)?;
+        }
         let Restored {
             model,
             optimizer: module,
@@ -409,6 +452,7 @@ impl Trainer {
             state,
             resumed,
             notes,
+            lock,
         })
     }
 
@@ -610,23 +654,25 @@ impl Trainer {
         by_steps || by_epochs || (last && (policy.every_steps.is_some() || policy.every_epochs > 0))
     }
 
-    /// With `resume`: the checkpoint to continue from (checked against these settings), and
-    /// lines about newer checkpoints that failed verification. Writes nothing.
-    fn resume_point(&self) -> Result<(Option<Checkpoint>, Vec<String>)> {
+    /// With `resume`: the run folder's lock and the checkpoint to continue from (checked
+    /// against these settings and a run of `total_steps`), with lines about newer checkpoints
+    /// that failed verification. Writes nothing.
+    fn resume_point(&self, total_steps: u64) -> Result<Option<Resumable>> {
         match (&self.options.run_dir, self.options.resume) {
-            (Some(path), true) => check_resumable(path, &self.settings),
-            _ => Ok((None, Vec::new())),
+            (Some(path), true) => check_resumable(path, &self.settings, total_steps).map(Some),
+            _ => Ok(None),
         }
     }
 
-    fn prepare_run_dir(&self, state: &LoopState) -> Result<Option<RunDir>> {
+    /// The run folder, written from here on: created (and locked) for a new run; for a resume,
+    /// reopened under the lock its checks were made under.
+    fn prepare_run_dir<M>(&self, start: &mut Start<M>) -> Result<Option<RunDir>> {
         let Some(path) = &self.options.run_dir else {
             return Ok(None);
         };
-        let run_dir = if self.options.resume {
-            RunDir::reopen(path, &state.metrics)?
-        } else {
-            RunDir::create(path)?
+        let run_dir = match start.lock.take() {
+            Some(lock) => RunDir::reopen(path, lock, &start.state.metrics)?,
+            None => RunDir::create(path, self.options.numbered_run_dir)?,
         };
         run_dir.write_settings(&self.settings)?;
         Ok(Some(run_dir))
@@ -857,6 +903,8 @@ struct Start<M> {
     resumed: Option<Checkpoint>,
     /// Lines about newer checkpoints that failed verification.
     notes: Vec<String>,
+    /// A resumed run's folder lock, taken before its checks.
+    lock: Option<FolderLock>,
 }
 
 /// What turns a step's gradients into new weights: the optimizer, its learning-rate schedule
@@ -1094,6 +1142,7 @@ mod tests {
                 ..TrainingSettings::default()
             },
         )
+        .unwrap()
     }
 
     #[test]
