@@ -1,17 +1,18 @@
 //! `allcores`: the command line over the allcores libraries.
 //!
-//! Exit status: 0 on success, 2 for bad input (config, data, arguments), 1 when a run fails.
+//! Exit status: 0 on success, 2 for bad input (config, data, arguments), 1 when a run fails,
+//! 128 + the signal's number when Ctrl-C, SIGTERM or SIGHUP stopped a run (after a checkpoint).
 
 // The arguments' doc comments are clap's help texts, written for a terminal (`<config name>`),
 // not for rustdoc.
 #![allow(rustdoc::invalid_html_tags)]
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use allcores_eval::evaluate_run;
+use allcores_eval::{Interrupt, evaluate_run};
 use allcores_trainer::{
     Layers, Options, Settings, Summary, default_run_dir, number, thousands, train,
 };
@@ -142,7 +143,8 @@ struct BenchArgs {
 struct Failure {
     message: String,
     bad_input: bool,
-    /// Stopped by Ctrl-C after saving a checkpoint: exit status 130, as shells expect.
+    /// Stopped by a signal after saving a checkpoint: exit status 128 + the signal's number, as
+    /// shells expect.
     interrupted: bool,
 }
 
@@ -168,12 +170,21 @@ impl From<allcores_eval::EvalError> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli.command) {
+    // Only the commands that can stop at a safe point catch the signals; the others end at once,
+    // as by default.
+    let interrupt = match &cli.command {
+        Command::Train(_) => Some(Interrupt::catch(
+            "saving a checkpoint at the end of this step",
+        )),
+        Command::Eval(_) | Command::Sweep(_) | Command::Bench(_) => None,
+    };
+    match run(cli.command, interrupt.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("error: {}", failure.message);
+            // After SIGHUP the terminal may be gone: the status must still come out, no panic.
+            let _ = writeln!(std::io::stderr().lock(), "error: {}", failure.message);
             ExitCode::from(match (failure.interrupted, failure.bad_input) {
-                (true, _) => 130,
+                (true, _) => interrupt.map_or(130, |i| i.exit_status()),
                 (false, true) => 2,
                 (false, false) => 1,
             })
@@ -181,16 +192,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> Result<(), Failure> {
+fn run(command: Command, interrupt: Option<&Arc<Interrupt>>) -> Result<(), Failure> {
     match command {
-        Command::Train(args) => train_command(args),
+        Command::Train(args) => train_command(args, interrupt),
         Command::Eval(args) => eval_command(args),
         Command::Sweep(args) => sweep_command(args),
         Command::Bench(args) => bench_command(args),
     }
 }
 
-fn train_command(args: TrainArgs) -> Result<(), Failure> {
+fn train_command(args: TrainArgs, interrupt: Option<&Arc<Interrupt>>) -> Result<(), Failure> {
     let settings = Settings::load(&args.config, &layers(args.overrides))?;
     let run_dir =
         (!args.no_save).then(|| args.out.unwrap_or_else(|| default_run_dir(&args.config)));
@@ -198,7 +209,7 @@ fn train_command(args: TrainArgs) -> Result<(), Failure> {
         quiet: args.quiet,
         run_dir,
         resume: args.resume,
-        stop: Some(stop_on_ctrl_c()),
+        stop: interrupt.map(|i| i.stop_flag()),
         record_steps: args.record_steps,
     };
     let summary = train(&settings, options)?;
@@ -255,25 +266,6 @@ fn bench_command(args: BenchArgs) -> Result<(), Failure> {
         println!("{}", report.to_text());
     }
     Ok(())
-}
-
-/// A flag that Ctrl-C sets: the trainer saves a checkpoint at the next step boundary and
-/// stops. A second Ctrl-C ends the process at once.
-fn stop_on_ctrl_c() -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    let installed = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to quit now)"
-        );
-    });
-    if let Err(e) = installed {
-        eprintln!("warning: Ctrl-C will not save a checkpoint: {e}");
-    }
-    stop
 }
 
 fn layers(overrides: Vec<String>) -> Layers {

@@ -9,6 +9,9 @@
 //! [`run_sweep`] trains one config at several thread counts and seeds, each run in its own
 //! process, and reports whether the thread count changed the result or only the speed
 //! ([`build_report`] makes the report and its verdict from the runs' records).
+//!
+//! [`Interrupt`] turns Ctrl-C, SIGTERM and SIGHUP into a stop at a run's next step boundary,
+//! after a checkpoint.
 
 pub mod bench;
 mod child;
@@ -16,11 +19,13 @@ pub mod diff;
 mod evaluate;
 mod plot;
 pub mod report;
+pub mod signals;
 pub mod sweep;
 
 pub use bench::{BenchReport, BenchRequest, BenchRun, run_bench};
 pub use evaluate::{Evaluation, evaluate_run};
 pub use report::{Outcome, Report, RunRecord, Verdict, build_report};
+pub use signals::Interrupt;
 pub use sweep::{SweepOutcome, SweepRequest, parse_threads, run_sweep};
 
 use std::path::{Path, PathBuf};

@@ -50,7 +50,7 @@ pub struct Options {
     pub run_dir: Option<PathBuf>,
     /// Continue the run in `run_dir` from its newest valid checkpoint (fresh if it has none).
     pub resume: bool,
-    /// Set from another thread (a Ctrl-C handler) to stop at the next step boundary, after
+    /// Set from another thread (a signal handler) to stop at the next step boundary, after
     /// saving a checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
     /// Record each optimizer step's wall and CPU seconds in [`Summary::step_times`].
@@ -480,7 +480,7 @@ impl Trainer {
         }
     }
 
-    /// Whether another thread (a Ctrl-C handler) asked the run to stop.
+    /// Whether another thread (a signal handler) asked the run to stop.
     fn stop_requested(&self) -> bool {
         self.options
             .stop
