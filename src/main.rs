@@ -1,7 +1,8 @@
 //! `allcores`: the command line over the allcores libraries.
 //!
 //! Exit status: 0 on success, 2 for bad input (config, data, arguments), 1 when a run fails,
-//! 128 + the signal's number when Ctrl-C, SIGTERM or SIGHUP stopped a run (after a checkpoint).
+//! 128 + the signal's number when Ctrl-C, SIGTERM or SIGHUP stopped a run (after a checkpoint)
+//! or a sweep (after its report).
 
 // The arguments' doc comments are clap's help texts, written for a terminal (`<config name>`),
 // not for rustdoc.
@@ -143,8 +144,8 @@ struct BenchArgs {
 struct Failure {
     message: String,
     bad_input: bool,
-    /// Stopped by a signal after saving a checkpoint: exit status 128 + the signal's number, as
-    /// shells expect.
+    /// Stopped by a signal after saving a checkpoint (a run) or its report (a sweep): exit
+    /// status 128 + the signal's number, as shells expect.
     interrupted: bool,
 }
 
@@ -160,8 +161,13 @@ impl From<allcores_trainer::Error> for Failure {
 
 impl From<allcores_eval::EvalError> for Failure {
     fn from(e: allcores_eval::EvalError) -> Self {
+        use allcores_eval::EvalError;
         Failure {
-            interrupted: false,
+            interrupted: matches!(
+                e,
+                EvalError::Interrupted { .. }
+                    | EvalError::Trainer(allcores_trainer::Error::Interrupted { .. })
+            ),
             bad_input: e.is_bad_input(),
             message: e.to_string(),
         }
@@ -176,7 +182,11 @@ fn main() -> ExitCode {
         Command::Train(_) => Some(Interrupt::catch(
             "saving a checkpoint at the end of this step",
         )),
-        Command::Eval(_) | Command::Sweep(_) | Command::Bench(_) => None,
+        Command::Sweep(_) => Some(Interrupt::catch(
+            "the run in progress saves a checkpoint and stops, then the sweep writes the report \
+             of the runs that ended",
+        )),
+        Command::Eval(_) | Command::Bench(_) => None,
     };
     match run(cli.command, interrupt.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -196,7 +206,7 @@ fn run(command: Command, interrupt: Option<&Arc<Interrupt>>) -> Result<(), Failu
     match command {
         Command::Train(args) => train_command(args, interrupt),
         Command::Eval(args) => eval_command(args),
-        Command::Sweep(args) => sweep_command(args),
+        Command::Sweep(args) => sweep_command(args, interrupt),
         Command::Bench(args) => bench_command(args),
     }
 }
@@ -230,7 +240,7 @@ fn eval_command(args: EvalArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn sweep_command(args: SweepArgs) -> Result<(), Failure> {
+fn sweep_command(args: SweepArgs, interrupt: Option<&Arc<Interrupt>>) -> Result<(), Failure> {
     let outcome = allcores_eval::run_sweep(&allcores_eval::SweepRequest {
         config: args.config,
         threads: args.threads,
@@ -238,6 +248,7 @@ fn sweep_command(args: SweepArgs) -> Result<(), Failure> {
         overrides: args.overrides,
         out: args.out,
         program: None,
+        interrupt: interrupt.cloned(),
     })?;
     if args.json {
         println!("{}", outcome.report.verdict.line);

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use allcores_trainer::settings::MAX_THREADS;
@@ -19,7 +20,10 @@ use crate::EvalError;
 use crate::child::{self, refuse_owned_keys, train_child};
 use crate::diff::{Weights, max_abs_diff, read_weights};
 use crate::plot;
-use crate::report::{Report, RunFailure, RunRecord, SweepPlan, Timing, build_report, thousands};
+use crate::report::{
+    Interruption, Report, RunFailure, RunRecord, SweepPlan, Timing, build_report, thousands,
+};
+use crate::signals::{Interrupt, signal_name};
 
 /// What `allcores sweep` was asked.
 #[derive(Debug, Clone)]
@@ -36,6 +40,10 @@ pub struct SweepRequest {
     pub out: Option<PathBuf>,
     /// The `allcores` executable that trains each run; `None`: this process's own.
     pub program: Option<PathBuf>,
+    /// Stops the sweep: once it has stopped, no run starts, the run in progress gets the
+    /// signals it receives (and saves a checkpoint), and the report covers the runs that
+    /// finished. `None`: nothing stops the sweep but its end.
+    pub interrupt: Option<Arc<Interrupt>>,
 }
 
 /// A finished sweep: its report, written into `dir`.
@@ -153,6 +161,8 @@ fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf), EvalError> {
 enum RunResult {
     Done(Box<Summary>),
     Failed(RunFailure),
+    /// The sweep was interrupted before the run could start.
+    NotStarted,
 }
 
 /// Trains one run in its own process and reads its summary from the last stdout line.
@@ -169,8 +179,10 @@ fn run_one(
         format!("training.seed={seed}"),
     ]);
     let out = [OsStr::new("--out"), run_dir.as_os_str()];
-    match train_child(program, &request.config, sets, &out) {
+    let interrupt = request.interrupt.as_deref();
+    match train_child(program, &request.config, sets, &out, interrupt) {
         Ok(summary) => RunResult::Done(Box::new(summary)),
+        Err(failure) if !failure.started() => RunResult::NotStarted,
         Err(failure) => RunResult::Failed(RunFailure {
             threads,
             seed,
@@ -216,7 +228,8 @@ impl SweepProgress {
 
 /// Runs the sweep, writes its report, and returns it. Runs that fail are kept in the report
 /// (see [`SweepOutcome::status`]); a run that fails on bad input before any run finished stops
-/// the sweep, since every other run would fail the same way.
+/// the sweep, since every other run would fail the same way. A sweep that its interrupt stops
+/// writes the report of the runs that finished, and says so in it.
 pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
     let started = Instant::now();
     let (threads, dir) = check(request)?;
@@ -230,10 +243,12 @@ pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
         mut records,
         failures,
         processes_seconds,
+        interrupted,
     } = runs?;
 
     fill_weight_diffs(&mut records, |line| progress.log(line));
-    let runs_wall_seconds: f64 = records.iter().map(|r| r.wall_seconds).sum();
+    // A fold from 0.0: an empty f64 sum is -0.0, which an interrupted sweep printed as "-0.00 s".
+    let runs_wall_seconds = records.iter().fold(0.0, |sum, r| sum + r.wall_seconds);
     let plan = SweepPlan {
         config: request.config.display().to_string(),
         threads,
@@ -242,6 +257,18 @@ pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
         threads_available: available,
     };
     let mut report = build_report(plan, records, failures);
+    report.interrupted = interrupted.map(|stopped_run| Interruption {
+        signal: signal_name(
+            request
+                .interrupt
+                .as_ref()
+                .and_then(|i| i.signal())
+                .unwrap_or(libc::SIGINT),
+        )
+        .into(),
+        runs_not_run: report.runs_not_run(),
+        stopped_run,
+    });
     let sweep_seconds = started.elapsed().as_secs_f64();
     report.timing = Some(Timing {
         sweep_seconds,
@@ -275,10 +302,14 @@ struct Runs {
     records: Vec<RunRecord>,
     failures: Vec<RunFailure>,
     processes_seconds: f64,
+    /// `Some` when the interrupt stopped the sweep before its last run ended, holding the run it
+    /// stopped part-way, if any.
+    interrupted: Option<Option<RunFailure>>,
 }
 
 /// Runs every (seed, thread count) in turn, seed by seed, logging each as it ends. A run that
-/// fails on bad input before any run finished stops the sweep.
+/// fails on bad input before any run finished stops the sweep; so does the interrupt, with the
+/// runs so far.
 fn run_all(
     program: &Path,
     request: &SweepRequest,
@@ -291,10 +322,16 @@ fn run_all(
         records: Vec::new(),
         failures: Vec::new(),
         processes_seconds: 0.0,
+        interrupted: None,
     };
+    let stopped = || request.interrupt.as_ref().is_some_and(|i| i.stopped());
     let mut done = 0u64;
     for seed in 0..request.seeds {
         for &t in threads {
+            if stopped() {
+                runs.interrupted = Some(None);
+                return Ok(runs);
+            }
             done += 1;
             progress
                 .bar
@@ -318,6 +355,16 @@ fn run_all(
                     let record = RunRecord::from_summary(t, seed, &summary, run_dir);
                     runs.records.push(record);
                 }
+                RunResult::NotStarted => {
+                    runs.interrupted = Some(None);
+                    return Ok(runs);
+                }
+                // Stopped by the signal that stops the sweep (not a failure of its own).
+                RunResult::Failed(failure) if stopped() && stopped_by_signal(&failure) => {
+                    progress.log(format!("{at} stopped: {}", failure.message));
+                    runs.interrupted = Some(Some(failure));
+                    return Ok(runs);
+                }
                 RunResult::Failed(failure) => {
                     progress.log(format!("{at} failed: {}", failure.message));
                     if failure.exit_status == Some(2) && runs.records.is_empty() {
@@ -333,6 +380,12 @@ fn run_all(
         }
     }
     Ok(runs)
+}
+
+/// Whether a signal ended the run: it was killed by one, or exited with 128 + its number (as
+/// `allcores train` does after saving a checkpoint).
+fn stopped_by_signal(failure: &RunFailure) -> bool {
+    failure.exit_status.is_none_or(|status| status > 128)
 }
 
 /// Sets each run's largest weight difference against the run of the same seed at the smallest
@@ -406,6 +459,10 @@ impl SweepOutcome {
                 t.sweep_seconds, t.runs_wall_seconds, t.overhead_seconds, t.launcher_seconds
             ));
         }
+        if let Some(note) = self.report.interruption_note() {
+            out.push('\n');
+            out.push_str(&note);
+        }
         out.push_str(&format!(
             "\nreport {}\n{}",
             self.dir.join("report.md").display(),
@@ -419,8 +476,18 @@ impl SweepOutcome {
         serde_json::to_string(&self.report).expect("the report serializes")
     }
 
-    /// `Err` when some runs failed: the sweep then exits 1, after its report.
+    /// `Err` when a signal stopped the sweep (it then exits 128 + the signal's number), or when
+    /// some runs failed (exit 1), after its report.
     pub fn status(&self) -> Result<(), EvalError> {
+        if let Some(interruption) = &self.report.interrupted {
+            return Err(EvalError::Interrupted {
+                signal: interruption.signal.clone(),
+                ended: self.report.runs.len() + self.report.failures.len(),
+                total: self.report.runs_planned(),
+                not_run: interruption.runs_not_run,
+                dir: self.dir.clone(),
+            });
+        }
         let Some(first) = self.report.failures.first() else {
             return Ok(());
         };
@@ -541,6 +608,7 @@ mod tests {
             overrides: vec![],
             out: None,
             program: Some("/nonexistent/allcores".into()),
+            interrupt: None,
         }
     }
 
@@ -563,6 +631,51 @@ mod tests {
         let err = run_sweep(&r).unwrap_err();
         assert!(err.is_bad_input());
         assert!(err.to_string().contains("use --threads instead"), "{err}");
+    }
+
+    #[test]
+    fn an_interrupted_sweep_starts_no_run_and_reports_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = minimal_config(dir.path());
+        let interrupt = Interrupt::new();
+        interrupt.receive(libc::SIGTERM);
+        let mut r = request(config);
+        r.seeds = 3;
+        r.out = Some(dir.path().join("sweep"));
+        r.interrupt = Some(interrupt);
+        let outcome = run_sweep(&r).unwrap();
+        let report = &outcome.report;
+        assert!(report.runs.is_empty() && report.failures.is_empty());
+        let interrupted = report.interrupted.as_ref().unwrap();
+        assert_eq!(interrupted.signal, "SIGTERM");
+        assert_eq!(interrupted.runs_not_run, 6);
+        assert_eq!(interrupted.stopped_run, None);
+        let err = outcome.status().unwrap_err();
+        assert!(!err.is_bad_input());
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the sweep was interrupted by SIGTERM: 0 of 6 runs ended, 6 did not run; the \
+                 report is in {}",
+                dir.path().join("sweep").display()
+            )
+        );
+        let md = std::fs::read_to_string(dir.path().join("sweep/report.md")).unwrap();
+        assert!(
+            md.contains("the runs' own wall time adds up to 0.00 s"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "Interrupted by SIGTERM: 6 of 6 planned runs did not run; the report covers the \
+                 0 that ended."
+            ),
+            "{md}"
+        );
+        // No plot without a run, and none named.
+        assert!(!md.contains("accuracy.svg"), "{md}");
+        assert!(!dir.path().join("sweep/runs").exists());
+        assert!(outcome.to_text().contains("Interrupted by SIGTERM"));
     }
 
     #[test]
