@@ -17,6 +17,7 @@ use allcores_eval::{Interrupt, evaluate_run};
 use allcores_trainer::{
     Layers, Options, Settings, Summary, default_run_dir, number, thousands, train,
 };
+use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -175,7 +176,10 @@ impl From<allcores_eval::EvalError> for Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return argument_error(&e),
+    };
     // Only the commands that can stop at a safe point catch the signals; the others end at once,
     // as by default.
     let interrupt = match &cli.command {
@@ -200,6 +204,62 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// Prints a command-line error as one line, `error: <clap's message>`, and returns exit status
+/// 2; help and the version print as clap writes them.
+fn argument_error(e: &clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+        }
+        _ => {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: {}",
+                one_line(&e.render().to_string())
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// clap's error text (plain, its styles dropped by `to_string`) as one line: its message lines
+/// without the `error: ` label, the tips, the usage and the pointer to `--help`. Lines listed
+/// under a line that ends with `:` follow it after a space, separated by commas; other lines
+/// are joined with "; ".
+fn one_line(text: &str) -> String {
+    let mut line = String::new();
+    let mut listing = false;
+    for part in text.lines().map(str::trim) {
+        if part.starts_with("Usage:") || part.starts_with("For more information") {
+            break;
+        }
+        if part.is_empty() || part.starts_with("tip:") {
+            continue;
+        }
+        let part = part.strip_prefix("error:").map_or(part, str::trim_start);
+        if line.is_empty() {
+            line.push_str(part);
+        } else if line.ends_with(':') {
+            line.push(' ');
+            line.push_str(part);
+            listing = true;
+            continue;
+        } else if listing {
+            line.push_str(", ");
+            line.push_str(part);
+            continue;
+        } else {
+            line.push_str("; ");
+            line.push_str(part);
+        }
+        listing = false;
+    }
+    line
 }
 
 fn run(command: Command, interrupt: Option<&Arc<Interrupt>>) -> Result<(), Failure> {
@@ -325,5 +385,35 @@ fn print_summary(summary: &Summary, json: bool) {
     println!("weights_sha256 {}", summary.weights_sha256);
     if let Some(dir) = &summary.run_dir {
         println!("run folder {dir}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_errors_come_down_to_their_message() {
+        let cases = [
+            (
+                "error: unexpected argument '--foo' found\n\n  tip: to pass '--foo' as a value, \
+                 use '-- --foo'\n\nUsage: allcores train [OPTIONS] <CONFIG>\n\nFor more \
+                 information, try '--help'.\n",
+                "unexpected argument '--foo' found",
+            ),
+            (
+                "error: the following required arguments were not provided:\n  <CONFIG>\n  \
+                 --threads <LIST>\n\nUsage: allcores sweep --threads <LIST> <CONFIG>\n\nFor \
+                 more information, try '--help'.\n",
+                "the following required arguments were not provided: <CONFIG>, --threads <LIST>",
+            ),
+            (
+                "error: first\nsecond\n\nFor more information, try '--help'.\n",
+                "first; second",
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(one_line(text), expected);
+        }
     }
 }
