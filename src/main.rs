@@ -93,8 +93,13 @@ struct SweepArgs {
     #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
     threads: String,
     /// Train each thread count with seeds 0..N.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    seeds: u64,
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "1",
+        allow_hyphen_values = true
+    )]
+    seeds: String,
     /// Override a setting of every run, e.g. --set training.epochs=2 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -304,7 +309,7 @@ fn sweep_command(args: SweepArgs, interrupt: Option<&Arc<Interrupt>>) -> Result<
     let outcome = allcores_eval::run_sweep(&allcores_eval::SweepRequest {
         config: args.config,
         threads: args.threads,
-        seeds: args.seeds,
+        seeds: allcores_eval::parse_seeds(&args.seeds)?,
         overrides: args.overrides,
         out: args.out,
         program: None,

@@ -53,6 +53,44 @@ fn argument_errors_take_one_line() {
 }
 
 #[test]
+fn bad_seed_counts_take_one_line() {
+    let sweep = |seeds: &'static str| ["sweep", "c.toml", "--threads", "1,2", "--seeds", seeds];
+    refused(
+        &sweep("abc"),
+        "error: --seeds: \"abc\" is not a number of seeds (a whole number, 1 to \
+         9223372036854775808)",
+    );
+    refused(
+        &sweep("-1"),
+        "error: --seeds: \"-1\" is not a number of seeds (a whole number, 1 to \
+         9223372036854775808)",
+    );
+    refused(&sweep("0"), "error: --seeds: must be at least 1");
+    // Past the last seed a run takes (a u64 or not).
+    let past = |value: &str| {
+        format!(
+            "error: --seeds: {value} is past the limit of 9223372036854775808 seeds (the seeds \
+             run from 0 to N - 1, and a run's training.seed stops at 9223372036854775807)"
+        )
+    };
+    refused(&sweep("9223372036854775809"), &past("9223372036854775809"));
+    refused(
+        &sweep("18446744073709551615"),
+        &past("18446744073709551615"),
+    );
+    refused(
+        &sweep("123456789012345678901234567890"),
+        &past("123456789012345678901234567890"),
+    );
+    // At the limit, the run count of two thread counts overflows: it once wrapped to "0 runs".
+    refused(
+        &sweep("9223372036854775808"),
+        "error: --seeds: 9223372036854775808 seeds x 2 thread counts is 18446744073709551616 \
+         runs, past the 18446744073709551615 a sweep can count",
+    );
+}
+
+#[test]
 fn help_and_version_print_in_full() {
     let help = allcores(&["train", "--help"]);
     assert_eq!(help.status.code(), Some(0));

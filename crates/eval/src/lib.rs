@@ -26,7 +26,7 @@ pub use bench::{BenchReport, BenchRequest, BenchRun, run_bench};
 pub use evaluate::{Evaluation, evaluate_run};
 pub use report::{Interruption, Outcome, Report, RunRecord, Verdict, build_report};
 pub use signals::Interrupt;
-pub use sweep::{SweepOutcome, SweepRequest, parse_threads, run_sweep};
+pub use sweep::{SweepOutcome, SweepRequest, parse_seeds, parse_threads, run_sweep};
 
 use std::path::{Path, PathBuf};
 

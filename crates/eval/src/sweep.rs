@@ -53,6 +53,32 @@ pub struct SweepOutcome {
     pub dir: PathBuf,
 }
 
+/// The most seeds a sweep takes: its seeds run from 0 to N - 1, and the last must be one a run
+/// takes (config whole numbers stop at `i64::MAX`).
+pub const MAX_SEEDS: u64 = i64::MAX as u64 + 1;
+
+/// Parses the number of seeds given to `--seeds` (checked against [`MAX_SEEDS`] by the sweep).
+pub fn parse_seeds(text: &str) -> Result<u64, EvalError> {
+    let item = text.trim();
+    item.parse().map_err(|_| EvalError::Argument {
+        arg: "--seeds".into(),
+        message: if !item.is_empty() && item.bytes().all(|b| b.is_ascii_digit()) {
+            too_many_seeds(item)
+        } else {
+            format!("\"{text}\" is not a number of seeds (a whole number, 1 to {MAX_SEEDS})")
+        },
+    })
+}
+
+/// Why `seeds` seeds are refused, `seeds` past [`MAX_SEEDS`].
+fn too_many_seeds(seeds: &str) -> String {
+    format!(
+        "{seeds} is past the limit of {MAX_SEEDS} seeds (the seeds run from 0 to N - 1, and a \
+         run's training.seed stops at {})",
+        MAX_SEEDS - 1
+    )
+}
+
 /// Parses a comma-separated list of distinct thread counts, each at least 1; returns them
 /// ascending.
 pub fn parse_threads(text: &str) -> Result<Vec<usize>, EvalError> {
@@ -119,11 +145,26 @@ const SWEPT_KEYS: [(&str, &str); 2] = [
 /// check: whether it can be made).
 fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf), EvalError> {
     let threads = parse_threads(&request.threads)?;
+    let seeds_error = |message: String| EvalError::Argument {
+        arg: "--seeds".into(),
+        message,
+    };
     if request.seeds == 0 {
-        return Err(EvalError::Argument {
-            arg: "--seeds".into(),
-            message: "must be at least 1".into(),
-        });
+        return Err(seeds_error("must be at least 1".into()));
+    }
+    if request.seeds > MAX_SEEDS {
+        return Err(seeds_error(too_many_seeds(&request.seeds.to_string())));
+    }
+    // The run count must fit a u64: wrapped (a release build), it once made a sweep of "0 runs";
+    // a debug build panicked.
+    if (threads.len() as u64).checked_mul(request.seeds).is_none() {
+        return Err(seeds_error(format!(
+            "{} seeds x {} thread counts is {} runs, past the {} a sweep can count",
+            request.seeds,
+            threads.len(),
+            u128::from(request.seeds) * threads.len() as u128,
+            u64::MAX
+        )));
     }
     refuse_owned_keys(&request.overrides, &SWEPT_KEYS, "sweep")?;
     // The config must load with the user's overrides: a config error stops the sweep here.
@@ -626,11 +667,53 @@ mod tests {
         let err = run_sweep(&r).unwrap_err();
         assert_eq!(err.to_string(), "--seeds: must be at least 1");
 
+        // Past the last seed a run takes; then a run count that overflows, which once wrapped
+        // into a sweep of "0 runs" (9223372036854775808 x 2 = 2^64).
+        r.seeds = MAX_SEEDS + 1;
+        let err = run_sweep(&r).unwrap_err();
+        assert!(err.is_bad_input());
+        assert_eq!(
+            err.to_string(),
+            "--seeds: 9223372036854775809 is past the limit of 9223372036854775808 seeds (the \
+             seeds run from 0 to N - 1, and a run's training.seed stops at 9223372036854775807)"
+        );
+        r.seeds = MAX_SEEDS;
+        let err = run_sweep(&r).unwrap_err();
+        assert!(err.is_bad_input());
+        assert_eq!(
+            err.to_string(),
+            "--seeds: 9223372036854775808 seeds x 2 thread counts is 18446744073709551616 runs, \
+             past the 18446744073709551615 a sweep can count"
+        );
+        assert!(!dir.path().join("sweep").exists());
+
         r.seeds = 1;
         r.overrides = vec!["training.threads=4".into()];
         let err = run_sweep(&r).unwrap_err();
         assert!(err.is_bad_input());
         assert!(err.to_string().contains("use --threads instead"), "{err}");
+    }
+
+    #[test]
+    fn seed_counts_parse_up_to_the_limit() {
+        assert_eq!(parse_seeds(" 3 ").unwrap(), 3);
+        assert_eq!(parse_seeds("9223372036854775808").unwrap(), MAX_SEEDS);
+        for (text, expected) in [
+            ("abc", "\"abc\" is not a number of seeds"),
+            ("-1", "\"-1\" is not a number of seeds"),
+            ("1.5", "\"1.5\" is not a number of seeds"),
+            ("", "\"\" is not a number of seeds"),
+            (
+                "18446744073709551616",
+                "18446744073709551616 is past the limit of",
+            ),
+        ] {
+            let err = parse_seeds(text).unwrap_err();
+            assert!(err.is_bad_input());
+            let message = err.to_string();
+            assert!(message.starts_with("--seeds: "), "{text}: {message}");
+            assert!(message.contains(expected), "{text}: {message}");
+        }
     }
 
     #[test]
