@@ -1,20 +1,23 @@
 //! `allcores`: the command line over the allcores libraries.
 //!
-//! Exit status: 0 on success, 2 for bad input (config, data, arguments), 1 when a run fails.
+//! Exit status: 0 on success, 2 for bad input (config, data, arguments), 1 when a run fails,
+//! 128 + the signal's number when Ctrl-C, SIGTERM or SIGHUP stopped a run (after a checkpoint)
+//! or a sweep (after its report).
 
 // The arguments' doc comments are clap's help texts, written for a terminal (`<config name>`),
 // not for rustdoc.
 #![allow(rustdoc::invalid_html_tags)]
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use allcores_eval::evaluate_run;
+use allcores_eval::{Interrupt, evaluate_run};
 use allcores_trainer::{
     Layers, Options, Settings, Summary, default_run_dir, number, thousands, train,
 };
+use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -90,8 +93,13 @@ struct SweepArgs {
     #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
     threads: String,
     /// Train each thread count with seeds 0..N.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    seeds: u64,
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "1",
+        allow_hyphen_values = true
+    )]
+    seeds: String,
     /// Override a setting of every run, e.g. --set training.epochs=2 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -142,7 +150,8 @@ struct BenchArgs {
 struct Failure {
     message: String,
     bad_input: bool,
-    /// Stopped by Ctrl-C after saving a checkpoint: exit status 130, as shells expect.
+    /// Stopped by a signal after saving a checkpoint (a run) or its report (a sweep): exit
+    /// status 128 + the signal's number, as shells expect.
     interrupted: bool,
 }
 
@@ -158,8 +167,13 @@ impl From<allcores_trainer::Error> for Failure {
 
 impl From<allcores_eval::EvalError> for Failure {
     fn from(e: allcores_eval::EvalError) -> Self {
+        use allcores_eval::EvalError;
         Failure {
-            interrupted: false,
+            interrupted: matches!(
+                e,
+                EvalError::Interrupted { .. }
+                    | EvalError::Trainer(allcores_trainer::Error::Interrupted { .. })
+            ),
             bad_input: e.is_bad_input(),
             message: e.to_string(),
         }
@@ -167,13 +181,29 @@ impl From<allcores_eval::EvalError> for Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli.command) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return argument_error(&e),
+    };
+    // Only the commands that can stop at a safe point catch the signals; the others end at once,
+    // as by default.
+    let interrupt = match &cli.command {
+        Command::Train(_) => Some(Interrupt::catch(
+            "saving a checkpoint at the end of this step",
+        )),
+        Command::Sweep(_) => Some(Interrupt::catch(
+            "the run in progress saves a checkpoint and stops, then the sweep writes the report \
+             of the runs that ended",
+        )),
+        Command::Eval(_) | Command::Bench(_) => None,
+    };
+    match run(cli.command, interrupt.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("error: {}", failure.message);
+            // After SIGHUP the terminal may be gone: the status must still come out, no panic.
+            let _ = writeln!(std::io::stderr().lock(), "error: {}", failure.message);
             ExitCode::from(match (failure.interrupted, failure.bad_input) {
-                (true, _) => 130,
+                (true, _) => interrupt.map_or(130, |i| i.exit_status()),
                 (false, true) => 2,
                 (false, false) => 1,
             })
@@ -181,16 +211,72 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> Result<(), Failure> {
+/// Prints a command-line error as one line, `error: <clap's message>`, and returns exit status
+/// 2; help and the version print as clap writes them.
+fn argument_error(e: &clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+        }
+        _ => {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: {}",
+                one_line(&e.render().to_string())
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// clap's error text (plain, its styles dropped by `to_string`) as one line: its message lines
+/// without the `error: ` label, the tips, the usage and the pointer to `--help`. Lines listed
+/// under a line that ends with `:` follow it after a space, separated by commas; other lines
+/// are joined with "; ".
+fn one_line(text: &str) -> String {
+    let mut line = String::new();
+    let mut listing = false;
+    for part in text.lines().map(str::trim) {
+        if part.starts_with("Usage:") || part.starts_with("For more information") {
+            break;
+        }
+        if part.is_empty() || part.starts_with("tip:") {
+            continue;
+        }
+        let part = part.strip_prefix("error:").map_or(part, str::trim_start);
+        if line.is_empty() {
+            line.push_str(part);
+        } else if line.ends_with(':') {
+            line.push(' ');
+            line.push_str(part);
+            listing = true;
+            continue;
+        } else if listing {
+            line.push_str(", ");
+            line.push_str(part);
+            continue;
+        } else {
+            line.push_str("; ");
+            line.push_str(part);
+        }
+        listing = false;
+    }
+    line
+}
+
+fn run(command: Command, interrupt: Option<&Arc<Interrupt>>) -> Result<(), Failure> {
     match command {
-        Command::Train(args) => train_command(args),
+        Command::Train(args) => train_command(args, interrupt),
         Command::Eval(args) => eval_command(args),
-        Command::Sweep(args) => sweep_command(args),
+        Command::Sweep(args) => sweep_command(args, interrupt),
         Command::Bench(args) => bench_command(args),
     }
 }
 
-fn train_command(args: TrainArgs) -> Result<(), Failure> {
+fn train_command(args: TrainArgs, interrupt: Option<&Arc<Interrupt>>) -> Result<(), Failure> {
     let settings = Settings::load(&args.config, &layers(args.overrides))?;
     let numbered_run_dir = args.out.is_none();
     let run_dir =
@@ -200,7 +286,7 @@ fn train_command(args: TrainArgs) -> Result<(), Failure> {
         run_dir,
         resume: args.resume,
         numbered_run_dir,
-        stop: Some(stop_on_ctrl_c()),
+        stop: interrupt.map(|i| i.stop_flag()),
         record_steps: args.record_steps,
     };
     let summary = train(&settings, options)?;
@@ -221,14 +307,15 @@ fn eval_command(args: EvalArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn sweep_command(args: SweepArgs) -> Result<(), Failure> {
+fn sweep_command(args: SweepArgs, interrupt: Option<&Arc<Interrupt>>) -> Result<(), Failure> {
     let outcome = allcores_eval::run_sweep(&allcores_eval::SweepRequest {
         config: args.config,
         threads: args.threads,
-        seeds: args.seeds,
+        seeds: allcores_eval::parse_seeds(&args.seeds)?,
         overrides: args.overrides,
         out: args.out,
         program: None,
+        interrupt: interrupt.cloned(),
     })?;
     if args.json {
         println!("{}", outcome.report.verdict.line);
@@ -257,25 +344,6 @@ fn bench_command(args: BenchArgs) -> Result<(), Failure> {
         println!("{}", report.to_text());
     }
     Ok(())
-}
-
-/// A flag that Ctrl-C sets: the trainer saves a checkpoint at the next step boundary and
-/// stops. A second Ctrl-C ends the process at once.
-fn stop_on_ctrl_c() -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    let installed = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to quit now)"
-        );
-    });
-    if let Err(e) = installed {
-        eprintln!("warning: Ctrl-C will not save a checkpoint: {e}");
-    }
-    stop
 }
 
 fn layers(overrides: Vec<String>) -> Layers {
@@ -324,5 +392,35 @@ fn print_summary(summary: &Summary, json: bool) {
     println!("weights_sha256 {}", summary.weights_sha256);
     if let Some(dir) = &summary.run_dir {
         println!("run folder {dir}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_errors_come_down_to_their_message() {
+        let cases = [
+            (
+                "error: unexpected argument '--foo' found\n\n  tip: to pass '--foo' as a value, \
+                 use '-- --foo'\n\nUsage: allcores train [OPTIONS] <CONFIG>\n\nFor more \
+                 information, try '--help'.\n",
+                "unexpected argument '--foo' found",
+            ),
+            (
+                "error: the following required arguments were not provided:\n  <CONFIG>\n  \
+                 --threads <LIST>\n\nUsage: allcores sweep --threads <LIST> <CONFIG>\n\nFor \
+                 more information, try '--help'.\n",
+                "the following required arguments were not provided: <CONFIG>, --threads <LIST>",
+            ),
+            (
+                "error: first\nsecond\n\nFor more information, try '--help'.\n",
+                "first; second",
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(one_line(text), expected);
+        }
     }
 }

@@ -96,12 +96,9 @@ fn ctrl_c_saves_a_checkpoint_and_the_resume_matches() {
     let reference = train_json(&config, &dir.path().join("whole"), &[]);
 
     let run = dir.path().join("run");
-    let child = Command::new(env!("CARGO_BIN_EXE_allcores"))
-        .args(train_args(&config, &run, &[]))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // With SIGINT at its default: a test runner started in the background ignores it, and so
+    // would the run (a signal ignored at the start stays ignored).
+    let child = spawn_allcores(&train_args(&config, &run, &[]), false);
     // Interrupt once training has begun (the first checkpoint is there).
     let started = Instant::now();
     while !run.join("checkpoints").is_dir() && started.elapsed() < Duration::from_secs(30) {

@@ -2,8 +2,11 @@
 
 #![allow(dead_code)]
 
+use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -101,4 +104,113 @@ pub fn train_json(config: &Path, out: &Path, sets: &[&str]) -> serde_json::Value
     let output = allcores(&train_args(config, out, sets));
     assert!(output.status.success(), "train failed: {}", stderr(&output));
     last_json(&output)
+}
+
+/// Starts `allcores args` with stdout and stderr piped, in a process group of its own when
+/// `own_group` (its pid is then the group's id, for a signal to the whole group, as a terminal
+/// sends Ctrl-C). The stop signals start at their defaults: a test runner started in the
+/// background may ignore SIGINT, and the child would keep ignoring it.
+pub fn spawn_allcores(args: &[&str], own_group: bool) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_allcores"));
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if own_group {
+        command.process_group(0);
+    }
+    // SAFETY: signal() is async-signal-safe, as the code between fork and exec must be.
+    unsafe {
+        command.pre_exec(|| {
+            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::signal(signal, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
+    command.spawn().expect("the binary starts")
+}
+
+/// Sends `signal` to the process `pid`, or to the process group `-pid`.
+pub fn send_signal(pid: i32, signal: i32) {
+    // SAFETY: kill has no memory effects.
+    let sent = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        sent,
+        0,
+        "kill({pid}, {signal}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Waits until `ready()` holds, polling, and gives the child back; kills it and fails when it
+/// ends first or when `limit` passes.
+pub fn wait_until(
+    mut child: Child,
+    limit: Duration,
+    what: &str,
+    ready: impl Fn() -> bool,
+) -> Child {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        if child.try_wait().unwrap().is_some() {
+            let output = finish(child, limit);
+            panic!(
+                "the process ended ({}) before {what}; make it longer: {}",
+                output.status,
+                stderr(&output)
+            );
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no {what} after {limit:?}: the process was killed");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+/// Waits at most `limit` for the child to end and returns its output (its pipes read as it
+/// runs); past `limit`, kills it and fails.
+pub fn finish(mut child: Child, limit: Duration) -> Output {
+    let read = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = read(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = read(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after {limit:?}: the process was killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
 }

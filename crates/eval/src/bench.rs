@@ -323,7 +323,13 @@ fn independent_runs(
         let children: Vec<_> = (0..n)
             .map(|_| {
                 scope.spawn(|| {
-                    train_child(program, &request.config, run_sets(request, 1), &no_run_dir)
+                    train_child(
+                        program,
+                        &request.config,
+                        run_sets(request, 1),
+                        &no_run_dir,
+                        None,
+                    )
                 })
             })
             .collect();
@@ -444,7 +450,7 @@ fn bench_one(
     };
     let no_run_dir = ["--no-save", "--record-steps"];
     let sets = run_sets(request, threads);
-    let summary = train_child(program, &request.config, sets, &no_run_dir)
+    let summary = train_child(program, &request.config, sets, &no_run_dir, None)
         .map_err(|f| failed(f.exit_status, f.message))?;
     let mut run = BenchRun::from_summary(threads, request.warmup, &summary)
         .map_err(|message| failed(Some(0), message))?;

@@ -3,13 +3,15 @@
 //! count once per process.
 
 use std::ffi::OsStr;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use allcores_trainer::Summary;
 use allcores_trainer::threads::available_threads;
 
 use crate::EvalError;
+use crate::signals::Interrupt;
 
 /// Why a child run gave no summary.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +20,16 @@ pub(crate) struct ChildFailure {
     pub exit_status: Option<i32>,
     /// The child's error line (without its `error: `), or why it could not be read.
     pub message: String,
+}
+
+/// The message of a child that an interrupt kept from starting.
+const NOT_STARTED: &str = "not started: interrupted";
+
+impl ChildFailure {
+    /// Whether the child started (a failure to start it counts as started: it was tried).
+    pub fn started(&self) -> bool {
+        !(self.exit_status.is_none() && self.message == NOT_STARTED)
+    }
 }
 
 /// The `allcores` executable to run: `given`, or this process's own.
@@ -66,12 +78,15 @@ pub(crate) fn warn_beyond_available(threads: &[usize]) -> usize {
 }
 
 /// Runs `program train CONFIG [--set SET]... [ARGS]... --json --quiet` and reads the summary
-/// from its last stdout line. The `sets` come in order: a later one wins.
+/// from its last stdout line. The `sets` come in order: a later one wins. With an `interrupt`,
+/// the signals it receives are passed on to the child; once it has stopped, no child starts (a
+/// failure that [`ChildFailure::started`] tells).
 pub(crate) fn train_child<S, A>(
     program: &Path,
     config: &Path,
     sets: S,
     args: &[A],
+    interrupt: Option<&Interrupt>,
 ) -> Result<Summary, ChildFailure>
 where
     S: IntoIterator<Item = String>,
@@ -90,9 +105,16 @@ where
         .args(args)
         .args(["--json", "--quiet"])
         .stdin(Stdio::null());
-    let output = command
-        .output()
-        .map_err(|e| failure(None, format!("cannot start {}: {e}", program.display())))?;
+    let cannot_start =
+        |e: std::io::Error| failure(None, format!("cannot start {}: {e}", program.display()));
+    let output = match interrupt {
+        None => command.output().map_err(cannot_start)?,
+        Some(interrupt) => match output_passing_signals(&mut command, interrupt) {
+            Ok(Some(output)) => output,
+            Ok(None) => return Err(failure(None, NOT_STARTED.into())),
+            Err(e) => return Err(cannot_start(e)),
+        },
+    };
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     let last_line = |text: &str| {
@@ -117,4 +139,36 @@ where
             format!("the run's last line is not a summary ({e})"),
         )
     })
+}
+
+/// `command.output()`, with the child known to `interrupt` while it runs (so that it gets the
+/// signals the interrupt receives); `None` when the interrupt had stopped before it started.
+fn output_passing_signals(
+    command: &mut Command,
+    interrupt: &Interrupt,
+) -> std::io::Result<Option<Output>> {
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let Some(mut child) = interrupt.spawn_child(command)? else {
+        return Ok(None);
+    };
+    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        unreachable!("both pipes were asked for");
+    };
+    // Both pipes are drained at once, so that a child filling one never blocks on it.
+    let stderr_reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stderr.read_to_end(&mut bytes);
+        bytes
+    });
+    let mut stdout_bytes = Vec::new();
+    let _ = stdout.read_to_end(&mut stdout_bytes);
+    let stderr_bytes = stderr_reader.join().unwrap_or_default();
+    // The pipes closed: the child is exiting. Its pid stays its own until it is reaped below.
+    interrupt.forget_child();
+    let status = child.wait()?;
+    Ok(Some(Output {
+        status,
+        stdout: stdout_bytes,
+        stderr: stderr_bytes,
+    }))
 }

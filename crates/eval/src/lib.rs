@@ -9,6 +9,9 @@
 //! [`run_sweep`] trains one config at several thread counts and seeds, each run in its own
 //! process, and reports whether the thread count changed the result or only the speed
 //! ([`build_report`] makes the report and its verdict from the runs' records).
+//!
+//! [`Interrupt`] turns Ctrl-C, SIGTERM and SIGHUP into a stop at the next safe point: a run's
+//! next step boundary (after a checkpoint), a sweep's run in progress (then its report).
 
 pub mod bench;
 mod child;
@@ -16,12 +19,14 @@ pub mod diff;
 mod evaluate;
 mod plot;
 pub mod report;
+pub mod signals;
 pub mod sweep;
 
 pub use bench::{BenchReport, BenchRequest, BenchRun, run_bench};
 pub use evaluate::{Evaluation, evaluate_run};
-pub use report::{Outcome, Report, RunRecord, Verdict, build_report};
-pub use sweep::{SweepOutcome, SweepRequest, parse_threads, run_sweep};
+pub use report::{Interruption, Outcome, Report, RunRecord, Verdict, build_report};
+pub use signals::Interrupt;
+pub use sweep::{SweepOutcome, SweepRequest, parse_seeds, parse_threads, run_sweep};
 
 use std::path::{Path, PathBuf};
 
@@ -67,6 +72,19 @@ pub enum EvalError {
         message: String,
     },
 
+    /// A signal stopped the sweep; the report holds the runs that ended.
+    #[error(
+        "the sweep was interrupted by {signal}: {ended} of {total} runs ended, {not_run} did not \
+         run; the report is in {dir}"
+    )]
+    Interrupted {
+        signal: String,
+        ended: usize,
+        total: u64,
+        not_run: u64,
+        dir: PathBuf,
+    },
+
     /// Some runs of a sweep failed; the report holds the others.
     #[error(
         "{failed} of {total} runs failed (first: threads {threads}, seed {seed}: {message}); \
@@ -91,9 +109,10 @@ impl EvalError {
                 true
             }
             EvalError::BenchRun { exit_status, .. } => *exit_status == Some(2),
-            EvalError::Write { .. } | EvalError::Launch { .. } | EvalError::RunsFailed { .. } => {
-                false
-            }
+            EvalError::Write { .. }
+            | EvalError::Launch { .. }
+            | EvalError::RunsFailed { .. }
+            | EvalError::Interrupted { .. } => false,
         }
     }
 

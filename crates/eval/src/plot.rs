@@ -301,7 +301,9 @@ fn draw_seed_points(
     panel: &Panel,
 ) -> DrawResult<Vec<LegendEntry>> {
     let mut legend = Vec::new();
-    for seed in 0..seeds {
+    // The seeds with points, not 0..seeds: an interrupted sweep may have planned billions.
+    let with_points: std::collections::BTreeSet<u64> = panel.points.iter().map(|p| p.1).collect();
+    for seed in with_points {
         let color = seed_color(seed);
         let points: Vec<(f64, f64)> = panel
             .points
@@ -309,14 +311,11 @@ fn draw_seed_points(
             .filter(|p| p.1 == seed)
             .map(|&(i, s, v)| (i as f64 + offset(s, seeds), v))
             .collect();
-        if points.is_empty() {
-            continue;
-        }
         let dot = |&p: &(f64, f64)| Circle::new(p, 6, color.mix(0.85).filled());
         chart.draw_series(points.iter().map(dot))?;
         if seeds <= LEGEND_SEEDS {
             legend.push((Mark::Dot(color), format!("seed {seed}")));
-        } else if seed == 0 {
+        } else if legend.is_empty() {
             legend.push((Mark::Dot(color), format!("a run (seeds 0-{})", seeds - 1)));
         }
     }

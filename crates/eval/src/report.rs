@@ -154,6 +154,18 @@ pub struct Timing {
     pub launcher_seconds: f64,
 }
 
+/// Why a sweep ended before its last run: a signal (Ctrl-C, SIGTERM, SIGHUP).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Interruption {
+    /// The signal that stopped the sweep: "SIGINT", "SIGTERM" or "SIGHUP".
+    pub signal: String,
+    /// Planned runs that did not run to their end (the one stopped included).
+    pub runs_not_run: u64,
+    /// The run the signal stopped part-way (its message names the command that resumes it
+    /// when it saved a checkpoint); `None` when the sweep stopped between runs.
+    pub stopped_run: Option<RunFailure>,
+}
+
 /// Everything the sweep found.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -166,6 +178,8 @@ pub struct Report {
     pub by_threads: Vec<ThreadSummary>,
     pub verdict: Verdict,
     pub timing: Option<Timing>,
+    /// Set when a signal stopped the sweep: the report then covers the runs that ended.
+    pub interrupted: Option<Interruption>,
 }
 
 /// Builds the report of a sweep from its finished runs and its failures.
@@ -212,6 +226,7 @@ pub fn build_report(plan: SweepPlan, runs: Vec<RunRecord>, failures: Vec<RunFail
         by_threads,
         verdict,
         timing: None,
+        interrupted: None,
     }
 }
 
@@ -422,6 +437,39 @@ fn short_hash(hash: &str) -> &str {
 }
 
 impl Report {
+    /// The planned runs, threads x seeds (saturating: a sweep refuses a count past `u64::MAX`).
+    pub fn runs_planned(&self) -> u64 {
+        (self.plan.threads.len() as u64).saturating_mul(self.plan.seeds)
+    }
+
+    /// The planned runs that neither finished nor failed.
+    pub fn runs_not_run(&self) -> u64 {
+        let ended = (self.runs.len() + self.failures.len()) as u64;
+        self.runs_planned().saturating_sub(ended)
+    }
+
+    /// What a signal left undone, as a sentence; `None` when none stopped the sweep.
+    pub fn interruption_note(&self) -> Option<String> {
+        let i = self.interrupted.as_ref()?;
+        let mut note = format!(
+            "Interrupted by {}: {} of {} planned run{} did not run; the report covers the {} \
+             that ended.",
+            i.signal,
+            i.runs_not_run,
+            self.runs_planned(),
+            if self.runs_planned() == 1 { "" } else { "s" },
+            self.runs.len() + self.failures.len()
+        );
+        if let Some(run) = &i.stopped_run {
+            let _ = write!(
+                note,
+                " The run at threads {}, seed {} was stopped: {}",
+                run.threads, run.seed, run.message
+            );
+        }
+        Some(note)
+    }
+
     /// The basis of the speed-ups, as a sentence.
     pub fn baseline_note(&self) -> String {
         if self.baseline_threads == 1 {
@@ -472,7 +520,12 @@ impl Report {
             self.comparison(),
             self.failures_list(),
             self.timing_paragraph(),
-            PLOTS.to_string(),
+            // Without a finished run the sweep draws no plot.
+            if self.runs.is_empty() {
+                String::new()
+            } else {
+                PLOTS.to_string()
+            },
         ]
         .concat()
     }
@@ -483,6 +536,9 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(out, "# Thread sweep of `{}`\n", plan.config);
         let _ = writeln!(out, "**Verdict:** {}\n", self.verdict.line);
+        if let Some(note) = self.interruption_note() {
+            let _ = writeln!(out, "{note}\n");
+        }
         let threads: Vec<String> = plan.threads.iter().map(|t| t.to_string()).collect();
         let seeds = match plan.seeds {
             1 => "seed 0".to_string(),
@@ -494,7 +550,7 @@ impl Report {
              allows {} thread{}.{}",
             self.runs.len(),
             if self.runs.len() == 1 { "" } else { "s" },
-            plan.threads.len() as u64 * plan.seeds,
+            self.runs_planned(),
             threads.join(", "),
             plan.threads_available,
             if plan.threads_available == 1 { "" } else { "s" },
@@ -859,6 +915,39 @@ mod tests {
                 .to_markdown()
                 .contains("1 thread is not in the sweep")
         );
+    }
+
+    #[test]
+    fn an_interrupted_report_says_what_did_not_run() {
+        let runs = vec![run(1, 0, 0.9, 1000.0, "aaaa")];
+        let mut report = build_report(plan(&[1, 2], 3), runs, vec![]);
+        assert_eq!(report.interruption_note(), None);
+        assert_eq!(report.runs_planned(), 6);
+        assert_eq!(report.runs_not_run(), 5);
+        report.interrupted = Some(Interruption {
+            signal: "SIGINT".into(),
+            runs_not_run: report.runs_not_run(),
+            stopped_run: Some(RunFailure {
+                threads: 2,
+                seed: 0,
+                exit_status: Some(130),
+                message: "interrupted after step 8; checkpoint saved. Resume with: allcores \
+                          train r/config.toml --out r --resume"
+                    .into(),
+            }),
+        });
+        let note = "Interrupted by SIGINT: 5 of 6 planned runs did not run; the report covers \
+                    the 1 that ended. The run at threads 2, seed 0 was stopped: interrupted \
+                    after step 8; checkpoint saved. Resume with: allcores train r/config.toml \
+                    --out r --resume";
+        assert_eq!(report.interruption_note().as_deref(), Some(note));
+        let md = report.to_markdown();
+        assert!(md.contains(&format!("\n{note}\n")), "{md}");
+        assert!(md.contains("1 run of 6 planned"), "{md}");
+        assert!(md.contains("accuracy.svg"), "{md}");
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["interrupted"]["runs_not_run"], 5);
+        assert_eq!(json["interrupted"]["stopped_run"]["exit_status"], 130);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use allcores_trainer::lock::{FolderLock, claim_new_folder};
@@ -20,7 +21,10 @@ use crate::EvalError;
 use crate::child::{self, refuse_owned_keys, train_child};
 use crate::diff::{Weights, max_abs_diff, read_weights};
 use crate::plot;
-use crate::report::{Report, RunFailure, RunRecord, SweepPlan, Timing, build_report, thousands};
+use crate::report::{
+    Interruption, Report, RunFailure, RunRecord, SweepPlan, Timing, build_report, thousands,
+};
+use crate::signals::{Interrupt, signal_name};
 
 /// What `allcores sweep` was asked.
 #[derive(Debug, Clone)]
@@ -37,6 +41,10 @@ pub struct SweepRequest {
     pub out: Option<PathBuf>,
     /// The `allcores` executable that trains each run; `None`: this process's own.
     pub program: Option<PathBuf>,
+    /// Stops the sweep: once it has stopped, no run starts, the run in progress gets the
+    /// signals it receives (and saves a checkpoint), and the report covers the runs that
+    /// finished. `None`: nothing stops the sweep but its end.
+    pub interrupt: Option<Arc<Interrupt>>,
 }
 
 /// A finished sweep: its report, written into `dir`.
@@ -44,6 +52,32 @@ pub struct SweepRequest {
 pub struct SweepOutcome {
     pub report: Report,
     pub dir: PathBuf,
+}
+
+/// The most seeds a sweep takes: its seeds run from 0 to N - 1, and the last must be one a run
+/// takes (config whole numbers stop at `i64::MAX`).
+pub const MAX_SEEDS: u64 = i64::MAX as u64 + 1;
+
+/// Parses the number of seeds given to `--seeds` (checked against [`MAX_SEEDS`] by the sweep).
+pub fn parse_seeds(text: &str) -> Result<u64, EvalError> {
+    let item = text.trim();
+    item.parse().map_err(|_| EvalError::Argument {
+        arg: "--seeds".into(),
+        message: if !item.is_empty() && item.bytes().all(|b| b.is_ascii_digit()) {
+            too_many_seeds(item)
+        } else {
+            format!("\"{text}\" is not a number of seeds (a whole number, 1 to {MAX_SEEDS})")
+        },
+    })
+}
+
+/// Why `seeds` seeds are refused, `seeds` past [`MAX_SEEDS`].
+fn too_many_seeds(seeds: &str) -> String {
+    format!(
+        "{seeds} is past the limit of {MAX_SEEDS} seeds (the seeds run from 0 to N - 1, and a \
+         run's training.seed stops at {})",
+        MAX_SEEDS - 1
+    )
 }
 
 /// Parses a comma-separated list of distinct thread counts, each at least 1; returns them
@@ -112,11 +146,26 @@ const SWEPT_KEYS: [(&str, &str); 2] = [
 /// check: whether it can be made).
 fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf, FolderLock), EvalError> {
     let threads = parse_threads(&request.threads)?;
+    let seeds_error = |message: String| EvalError::Argument {
+        arg: "--seeds".into(),
+        message,
+    };
     if request.seeds == 0 {
-        return Err(EvalError::Argument {
-            arg: "--seeds".into(),
-            message: "must be at least 1".into(),
-        });
+        return Err(seeds_error("must be at least 1".into()));
+    }
+    if request.seeds > MAX_SEEDS {
+        return Err(seeds_error(too_many_seeds(&request.seeds.to_string())));
+    }
+    // The run count must fit a u64: wrapped (a release build), it once made a sweep of "0 runs";
+    // a debug build panicked.
+    if (threads.len() as u64).checked_mul(request.seeds).is_none() {
+        return Err(seeds_error(format!(
+            "{} seeds x {} thread counts is {} runs, past the {} a sweep can count",
+            request.seeds,
+            threads.len(),
+            u128::from(request.seeds) * threads.len() as u128,
+            u64::MAX
+        )));
     }
     refuse_owned_keys(&request.overrides, &SWEPT_KEYS, "sweep")?;
     // The config must load with the user's overrides: a config error stops the sweep here.
@@ -144,6 +193,8 @@ fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf, FolderLock), Ev
 enum RunResult {
     Done(Box<Summary>),
     Failed(RunFailure),
+    /// The sweep was interrupted before the run could start.
+    NotStarted,
 }
 
 /// Trains one run in its own process and reads its summary from the last stdout line.
@@ -160,8 +211,10 @@ fn run_one(
         format!("training.seed={seed}"),
     ]);
     let out = [OsStr::new("--out"), run_dir.as_os_str()];
-    match train_child(program, &request.config, sets, &out) {
+    let interrupt = request.interrupt.as_deref();
+    match train_child(program, &request.config, sets, &out, interrupt) {
         Ok(summary) => RunResult::Done(Box::new(summary)),
+        Err(failure) if !failure.started() => RunResult::NotStarted,
         Err(failure) => RunResult::Failed(RunFailure {
             threads,
             seed,
@@ -207,7 +260,8 @@ impl SweepProgress {
 
 /// Runs the sweep, writes its report, and returns it. Runs that fail are kept in the report
 /// (see [`SweepOutcome::status`]); a run that fails on bad input before any run finished stops
-/// the sweep, since every other run would fail the same way.
+/// the sweep, since every other run would fail the same way. A sweep that its interrupt stops
+/// writes the report of the runs that finished, and says so in it.
 pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
     let started = Instant::now();
     // Held until the report is written.
@@ -222,10 +276,12 @@ pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
         mut records,
         failures,
         processes_seconds,
+        interrupted,
     } = runs?;
 
     fill_weight_diffs(&mut records, |line| progress.log(line));
-    let runs_wall_seconds: f64 = records.iter().map(|r| r.wall_seconds).sum();
+    // A fold from 0.0: an empty f64 sum is -0.0, which an interrupted sweep printed as "-0.00 s".
+    let runs_wall_seconds = records.iter().fold(0.0, |sum, r| sum + r.wall_seconds);
     let plan = SweepPlan {
         config: request.config.display().to_string(),
         threads,
@@ -234,6 +290,18 @@ pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
         threads_available: available,
     };
     let mut report = build_report(plan, records, failures);
+    report.interrupted = interrupted.map(|stopped_run| Interruption {
+        signal: signal_name(
+            request
+                .interrupt
+                .as_ref()
+                .and_then(|i| i.signal())
+                .unwrap_or(libc::SIGINT),
+        )
+        .into(),
+        runs_not_run: report.runs_not_run(),
+        stopped_run,
+    });
     let sweep_seconds = started.elapsed().as_secs_f64();
     report.timing = Some(Timing {
         sweep_seconds,
@@ -267,10 +335,14 @@ struct Runs {
     records: Vec<RunRecord>,
     failures: Vec<RunFailure>,
     processes_seconds: f64,
+    /// `Some` when the interrupt stopped the sweep before its last run ended, holding the run it
+    /// stopped part-way, if any.
+    interrupted: Option<Option<RunFailure>>,
 }
 
 /// Runs every (seed, thread count) in turn, seed by seed, logging each as it ends. A run that
-/// fails on bad input before any run finished stops the sweep.
+/// fails on bad input before any run finished stops the sweep; so does the interrupt, with the
+/// runs so far.
 fn run_all(
     program: &Path,
     request: &SweepRequest,
@@ -283,10 +355,16 @@ fn run_all(
         records: Vec::new(),
         failures: Vec::new(),
         processes_seconds: 0.0,
+        interrupted: None,
     };
+    let stopped = || request.interrupt.as_ref().is_some_and(|i| i.stopped());
     let mut done = 0u64;
     for seed in 0..request.seeds {
         for &t in threads {
+            if stopped() {
+                runs.interrupted = Some(None);
+                return Ok(runs);
+            }
             done += 1;
             progress
                 .bar
@@ -310,6 +388,16 @@ fn run_all(
                     let record = RunRecord::from_summary(t, seed, &summary, run_dir);
                     runs.records.push(record);
                 }
+                RunResult::NotStarted => {
+                    runs.interrupted = Some(None);
+                    return Ok(runs);
+                }
+                // Stopped by the signal that stops the sweep (not a failure of its own).
+                RunResult::Failed(failure) if stopped() && stopped_by_signal(&failure) => {
+                    progress.log(format!("{at} stopped: {}", failure.message));
+                    runs.interrupted = Some(Some(failure));
+                    return Ok(runs);
+                }
                 RunResult::Failed(failure) => {
                     progress.log(format!("{at} failed: {}", failure.message));
                     if failure.exit_status == Some(2) && runs.records.is_empty() {
@@ -325,6 +413,12 @@ fn run_all(
         }
     }
     Ok(runs)
+}
+
+/// Whether a signal ended the run: it was killed by one, or exited with 128 + its number (as
+/// `allcores train` does after saving a checkpoint).
+fn stopped_by_signal(failure: &RunFailure) -> bool {
+    failure.exit_status.is_none_or(|status| status > 128)
 }
 
 /// Sets each run's largest weight difference against the run of the same seed at the smallest
@@ -398,6 +492,10 @@ impl SweepOutcome {
                 t.sweep_seconds, t.runs_wall_seconds, t.overhead_seconds, t.launcher_seconds
             ));
         }
+        if let Some(note) = self.report.interruption_note() {
+            out.push('\n');
+            out.push_str(&note);
+        }
         out.push_str(&format!(
             "\nreport {}\n{}",
             self.dir.join("report.md").display(),
@@ -411,8 +509,18 @@ impl SweepOutcome {
         serde_json::to_string(&self.report).expect("the report serializes")
     }
 
-    /// `Err` when some runs failed: the sweep then exits 1, after its report.
+    /// `Err` when a signal stopped the sweep (it then exits 128 + the signal's number), or when
+    /// some runs failed (exit 1), after its report.
     pub fn status(&self) -> Result<(), EvalError> {
+        if let Some(interruption) = &self.report.interrupted {
+            return Err(EvalError::Interrupted {
+                signal: interruption.signal.clone(),
+                ended: self.report.runs.len() + self.report.failures.len(),
+                total: self.report.runs_planned(),
+                not_run: interruption.runs_not_run,
+                dir: self.dir.clone(),
+            });
+        }
         let Some(first) = self.report.failures.first() else {
             return Ok(());
         };
@@ -533,6 +641,7 @@ mod tests {
             overrides: vec![],
             out: None,
             program: Some("/nonexistent/allcores".into()),
+            interrupt: None,
         }
     }
 
@@ -550,11 +659,98 @@ mod tests {
         let err = run_sweep(&r).unwrap_err();
         assert_eq!(err.to_string(), "--seeds: must be at least 1");
 
+        // Past the last seed a run takes; then a run count that overflows, which once wrapped
+        // into a sweep of "0 runs" (9223372036854775808 x 2 = 2^64).
+        r.seeds = MAX_SEEDS + 1;
+        let err = run_sweep(&r).unwrap_err();
+        assert!(err.is_bad_input());
+        assert_eq!(
+            err.to_string(),
+            "--seeds: 9223372036854775809 is past the limit of 9223372036854775808 seeds (the \
+             seeds run from 0 to N - 1, and a run's training.seed stops at 9223372036854775807)"
+        );
+        r.seeds = MAX_SEEDS;
+        let err = run_sweep(&r).unwrap_err();
+        assert!(err.is_bad_input());
+        assert_eq!(
+            err.to_string(),
+            "--seeds: 9223372036854775808 seeds x 2 thread counts is 18446744073709551616 runs, \
+             past the 18446744073709551615 a sweep can count"
+        );
+        assert!(!dir.path().join("sweep").exists());
+
         r.seeds = 1;
         r.overrides = vec!["training.threads=4".into()];
         let err = run_sweep(&r).unwrap_err();
         assert!(err.is_bad_input());
         assert!(err.to_string().contains("use --threads instead"), "{err}");
+    }
+
+    #[test]
+    fn seed_counts_parse_up_to_the_limit() {
+        assert_eq!(parse_seeds(" 3 ").unwrap(), 3);
+        assert_eq!(parse_seeds("9223372036854775808").unwrap(), MAX_SEEDS);
+        for (text, expected) in [
+            ("abc", "\"abc\" is not a number of seeds"),
+            ("-1", "\"-1\" is not a number of seeds"),
+            ("1.5", "\"1.5\" is not a number of seeds"),
+            ("", "\"\" is not a number of seeds"),
+            (
+                "18446744073709551616",
+                "18446744073709551616 is past the limit of",
+            ),
+        ] {
+            let err = parse_seeds(text).unwrap_err();
+            assert!(err.is_bad_input());
+            let message = err.to_string();
+            assert!(message.starts_with("--seeds: "), "{text}: {message}");
+            assert!(message.contains(expected), "{text}: {message}");
+        }
+    }
+
+    #[test]
+    fn an_interrupted_sweep_starts_no_run_and_reports_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = minimal_config(dir.path());
+        let interrupt = Interrupt::new();
+        interrupt.receive(libc::SIGTERM);
+        let mut r = request(config);
+        r.seeds = 3;
+        r.out = Some(dir.path().join("sweep"));
+        r.interrupt = Some(interrupt);
+        let outcome = run_sweep(&r).unwrap();
+        let report = &outcome.report;
+        assert!(report.runs.is_empty() && report.failures.is_empty());
+        let interrupted = report.interrupted.as_ref().unwrap();
+        assert_eq!(interrupted.signal, "SIGTERM");
+        assert_eq!(interrupted.runs_not_run, 6);
+        assert_eq!(interrupted.stopped_run, None);
+        let err = outcome.status().unwrap_err();
+        assert!(!err.is_bad_input());
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the sweep was interrupted by SIGTERM: 0 of 6 runs ended, 6 did not run; the \
+                 report is in {}",
+                dir.path().join("sweep").display()
+            )
+        );
+        let md = std::fs::read_to_string(dir.path().join("sweep/report.md")).unwrap();
+        assert!(
+            md.contains("the runs' own wall time adds up to 0.00 s"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "Interrupted by SIGTERM: 6 of 6 planned runs did not run; the report covers the \
+                 0 that ended."
+            ),
+            "{md}"
+        );
+        // No plot without a run, and none named.
+        assert!(!md.contains("accuracy.svg"), "{md}");
+        assert!(!dir.path().join("sweep/runs").exists());
+        assert!(outcome.to_text().contains("Interrupted by SIGTERM"));
     }
 
     #[test]

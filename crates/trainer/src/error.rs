@@ -53,7 +53,7 @@ pub enum Error {
         after: String,
     },
 
-    /// The run was interrupted (Ctrl-C) and saved a checkpoint.
+    /// The run was interrupted (Ctrl-C, SIGTERM, SIGHUP) and saved a checkpoint.
     #[error(
         "interrupted after step {step}; checkpoint saved. Resume with: {}",
         resume_command(run_dir)

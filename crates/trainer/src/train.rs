@@ -54,7 +54,7 @@ pub struct Options {
     /// `run_dir` is a default name: where it exists, take the first free `run_dir-2`,
     /// `run_dir-3`... rather than refuse it.
     pub numbered_run_dir: bool,
-    /// Set from another thread (a Ctrl-C handler) to stop at the next step boundary, after
+    /// Set from another thread (a signal handler) to stop at the next step boundary, after
     /// saving a checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
     /// Record each optimizer step's wall and CPU seconds in [`Summary::step_times`].
@@ -524,7 +524,7 @@ impl Trainer {
         }
     }
 
-    /// Whether another thread (a Ctrl-C handler) asked the run to stop.
+    /// Whether another thread (a signal handler) asked the run to stop.
     fn stop_requested(&self) -> bool {
         self.options
             .stop
