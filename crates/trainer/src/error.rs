@@ -53,12 +53,10 @@ pub enum Error {
         after: String,
     },
 
-    /// The run was interrupted (Ctrl-C, SIGTERM, SIGHUP) and saved a checkpoint.
-    #[error(
-        "interrupted after step {step}; checkpoint saved. Resume with: {}",
-        resume_command(run_dir)
-    )]
-    Interrupted { step: u64, run_dir: PathBuf },
+    /// The run was interrupted (Ctrl-C, SIGTERM, SIGHUP) and saved a checkpoint in its run
+    /// folder (`None`: a run that writes no folder, which saved nothing).
+    #[error("interrupted after step {step}; {}", interrupted_note(run_dir.as_deref()))]
+    Interrupted { step: u64, run_dir: Option<PathBuf> },
 
     /// The loss, a gradient or a weight became NaN or infinite. No checkpoint holds it.
     #[error("training diverged at step {step}: {what}")]
@@ -79,6 +77,14 @@ pub(crate) fn resume_command(run_dir: &Path) -> String {
         quoted(&config),
         quoted(run_dir)
     )
+}
+
+/// What an interrupted run kept, and how to go on from it.
+fn interrupted_note(run_dir: Option<&Path>) -> String {
+    match run_dir {
+        Some(run_dir) => format!("checkpoint saved. Resume with: {}", resume_command(run_dir)),
+        None => "no run folder, so nothing was saved".into(),
+    }
 }
 
 impl Error {
@@ -127,7 +133,7 @@ mod tests {
         let interrupted = |dir: &str| {
             Error::Interrupted {
                 step: 7,
-                run_dir: PathBuf::from(dir),
+                run_dir: Some(PathBuf::from(dir)),
             }
             .to_string()
         };
@@ -135,6 +141,14 @@ mod tests {
             interrupted("runs/cnn"),
             "interrupted after step 7; checkpoint saved. Resume with: \
              allcores train runs/cnn/config.toml --out runs/cnn --resume"
+        );
+        let unsaved = Error::Interrupted {
+            step: 7,
+            run_dir: None,
+        };
+        assert_eq!(
+            unsaved.to_string(),
+            "interrupted after step 7; no run folder, so nothing was saved"
         );
         assert!(
             interrupted("my runs/cnn")

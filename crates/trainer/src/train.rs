@@ -349,7 +349,7 @@ impl Trainer {
                 progress.finish();
                 return Err(Error::Interrupted {
                     step: state.step,
-                    run_dir: run_dir.map_or_else(PathBuf::new, |d| d.path().to_path_buf()),
+                    run_dir: run_dir.map(|d| d.path().to_path_buf()),
                 });
             }
         }
