@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::files::{ReadError, read_regular};
 use crate::precision::ScalerState;
 use crate::summary::EpochMetrics;
 use crate::weights::hex;
@@ -78,7 +79,13 @@ impl Checkpoint {
 
     pub fn optimizer_bytes(&self) -> Result<Vec<u8>> {
         let path = self.folder.join(OPTIMIZER_FILE);
-        fs::read(&path).map_err(|e| Error::io(&path, e))
+        read_regular(&path, None).map_err(|e| match e {
+            ReadError::Io(e) => Error::io(&path, e),
+            e => Error::Checkpoint {
+                path: path.clone(),
+                message: format!("cannot read: {e}"),
+            },
+        })
     }
 }
 
@@ -215,7 +222,7 @@ pub fn read(folder: &Path) -> Result<Checkpoint> {
         message,
     };
     let manifest_path = folder.join(MANIFEST_FILE);
-    let manifest: Manifest = fs::read(&manifest_path)
+    let manifest: Manifest = read_regular(&manifest_path, None)
         .map_err(|e| refuse(&manifest_path, format!("cannot read the manifest: {e}")))
         .and_then(|bytes| {
             serde_json::from_slice(&bytes)
@@ -237,7 +244,8 @@ pub fn read(folder: &Path) -> Result<Checkpoint> {
             .files
             .get(name)
             .ok_or_else(|| refuse(&manifest_path, format!("lists no checksum for {name}")))?;
-        let bytes = fs::read(&path).map_err(|e| refuse(&path, format!("cannot read: {e}")))?;
+        let bytes =
+            read_regular(&path, None).map_err(|e| refuse(&path, format!("cannot read: {e}")))?;
         if &sha256(&bytes) != expected {
             return Err(refuse(
                 &path,
@@ -246,7 +254,10 @@ pub fn read(folder: &Path) -> Result<Checkpoint> {
         }
     }
     let state_path = folder.join(STATE_FILE);
-    let bytes = fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let bytes = read_regular(&state_path, None).map_err(|e| match e {
+        ReadError::Io(e) => Error::io(&state_path, e),
+        e => refuse(&state_path, format!("cannot read: {e}")),
+    })?;
     let StateFile { state, settings } = serde_json::from_slice(&bytes)
         .map_err(|e| refuse(&state_path, format!("corrupt state: {e}")))?;
     Ok(Checkpoint {

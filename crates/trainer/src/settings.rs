@@ -686,9 +686,25 @@ impl Settings {
             path: path.to_path_buf(),
             message,
         };
-        if !path.is_file() {
-            return Err(config_error("config file not found".into()));
-        }
+        // Read here, not by config-rs: a FIFO named as the config would block it, and a device
+        // would never end. A config is a few hundred bytes; 1 MiB is no config anyone wrote.
+        const CONFIG_LIMIT: u64 = 1 << 20;
+        use crate::files::ReadError;
+        let text = crate::files::read_regular(path, Some(CONFIG_LIMIT))
+            .map_err(|e| {
+                config_error(match e {
+                    ReadError::NotFound => "config file not found".into(),
+                    ReadError::TooLarge { .. } => format!(
+                        "larger than {} MiB, the most a config file may be",
+                        CONFIG_LIMIT >> 20
+                    ),
+                    ReadError::Io(e) => format!("cannot read the config file: {e}"),
+                    other => other.to_string(),
+                })
+            })
+            .and_then(|bytes| {
+                String::from_utf8(bytes).map_err(|e| config_error(format!("not UTF-8 text: {e}")))
+            })?;
         // The environment, then `--set`: both as overrides, which config-rs applies in order
         // over the file.
         let mut overrides = environment_overrides(layers.environment.as_ref())?;
@@ -696,7 +712,7 @@ impl Settings {
             overrides.push(parse_override(item)?);
         }
         let mut builder = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml));
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml));
         for (key, value) in overrides {
             builder = builder
                 .set_override(key.clone(), value)

@@ -91,7 +91,9 @@ pub fn load<M: ModuleSnapshot>(mut model: M, path: &Path) -> Result<M> {
         path: path.to_path_buf(),
         message,
     };
-    let bytes = std::fs::read(path).map_err(|e| weights_error(format!("cannot read: {e}")))?;
+    // A regular file only: a FIFO would block the read, a device never end it.
+    let bytes = crate::files::read_regular(path, None)
+        .map_err(|e| weights_error(format!("cannot read: {e}")))?;
     // Unvalidated and partial: a tensor of the wrong shape, or missing, comes back in the
     // result, named below, instead of as the store's multi-line report.
     let result = if path.extension().is_some_and(|e| e == "bpk") {

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::files::{self, ReadError};
 use crate::settings::{DataFormat, DataSettings};
 
 pub use order::{epoch_order, split_rows};
@@ -228,22 +229,111 @@ fn load_csv(settings: &DataSettings) -> Result<(Dataset, Dataset)> {
     Ok((all.select(&train_rows), all.select(&test_rows)))
 }
 
-/// Reads a whole file, gunzipping it when it starts with the gzip magic bytes.
-fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| {
-        let message = match e.kind() {
-            std::io::ErrorKind::NotFound => "dataset file not found".to_string(),
-            _ => format!("cannot read dataset file: {e}"),
+/// The first bytes of every gzip member.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// A dataset file open for reading: its bytes come gunzipped on the fly when it starts with the
+/// gzip magic bytes, so that a file is never inflated whole before its content is checked.
+struct Input {
+    reader: Box<dyn Read>,
+    gzip: bool,
+    /// The size of the file on disk (compressed, for a gzip file).
+    file_size: u64,
+}
+
+impl Input {
+    /// Opens the regular file at `path`: a FIFO or a device is refused by what it is.
+    fn open(path: &Path) -> Result<Self> {
+        let mut file = files::open_regular(path).map_err(|e| {
+            let message = match e {
+                ReadError::NotFound => "dataset file not found".to_string(),
+                ReadError::Io(e) => format!("cannot read dataset file: {e}"),
+                other => other.to_string(),
+            };
+            Error::data(path, message)
+        })?;
+        let cannot_read =
+            |e: std::io::Error| Error::data(path, format!("cannot read dataset file: {e}"));
+        let file_size = file.metadata().map_err(cannot_read)?.len();
+        let mut head = [0u8; GZIP_MAGIC.len()];
+        let found = read_up_to(&mut file, &mut head).map_err(cannot_read)?;
+        let head = std::io::Cursor::new(head[..found].to_vec());
+        let gzip = head.get_ref()[..] == GZIP_MAGIC;
+        let bytes = head.chain(file);
+        // Every member: pigz and bgzip write several, one after another.
+        let reader: Box<dyn Read> = if gzip {
+            Box::new(flate2::read::MultiGzDecoder::new(bytes))
+        } else {
+            Box::new(bytes)
         };
-        Error::data(path, message)
-    })?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut bytes = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut bytes)
-            .map_err(|e| Error::data(path, format!("corrupt gzip stream: {e}")))?;
-        Ok(bytes)
+        Ok(Input {
+            reader,
+            gzip,
+            file_size,
+        })
+    }
+
+    /// The error of a failed read of this input.
+    fn error(&self, path: &Path, e: std::io::Error) -> Error {
+        read_error(path, self.gzip, e)
+    }
+}
+
+fn read_error(path: &Path, gzip: bool, e: std::io::Error) -> Error {
+    if gzip {
+        Error::data(path, format!("corrupt gzip stream: {e}"))
     } else {
-        Ok(raw)
+        Error::data(path, format!("cannot read dataset file: {e}"))
+    }
+}
+
+/// Fills `buffer` from `reader` as far as the reader goes; returns how many bytes it holds.
+fn read_up_to(reader: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Why `features` f32 values cannot be held by a process that may use `memory` bytes (see
+/// [`crate::usage::memory_limit_bytes`]), or `None` where they fit. More than half that memory
+/// is refused: a loaded set is copied once more before training (the split of a single CSV
+/// file; an IDX file's bytes into features), and a growing one doubles its buffer on the way.
+fn features_beyond(features: u64, memory: Option<u64>) -> Option<String> {
+    let memory = memory?;
+    let bytes = features.saturating_mul(4);
+    (bytes > memory / 2).then(|| {
+        const GIB: f64 = (1u64 << 30) as f64;
+        format!(
+            "as f32 features they take {:.1} GiB, more than half the {:.1} GiB this process may \
+             use",
+            bytes as f64 / GIB,
+            memory as f64 / GIB
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_beyond_half_the_memory_are_refused() {
+        assert_eq!(features_beyond(125, Some(1000)), None);
+        let gib = 1u64 << 30;
+        assert_eq!(
+            features_beyond(gib, Some(6 * gib)).as_deref(),
+            Some(
+                "as f32 features they take 4.0 GiB, more than half the 6.0 GiB this process may use"
+            )
+        );
+        // Where the memory cannot be read, nothing is refused for it.
+        assert_eq!(features_beyond(u64::MAX, None), None);
     }
 }
