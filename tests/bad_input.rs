@@ -388,6 +388,13 @@ fn values_that_overflow_index_or_exhaust_memory() {
         err.contains("ALLCORES__MODEL__HIDDEN[999999999]: "),
         "{err}"
     );
+    // A tiny scale made the features infinite: the run "diverged at step 1" (exit 1).
+    refused(
+        dir.path(),
+        &config,
+        &["data.scale=4e-38"],
+        "data.scale: 4e-38 makes a feature infinite",
+    );
     // A wide layer on one feature: its parameters (6.4 GB with gradients and Adam's moments)
     // passed the old check, its activations at a batch of 100 (80 GB) aborted the process.
     let rows: String = (0..200)

@@ -266,6 +266,14 @@ fn idx_files_without_images_or_pixels_are_refused() {
         &empty,
         "holds images of 0x0 pixels",
     );
+    // An empty test set trained, then reported "test accuracy 0.00%" with exit 0.
+    refused(
+        dir.path(),
+        &mnist,
+        &[set("test_images", &none), set("test_labels", &labels)],
+        &none,
+        "holds no images",
+    );
 }
 
 /// pigz and bgzip write a gzip file in several members: every member is read, and the run is

@@ -87,7 +87,21 @@ fn load_within(
                     ),
                 )
             })?;
-            features.push(value / scale);
+            let scaled = value / scale;
+            if !scaled.is_finite() {
+                // A tiny scale, not the file, is at fault: the run would diverge at step 1.
+                return Err(Error::setting(
+                    "data.scale",
+                    format!(
+                        "{} makes a feature infinite: {value} on line {line}, column {}, of {} \
+                         divided by it",
+                        crate::number(scale as f64),
+                        column + 1,
+                        path.display()
+                    ),
+                ));
+            }
+            features.push(scaled);
         }
         labels.push(
             parse_label(&record[expected - 1], classes)
@@ -230,6 +244,23 @@ mod tests {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), text).unwrap();
         load(file.path(), 2.0, 10)
+    }
+
+    #[test]
+    /// Features divided by a tiny scale became infinite, and the run diverged at step 1 (a
+    /// failed run, exit 1) instead of naming the setting.
+    #[test]
+    fn a_scale_that_makes_a_feature_infinite_is_named() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "1,2,0\n3,100,1\n").unwrap();
+        let err = load(file.path(), 1e-37, 10).unwrap_err();
+        assert!(err.is_bad_input());
+        let err = err.to_string();
+        assert!(
+            err.starts_with("data.scale: 1e-37 makes a feature infinite: 100 on line 2, column 2"),
+            "{err}"
+        );
+        load(file.path(), 1e-30, 10).unwrap();
     }
 
     #[test]
