@@ -282,7 +282,10 @@ fn eval_refuses_weights_that_are_not_the_runs() {
     let output = allcores(&["eval", two.to_str().unwrap()]);
     let err = stderr(&output);
     assert_eq!(output.status.code(), Some(2), "{err}");
-    assert!(err.contains("model.safetensors is not a file"), "{err}");
+    assert!(
+        err.contains("model.safetensors: is not a regular file"),
+        "{err}"
+    );
 }
 
 /// A checkpoint is input too: a state whose checksums match but whose position no run of this

@@ -11,7 +11,9 @@ pub type Weights = BTreeMap<String, (Vec<usize>, Vec<f64>)>;
 
 /// Reads every tensor of a safetensors file (f32 or f64) as f64. The error is one line.
 pub fn read_weights(path: &Path) -> Result<Weights, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    // A FIFO in a run folder would block a plain read: the trainer's reader refuses it.
+    let bytes = allcores_trainer::files::read_regular(path, None)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     weights_from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 

@@ -17,7 +17,7 @@ pub mod calibrate;
 pub mod checkpoint;
 pub mod data;
 mod error;
-mod files;
+pub mod files;
 pub mod kernels;
 pub mod lock;
 pub mod model;

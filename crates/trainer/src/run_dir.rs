@@ -71,15 +71,18 @@ impl RunDir {
         if !path.is_dir() {
             return Err(run_dir_error("no such run folder"));
         }
-        if !path.join(CONFIG_FILE).is_file() {
+        let (config, weights) = (path.join(CONFIG_FILE), path.join(WEIGHTS_FILE));
+        for file in [&config, &weights] {
+            if file.exists() && !file.is_file() {
+                return Err(Error::RunDir {
+                    path: file.clone(),
+                    message: "is not a regular file: the folder holds no run to read".into(),
+                });
+            }
+        }
+        if !config.is_file() {
             return Err(run_dir_error(&format!(
                 "holds no run: {CONFIG_FILE} is missing"
-            )));
-        }
-        let weights = path.join(WEIGHTS_FILE);
-        if weights.exists() && !weights.is_file() {
-            return Err(run_dir_error(&format!(
-                "{WEIGHTS_FILE} is not a file: the folder holds no trained model"
             )));
         }
         if !weights.is_file() {
@@ -179,7 +182,10 @@ mod tests {
         assert!(err.contains("config.toml --out"), "{err}");
         std::fs::create_dir(dir.path().join(WEIGHTS_FILE)).unwrap();
         let err = RunDir::open(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("model.safetensors is not a file"), "{err}");
+        assert!(
+            err.contains("model.safetensors: is not a regular file"),
+            "{err}"
+        );
     }
 
     /// Default folders are named by the second: runs started in the same one each get their

@@ -246,7 +246,6 @@ mod tests {
         load(file.path(), 2.0, 10)
     }
 
-    #[test]
     /// Features divided by a tiny scale became infinite, and the run diverged at step 1 (a
     /// failed run, exit 1) instead of naming the setting.
     #[test]
