@@ -328,3 +328,36 @@ fn failed_runs_are_reported_and_the_sweep_exits_1() {
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("## Failed runs"), "{md}");
 }
+
+/// One process owns a sweep folder at a time: a sweep on a folder another process holds is
+/// refused at once, naming the holder, and writes nothing into it.
+#[test]
+fn a_sweep_folder_another_process_holds_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path());
+    let out = dir.path().join("sweep");
+    let (_, held) = allcores_trainer::lock::claim_new_folder(&out, false).unwrap();
+    let args = [
+        "sweep",
+        config.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let output = allcores(&args);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let pid = std::process::id();
+    assert!(
+        err.contains(&format!(
+            "is in use by another allcores process (pid {pid})"
+        )),
+        "{err}"
+    );
+    let entries: Vec<_> = std::fs::read_dir(&out).unwrap().flatten().collect();
+    assert_eq!(entries.len(), 1, "only the holder's .owner record");
+    drop(held);
+    assert!(allcores(&args).status.success());
+}
