@@ -233,23 +233,9 @@ fn resume_refuses_changes_and_broken_checkpoints_and_touches_nothing() {
     let config = config(dir.path());
     let run = dir.path().join("run");
     train_json(&config, &run, &["training.max_steps=10"]);
-    let snapshot = || -> Vec<(PathBuf, Vec<u8>)> {
-        let mut files = Vec::new();
-        let mut stack = vec![run.clone()];
-        while let Some(folder) = stack.pop() {
-            for entry in std::fs::read_dir(&folder).unwrap().flatten() {
-                if entry.path().is_dir() {
-                    stack.push(entry.path());
-                } else {
-                    files.push((entry.path(), std::fs::read(entry.path()).unwrap()));
-                }
-            }
-        }
-        files.sort();
-        files
-    };
+    let run_files = || snapshot(&run);
     let refused = |sets: &[&str], expected: &str| {
-        let before = snapshot();
+        let before = run_files();
         let mut args = train_args(&config, &run, sets);
         args.push("--resume");
         let output = allcores(&args);
@@ -261,7 +247,7 @@ fn resume_refuses_changes_and_broken_checkpoints_and_touches_nothing() {
             "{sets:?}: expected '{expected}' in {err}"
         );
         assert!(
-            snapshot() == before,
+            run_files() == before,
             "{sets:?}: the failed resume changed the run folder"
         );
     };

@@ -39,23 +39,6 @@ fn tiny_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
     )
 }
 
-/// Every file under `folder` with its bytes, sorted: to show that a refusal changed nothing.
-fn snapshot(folder: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut files = Vec::new();
-    let mut stack = vec![folder.to_path_buf()];
-    while let Some(folder) = stack.pop() {
-        for entry in std::fs::read_dir(&folder).unwrap().flatten() {
-            if entry.path().is_dir() {
-                stack.push(entry.path());
-            } else {
-                files.push((entry.path(), std::fs::read(entry.path()).unwrap()));
-            }
-        }
-    }
-    files.sort();
-    files
-}
-
 /// `train config --out run --resume` is refused (exit 2, one line holding `expected`) and
 /// leaves the folder as it was, byte for byte.
 fn resume_refused(config: &Path, run: &Path, expected: &str) {

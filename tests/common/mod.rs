@@ -214,3 +214,20 @@ pub fn finish(mut child: Child, limit: Duration) -> Output {
         stderr: stderr.join().unwrap(),
     }
 }
+
+/// Every file under `folder` with its bytes, sorted: to show that a refusal changed nothing.
+pub fn snapshot(folder: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut stack = vec![folder.to_path_buf()];
+    while let Some(folder) = stack.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap().flatten() {
+            if entry.path().is_dir() {
+                stack.push(entry.path());
+            } else {
+                files.push((entry.path(), std::fs::read(entry.path()).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
