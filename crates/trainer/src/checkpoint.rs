@@ -344,9 +344,18 @@ pub fn check_position(state: &LoopState, folder: &Path, shape: &RunShape) -> Res
     if sums.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
         return refuse("its loss sum or times are negative or not finite".into());
     }
-    let scale = state.scaler.scale;
-    if scales && !(scale.is_finite() && scale > 0.0) {
-        return refuse(format!("its loss scale {scale} is not a positive number"));
+    let scaler = &state.scaler;
+    if scales && !(scaler.scale.is_finite() && scaler.scale > 0.0) {
+        return refuse(format!(
+            "its loss scale {} is not a positive number",
+            scaler.scale
+        ));
+    }
+    if scaler.skipped_steps > state.step || scaler.clean_steps > state.step {
+        return refuse(format!(
+            "its loss scaler counts more steps ({} skipped, {} clean) than the run's {}",
+            scaler.skipped_steps, scaler.clean_steps, state.step
+        ));
     }
     Ok(())
 }
@@ -418,6 +427,68 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(bits(&read_back), bits(&written));
+    }
+
+    /// A state no run of the shape could write is refused, field by field; a true one passes.
+    #[test]
+    fn a_position_outside_the_run_is_refused() {
+        let shape = RunShape {
+            samples: 100,
+            step_size: 10,
+            steps_per_epoch: 10,
+            total_steps: 30,
+            scales: true,
+        };
+        let mut good = state(4);
+        good.scaler.scale = 1024.0;
+        let check = |s: &LoopState| check_position(s, Path::new("c"), &shape);
+        check(&good).unwrap();
+        let refused = |change: &dyn Fn(&mut LoopState), expected: &str| {
+            let mut bad = good.clone();
+            change(&mut bad);
+            let err = check(&bad).unwrap_err().to_string();
+            assert!(err.starts_with("c/state.json: "), "{err}");
+            assert!(err.contains(expected), "{expected}: {err}");
+        };
+        refused(
+            &|s| s.groups_done = 10,
+            "lies outside a run of 10 steps an epoch",
+        );
+        refused(&|s| s.epoch = 0, "lies outside");
+        refused(&|s| s.step = 5, "step 5 does not follow");
+        refused(&|s| s.epoch = 2, "does not follow from epoch 2");
+        refused(&|s| s.samples = 41, "41 samples (40 in this epoch)");
+        refused(&|s| s.epoch_loss_sum = f64::NAN, "not finite");
+        refused(
+            &|s| s.scaler.scale = 0.0,
+            "loss scale 0 is not a positive number",
+        );
+        refused(
+            &|s| s.scaler.skipped_steps = 5,
+            "counts more steps (5 skipped",
+        );
+        let mut late = good.clone();
+        (late.epoch, late.step, late.samples) = (4, 34, 340);
+        late.metrics = vec![metrics(1), metrics(2), metrics(3)];
+        let err = check(&late).unwrap_err().to_string();
+        assert!(
+            err.contains("at step 34, past this run's 30 steps"),
+            "{err}"
+        );
+    }
+
+    fn metrics(epoch: u64) -> EpochMetrics {
+        EpochMetrics {
+            epoch,
+            steps: 10 * epoch,
+            samples: 100 * epoch,
+            train_loss: 1.0,
+            test_loss: 1.0,
+            test_accuracy: 0.5,
+            lr: 1e-3,
+            samples_per_second: 1.0,
+            cpu_utilization: 1.0,
+        }
     }
 
     #[test]
