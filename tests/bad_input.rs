@@ -388,6 +388,20 @@ fn values_that_overflow_index_or_exhaust_memory() {
         err.contains("ALLCORES__MODEL__HIDDEN[999999999]: "),
         "{err}"
     );
+    // A shard count of 10^18 reserved room for 10^18 pieces: "capacity overflow" (exit 101).
+    let output = allcores(&train_command(
+        &config,
+        &dir.path().join("shards"),
+        &["--json", "--quiet"],
+        &[
+            "training.batch_size=1000000000000000000",
+            "training.shards=1000000000000000000",
+            "training.threads=1",
+            "training.max_steps=1",
+        ],
+    ));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(last_json(&output)["steps"], 1);
     // A tiny scale made the features infinite: the run "diverged at step 1" (exit 1).
     refused(
         dir.path(),

@@ -126,7 +126,8 @@ impl StepPlan {
     /// `batch_size`, each split into `shards` contiguous shards whose sizes differ by at most one
     /// (a micro-batch shorter than `shards` has fewer, none empty).
     fn pieces<'a>(&self, group: &'a [usize]) -> Vec<&'a [usize]> {
-        let mut pieces = Vec::with_capacity(group.len().div_ceil(self.batch_size) * self.shards);
+        // No piece is empty: there are at most as many as samples, whatever `shards` says.
+        let mut pieces = Vec::with_capacity(group.len());
         for micro in group.chunks(self.batch_size) {
             let (size, longer) = (micro.len() / self.shards, micro.len() % self.shards);
             let mut start = 0;

@@ -218,11 +218,12 @@ fn load_csv(settings: &DataSettings) -> Result<(Dataset, Dataset)> {
         return Err(Error::data(
             path,
             format!(
-                "{} too few to split with data.test_fraction = {fraction}",
+                "{} too few to split with data.test_fraction = {}",
                 match all.len() {
                     1 => "1 row is".to_string(),
                     rows => format!("{rows} rows are"),
-                }
+                },
+                crate::number(fraction)
             ),
         ));
     }
