@@ -247,8 +247,8 @@ fn a_model_too_large_for_memory() {
         dir.path(),
         &config,
         &["model.hidden=[1000000000000]"],
-        "model: this run needs at least 1594424.2 GiB (75,000,000,000,010 parameters: their f32 \
-         weights, gradients and Adam's two moments take 1117587.1 GiB;",
+        "model: this run needs at least 1,594,424 GiB (75,000,000,000,010 parameters: their f32 \
+         weights, gradients and Adam's two moments take 1,117,587 GiB;",
     );
     assert!(err.contains("GiB this process may use"), "{err}");
 }

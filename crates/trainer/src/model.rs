@@ -252,16 +252,24 @@ pub fn ensure_memory_for(parameters: f64, values_each: usize, what: &str) -> Res
     let needed = parameters * values_each as f64 * 4.0;
     match crate::usage::memory_limit_bytes() {
         Some(limit) if needed > limit as f64 => Err(Error::Model(format!(
-            "{} parameters: {what} take {:.1} GiB, more than the {:.1} GiB this process may use",
+            "{} parameters: {what} take {}, more than the {} this process may use",
             crate::thousands(parameters),
-            needed / GIB,
-            limit as f64 / GIB
+            gib(needed),
+            gib(limit as f64)
         ))),
         _ => Ok(()),
     }
 }
 
-const GIB: f64 = (1u64 << 30) as f64;
+/// `bytes` in GiB: to one decimal, or in whole GiB with digits grouped past 10,000 (a typo's
+/// size, where decimals are noise).
+fn gib(bytes: f64) -> String {
+    let gib = bytes / (1u64 << 30) as f64;
+    match gib < 1e4 {
+        true => format!("{gib:.1} GiB"),
+        false => format!("{} GiB", crate::thousands(gib)),
+    }
+}
 
 /// What a training run holds at once, for [`ensure_memory_for_run`].
 #[derive(Debug, Clone, Copy)]
@@ -286,16 +294,16 @@ pub fn ensure_memory_for_run(run: RunMemory) -> Result<()> {
     let activations = run.activations_per_sample * run.samples_in_flight * 2.0 * 4.0;
     match crate::usage::memory_limit_bytes() {
         Some(limit) if parameters + activations > limit as f64 => Err(Error::Model(format!(
-            "this run needs at least {:.1} GiB ({} parameters: {} take {:.1} GiB; {:.1} GiB \
-             of activations for {} samples in flight), more than the {:.1} GiB this process \
-             may use: lower training.batch_size or the model's size",
-            (parameters + activations) / GIB,
+            "this run needs at least {} ({} parameters: {} take {}; {} of activations for {} \
+             samples in flight), more than the {} this process may use: lower \
+             training.batch_size or the model's size",
+            gib(parameters + activations),
             crate::thousands(run.parameters),
             run.values_are,
-            parameters / GIB,
-            activations / GIB,
+            gib(parameters),
+            gib(activations),
             crate::thousands(run.samples_in_flight),
-            limit as f64 / GIB
+            gib(limit as f64)
         ))),
         _ => Ok(()),
     }
