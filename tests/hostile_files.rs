@@ -6,52 +6,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
-
-/// What a run of the binary left: its exit status and its standard error.
-struct Ended {
-    status: ExitStatus,
-    stderr: String,
-}
-
-/// Runs `allcores` with `args`; kills it and fails the test when it has not ended after 10 s
-/// (a reader blocked on a FIFO never would).
-fn allcores_within_10_s(args: &[&str]) -> Ended {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_allcores"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary runs");
-    // Stderr is read on a thread, so that a long message cannot fill the pipe and stall the
-    // child while this one waits.
-    let mut pipe = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = pipe.read_to_string(&mut text);
-        text
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("allcores {args:?} still running after 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Ended {
-        status,
-        stderr: reader.join().unwrap(),
-    }
-}
 
 /// Trains `config` with `sets` and checks the refusal: exit status 2, one line that names
 /// `file` and holds `expected`, no run folder. Returns the line.
@@ -66,9 +24,10 @@ fn refused(dir: &Path, config: &Path, sets: &[String], file: &Path, expected: &s
     for set in sets {
         args.extend(["--set", set]);
     }
-    let ended = allcores_within_10_s(&args);
-    let err = ended.stderr;
-    assert_eq!(ended.status.code(), Some(2), "{sets:?}: {err}");
+    // Bounded: a reader blocked on a FIFO would never end.
+    let output = finish(spawn_allcores(&args, false), Duration::from_secs(10));
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{sets:?}: {err}");
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(err.lines().count(), 1, "{sets:?}: {err}");
     assert!(
