@@ -330,3 +330,40 @@ fn a_checkpoint_position_outside_the_run_is_refused() {
     let output = allcores(&train_command(&config, &run, &["--resume", "--quiet"], &[]));
     assert!(output.status.success(), "{}", stderr(&output));
 }
+
+/// A FIFO in a run folder, where a resume reads the config or `eval` the summary, is refused
+/// by what it is instead of blocking the command.
+#[test]
+fn a_fifo_in_a_run_folder_is_refused_not_waited_on() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path(), "a", "");
+    let run = dir.path().join("run");
+    train_json(&config, &run, &[]);
+    let fifo = |path: &Path| {
+        std::fs::remove_file(path).unwrap();
+        let name = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo touches no memory of ours.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o644) }, 0);
+    };
+    let bounded = |args: &[&str]| finish(spawn_allcores(args, false), Duration::from_secs(10));
+
+    fifo(&run.join("summary.json"));
+    let output = bounded(&["eval", run.to_str().unwrap()]);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("summary.json: cannot read the summary: is a FIFO"),
+        "{err}"
+    );
+
+    fifo(&run.join("config.toml"));
+    let args = train_command(&config, &run, &["--resume", "--quiet"], &[]);
+    let output = bounded(&args);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("config.toml: cannot read the run's config: is a FIFO"),
+        "{err}"
+    );
+}

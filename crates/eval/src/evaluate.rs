@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use allcores_trainer::files::{ReadError, read_regular};
 use allcores_trainer::run_dir::SUMMARY_FILE;
 use allcores_trainer::weights::{self, weights_sha256};
 use allcores_trainer::{
@@ -69,14 +70,18 @@ fn check_weights_are_the_runs(run: &RunDir, hash: &str) -> Result<(), EvalError>
         weights_sha256: String,
     }
     let path = run.path().join(SUMMARY_FILE);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(());
+    let corrupt = |message: String| allcores_trainer::Error::RunDir {
+        path: path.clone(),
+        message,
+    };
+    // Read as any input: a FIFO in the summary's place must not block the evaluation.
+    let bytes = match read_regular(&path, None) {
+        Ok(bytes) => bytes,
+        Err(ReadError::NotFound) => return Ok(()),
+        Err(e) => return Err(corrupt(format!("cannot read the summary: {e}")).into()),
     };
     let recorded: Recorded =
-        serde_json::from_str(&text).map_err(|e| allcores_trainer::Error::RunDir {
-            path: path.clone(),
-            message: format!("corrupt summary: {e}"),
-        })?;
+        serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("corrupt summary: {e}")))?;
     if recorded.weights_sha256 == hash {
         return Ok(());
     }

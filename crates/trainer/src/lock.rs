@@ -51,8 +51,14 @@ impl FolderLock {
 
 /// The pid recorded by the folder's holder, when it has recorded one.
 fn holder(path: &Path) -> Option<u32> {
-    let text = fs::read_to_string(path.join(OWNER_FILE)).ok()?;
-    text.trim().strip_prefix("pid ")?.parse().ok()
+    // Read as any input: an owner record that is a FIFO must not block the refusal.
+    let bytes = crate::files::read_regular(&path.join(OWNER_FILE), Some(64)).ok()?;
+    std::str::from_utf8(&bytes)
+        .ok()?
+        .trim()
+        .strip_prefix("pid ")?
+        .parse()
+        .ok()
 }
 
 /// Makes (or takes, while it is empty) the folder of a new run or sweep at `path`, and takes its

@@ -6,9 +6,10 @@ use std::path::Path;
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::error::{Error, Result};
+use crate::files::read_regular;
 use crate::lock::{FolderLock, is_empty_folder};
 use crate::run_dir::{CONFIG_FILE, RunDir};
-use crate::settings::Settings;
+use crate::settings::{CONFIG_LIMIT, Settings};
 
 /// Settings that may change on resume: they alter speed or length, never the steps taken.
 const MAY_CHANGE: [&str; 5] = [
@@ -48,11 +49,12 @@ pub fn check_resumable(run_dir: &Path, settings: &Settings, total_steps: u64) ->
     let lock = FolderLock::acquire(run_dir)?;
     let config = run_dir.join(CONFIG_FILE);
     if config.exists() {
-        let saved = std::fs::read_to_string(&config).map_err(|e| Error::RunDir {
+        // As every input: a FIFO in the folder's config's place must not block the resume.
+        let saved = read_regular(&config, Some(CONFIG_LIMIT)).map_err(|e| Error::RunDir {
             path: config.clone(),
             message: format!("cannot read the run's config: {e}"),
         })?;
-        compare(&saved, settings, &config)?;
+        compare(&String::from_utf8_lossy(&saved), settings, &config)?;
     } else if !is_empty_folder(run_dir).map_err(|e| Error::io(run_dir, e))? {
         return Err(run_dir_error(&format!(
             "holds no run to resume ({CONFIG_FILE} is missing)"

@@ -18,6 +18,10 @@ use crate::progress::number;
 /// Prefix of the environment variables that override settings.
 pub const ENV_PREFIX: &str = "ALLCORES";
 
+/// The largest config file read, in bytes: a config is a few hundred bytes; 1 MiB is no
+/// config anyone wrote.
+pub(crate) const CONFIG_LIMIT: u64 = 1 << 20;
+
 /// Everything a run needs to know.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -687,8 +691,7 @@ impl Settings {
             message,
         };
         // Read here, not by config-rs: a FIFO named as the config would block it, and a device
-        // would never end. A config is a few hundred bytes; 1 MiB is no config anyone wrote.
-        const CONFIG_LIMIT: u64 = 1 << 20;
+        // would never end.
         use crate::files::ReadError;
         let text = crate::files::read_regular(path, Some(CONFIG_LIMIT))
             .map_err(|e| {
