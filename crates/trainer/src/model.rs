@@ -250,13 +250,20 @@ impl BuiltinModel {
 /// names those values in the error.
 pub fn ensure_memory_for(parameters: f64, values_each: usize, what: &str) -> Result<()> {
     let needed = parameters * values_each as f64 * 4.0;
-    match crate::usage::memory_limit_bytes() {
-        Some(limit) if needed > limit as f64 => Err(Error::Model(format!(
-            "{} parameters: {what} take {}, more than the {} this process may use",
+    refuse_beyond_memory(needed, |limit| {
+        format!(
+            "{} parameters: {what} take {}, more than the {limit} this process may use",
             crate::thousands(parameters),
             gib(needed),
-            gib(limit as f64)
-        ))),
+        )
+    })
+}
+
+/// Refuses `needed` bytes past the memory this process may use, with the message `describe`
+/// writes around that limit (in GiB); passes where the limit cannot be read.
+fn refuse_beyond_memory(needed: f64, describe: impl FnOnce(String) -> String) -> Result<()> {
+    match crate::usage::memory_limit_bytes() {
+        Some(limit) if needed > limit as f64 => Err(Error::Model(describe(gib(limit as f64)))),
         _ => Ok(()),
     }
 }
@@ -292,10 +299,10 @@ pub struct RunMemory {
 pub fn ensure_memory_for_run(run: RunMemory) -> Result<()> {
     let parameters = run.parameters * run.values_each as f64 * 4.0;
     let activations = run.activations_per_sample * run.samples_in_flight * 2.0 * 4.0;
-    match crate::usage::memory_limit_bytes() {
-        Some(limit) if parameters + activations > limit as f64 => Err(Error::Model(format!(
+    refuse_beyond_memory(parameters + activations, |limit| {
+        format!(
             "this run needs at least {} ({} parameters: {} take {}; {} of activations for {} \
-             samples in flight), more than the {} this process may use: lower \
+             samples in flight), more than the {limit} this process may use: lower \
              training.batch_size or the model's size",
             gib(parameters + activations),
             crate::thousands(run.parameters),
@@ -303,10 +310,8 @@ pub fn ensure_memory_for_run(run: RunMemory) -> Result<()> {
             gib(parameters),
             gib(activations),
             crate::thousands(run.samples_in_flight),
-            gib(limit as f64)
-        ))),
-        _ => Ok(()),
-    }
+        )
+    })
 }
 
 impl Classifier for BuiltinModel {
