@@ -10,7 +10,6 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::files::write_atomically;
@@ -25,10 +24,10 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 
 /// A run's folder. One made by [`RunDir::create`] or [`RunDir::reopen`] holds the folder's
 /// lock: no other process writes into it while this one runs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RunDir {
     path: PathBuf,
-    _lock: Option<Arc<FolderLock>>,
+    _lock: Option<FolderLock>,
 }
 
 impl RunDir {
@@ -40,7 +39,7 @@ impl RunDir {
         let (path, lock) = claim_new_folder(path, numbered)?;
         Ok(Self {
             path,
-            _lock: Some(Arc::new(lock)),
+            _lock: Some(lock),
         })
     }
 
@@ -51,7 +50,7 @@ impl RunDir {
         lock.record_owner(path)?;
         let run_dir = Self {
             path: path.to_path_buf(),
-            _lock: Some(Arc::new(lock)),
+            _lock: Some(lock),
         };
         let mut lines = String::new();
         for m in metrics {
