@@ -7,6 +7,7 @@
 mod csv;
 mod idx;
 mod order;
+pub mod text;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
