@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use allcores_eval::{Interrupt, evaluate_run};
+use allcores_trainer::language::sample::{SampleOptions, sample};
 use allcores_trainer::{
     Layers, Options, Settings, Summary, default_run_dir, number, thousands, train,
 };
@@ -43,6 +44,29 @@ enum Command {
     /// Measure steady-state training throughput at several thread counts (one process
     /// each): samples/s, step-time spread, CPU use, peak memory, speed-up.
     Bench(BenchArgs),
+    /// Write text from a trained language model (a GPT run) to stdout.
+    Sample(SampleArgs),
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// The run folder of a finished GPT run.
+    run_dir: PathBuf,
+    /// The text to continue (cropped to the model's context) [default: a newline].
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens (characters) to write after the prompt.
+    #[arg(long, default_value_t = 500)]
+    tokens: usize,
+    /// Divides the logits: below 1 more likely text, above 1 more varied.
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    temperature: f64,
+    /// Draw among the K likeliest tokens only.
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// The seed of the draws: the same seed writes the same text.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -195,7 +219,7 @@ fn main() -> ExitCode {
             "the run in progress saves a checkpoint and stops, then the sweep writes the report \
              of the runs that ended",
         )),
-        Command::Eval(_) | Command::Bench(_) => None,
+        Command::Eval(_) | Command::Bench(_) | Command::Sample(_) => None,
     };
     match run(cli.command, interrupt.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -273,6 +297,7 @@ fn run(command: Command, interrupt: Option<&Arc<Interrupt>>) -> Result<(), Failu
         Command::Eval(args) => eval_command(args),
         Command::Sweep(args) => sweep_command(args, interrupt),
         Command::Bench(args) => bench_command(args),
+        Command::Sample(args) => sample_command(args),
     }
 }
 
@@ -346,6 +371,24 @@ fn bench_command(args: BenchArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+fn sample_command(args: SampleArgs) -> Result<(), Failure> {
+    let options = SampleOptions {
+        prompt: args.prompt,
+        tokens: args.tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        seed: args.seed,
+    };
+    let stdout = std::io::stdout();
+    sample(
+        &args.run_dir,
+        &Layers::default(),
+        &options,
+        &mut stdout.lock(),
+    )?;
+    Ok(())
+}
+
 fn layers(overrides: Vec<String>) -> Layers {
     Layers {
         overrides,
@@ -364,12 +407,27 @@ fn print_summary(summary: &Summary, json: bool) {
         println!("{}", serde_json::to_string(summary).expect("serializes"));
         return;
     }
-    println!(
-        "test accuracy {:.2}% · test loss {:.4} · train loss {:.4}",
-        summary.test_accuracy * 100.0,
-        summary.test_loss,
-        summary.train_loss
-    );
+    match (
+        summary.val_loss,
+        summary.bits_per_char,
+        summary.tokens_per_second,
+    ) {
+        (Some(val_loss), Some(bits), Some(tokens_per_second)) => {
+            println!(
+                "val loss {val_loss:.4} ({bits:.3} bits/char) · train loss {:.4} · next-char \
+                 accuracy {:.2}% · {} tokens/s",
+                summary.train_loss,
+                summary.test_accuracy * 100.0,
+                thousands(tokens_per_second)
+            );
+        }
+        _ => println!(
+            "test accuracy {:.2}% · test loss {:.4} · train loss {:.4}",
+            summary.test_accuracy * 100.0,
+            summary.test_loss,
+            summary.train_loss
+        ),
+    }
     println!(
         "{} · {} · {} in {:.1} s ({} samples/s) · {}, CPU {:.0}% busy · peak RSS {} MiB",
         counted(summary.epochs, "epoch"),

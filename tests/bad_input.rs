@@ -100,7 +100,7 @@ fn out_of_range_values() {
         ("training.accumulation_steps=2.5", "accumulation_steps"),
         (
             "model.kind=transformer",
-            "`transformer`, expected `mlp` or `cnn`",
+            "`transformer`, expected one of `mlp`, `cnn`, `gpt`",
         ),
         (
             "training.backend=cuda",

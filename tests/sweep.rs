@@ -3,7 +3,11 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use common::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// A small MLP on the UCI digits, 20 steps: a run takes well under a second.
 fn small_config(dir: &std::path::Path) -> std::path::PathBuf {
@@ -360,4 +364,127 @@ fn a_sweep_folder_another_process_holds_is_refused() {
     assert_eq!(entries.len(), 1, "only the holder's .owner record");
     drop(held);
     assert!(allcores(&args).status.success());
+}
+
+/// A text of seeded random words over a small alphabet, with line breaks (as in tests/gpt.rs).
+fn random_text(chars: usize, seed: u64) -> String {
+    const WORDS: [&str; 12] = [
+        "the", "king", "queen", "speaks", "to", "a", "fool", "and", "his", "crown", "falls", "thee",
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut text = String::new();
+    while text.len() < chars {
+        text.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+        text.push(if rng.random_range(0..8) == 0 {
+            '\n'
+        } else {
+            ' '
+        });
+    }
+    text
+}
+
+/// A tiny GPT config on a random text in `dir`, the last 20% validating (as in tests/gpt.rs).
+fn gpt_config(dir: &Path) -> PathBuf {
+    let text = write(dir, "text.txt", random_text(6_000, 1));
+    write(
+        dir,
+        "gpt.toml",
+        format!(
+            "[data]\nformat = \"text\"\ntrain_text = \"{}\"\nval_fraction = 0.2\n\n\
+             [model]\nkind = \"gpt\"\nlayers = 2\nheads = 2\nwidth = 16\ncontext = 16\n\n\
+             [optimizer]\nkind = \"adamw\"\nlr = 3e-3\nbeta2 = 0.99\nweight_decay = 0.1\n\
+             schedule = \"cosine\"\nwarmup_steps = 2\nmin_lr = 3e-4\ngrad_clip = 1.0\n\n\
+             [training]\nmax_steps = 12\nbatch_size = 4\neval_every = 4\nseed = 7\nthreads = 1\n",
+            text.display()
+        ),
+    )
+}
+
+/// A language model's sweep compares validation loss: the log, the verdict, the report and the
+/// plot speak of it, and of tokens/s next to samples/s.
+#[test]
+fn a_gpt_sweep_reports_validation_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = gpt_config(dir.path());
+    let out = dir.path().join("sweep");
+    let output = allcores(&[
+        "sweep",
+        config.to_str().unwrap(),
+        "--threads",
+        "1,2",
+        "--seeds",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(output.status.success(), "sweep failed: {}", stderr(&output));
+    let report = last_json(&output);
+    assert_eq!(report["metric"], "val_loss");
+
+    let verdict = &report["verdict"];
+    assert_eq!(verdict["outcome"], "identical");
+    assert_eq!(verdict["seeds_compared"], 2);
+    assert_eq!(verdict["val_loss_spread_across_threads"], 0.0);
+    let line = verdict["line"].as_str().unwrap();
+    assert!(
+        line.starts_with("identical: the thread count changed the speed, never the result"),
+        "{line}"
+    );
+    assert!(stdout(&output).lines().any(|l| l == line));
+
+    // Each run's validation loss and tokens/s are its summary's; seed for seed, equal.
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4);
+    for run in runs {
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                Path::new(run["run_dir"].as_str().unwrap()).join("summary.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(run["val_loss"], summary["val_loss"]);
+        assert_eq!(run["tokens_per_second"], summary["tokens_per_second"]);
+        assert!(run["val_loss"].as_f64().unwrap() > 0.0, "{run}");
+    }
+    assert_eq!(runs[0]["val_loss"], runs[1]["val_loss"]);
+    assert_eq!(runs[2]["val_loss"], runs[3]["val_loss"]);
+    let mean = report["by_threads"][0]["mean_val_loss"].as_f64().unwrap();
+    let expected =
+        (runs[0]["val_loss"].as_f64().unwrap() + runs[2]["val_loss"].as_f64().unwrap()) / 2.0;
+    assert!((mean - expected).abs() < 1e-12, "{mean} {expected}");
+
+    let err = stderr(&output);
+    let logged = format!(
+        "[1/4] threads 1, seed 0: val loss {:.4} · ",
+        runs[0]["val_loss"].as_f64().unwrap()
+    );
+    assert!(err.contains(&logged), "{err}");
+    assert!(err.contains(" tokens/s · "), "{err}");
+    assert!(!err.contains("test accuracy"), "{err}");
+
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains(line), "{md}");
+    assert!(md.contains("| threads | seed | validation loss |"), "{md}");
+    assert!(
+        md.contains("| mean validation loss | validation loss min-max |"),
+        "{md}"
+    );
+    assert!(md.contains("| samples/s | tokens/s |"), "{md}");
+    assert!(md.contains("Validation loss spread across seeds"), "{md}");
+    assert!(md.contains("](val_loss.svg)"), "{md}");
+    assert!(!md.contains("test accuracy"), "{md}");
+    assert!(!md.contains("accuracy.svg"), "{md}");
+
+    let svg = std::fs::read_to_string(out.join("val_loss.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("Validation loss by thread count"),
+        "{svg}"
+    );
+    assert!(out.join("throughput.svg").is_file());
+    assert!(!out.join("accuracy.svg").exists());
+    let csv = std::fs::read_to_string(out.join("report.csv")).unwrap();
+    assert!(csv.starts_with("threads,seed,val_loss,"), "{csv}");
 }

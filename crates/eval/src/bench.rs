@@ -11,6 +11,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use allcores_trainer::settings::DataFormat;
 use allcores_trainer::{Layers, Settings, StepTime, Summary, thousands};
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +63,9 @@ pub struct BenchRun {
     pub seconds: f64,
     /// `samples / seconds`.
     pub samples_per_second: f64,
+    /// A language model's throughput in tokens: samples/s x the context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
     pub step_ms_median: f64,
     pub step_ms_p10: f64,
     pub step_ms_p90: f64,
@@ -247,7 +251,13 @@ impl StepStats {
 impl BenchRun {
     /// The measurement of a run at `threads` from its summary, the first `warmup` steps
     /// dropped. Speed-up and efficiency stay 1 until [`relate`] sets them.
-    fn from_summary(threads: usize, warmup: u64, summary: &Summary) -> Result<Self, String> {
+    /// `tokens_per_sample`: a language model's context.
+    fn from_summary(
+        threads: usize,
+        warmup: u64,
+        summary: &Summary,
+        tokens_per_sample: Option<usize>,
+    ) -> Result<Self, String> {
         let timed: &[StepTime] = summary
             .step_times
             .get(warmup as usize..)
@@ -271,6 +281,8 @@ impl BenchRun {
             samples,
             seconds,
             samples_per_second: ratio(samples as f64, seconds),
+            tokens_per_second: tokens_per_sample
+                .map(|t| ratio((samples * t as u64) as f64, seconds)),
             step_ms_median: stats.median,
             step_ms_p10: stats.p10,
             step_ms_p90: stats.p90,
@@ -340,12 +352,13 @@ fn independent_runs(
     });
     let mut total = 0.0;
     for summary in results {
-        let run = BenchRun::from_summary(1, request.warmup, &summary?).map_err(|message| {
-            child::ChildFailure {
-                exit_status: Some(0),
-                message,
-            }
-        })?;
+        let run =
+            BenchRun::from_summary(1, request.warmup, &summary?, None).map_err(|message| {
+                child::ChildFailure {
+                    exit_status: Some(0),
+                    message,
+                }
+            })?;
         total += run.samples_per_second;
     }
     Ok(total)
@@ -385,6 +398,8 @@ pub fn run_bench(request: &BenchRequest) -> Result<BenchReport, EvalError> {
     let program = child::program(request.program.as_ref())?;
     let threads_available = child::warn_beyond_available(&threads);
     eprintln!("{}", start_line(request, &settings, &threads));
+    let tokens_per_sample =
+        (settings.data.format == DataFormat::Text).then_some(settings.model.context);
     // Round after round over the thread counts, so that a burst of load on a shared machine
     // falls on one round's run rather than on one thread count.
     let mut rounds: Vec<Vec<BenchRun>> = vec![Vec::new(); threads.len()];
@@ -395,7 +410,7 @@ pub fn run_bench(request: &BenchRequest) -> Result<BenchReport, EvalError> {
                 n => format!("round {round}/{n} "),
             };
             let at = format!("{round_label}[{}/{}] threads {t}", i + 1, threads.len());
-            rounds[i].push(bench_one(&program, request, t, &at)?);
+            rounds[i].push(bench_one(&program, request, t, tokens_per_sample, &at)?);
         }
     }
     let identical_weights = rounds
@@ -441,6 +456,7 @@ fn bench_one(
     program: &Path,
     request: &BenchRequest,
     threads: usize,
+    tokens_per_sample: Option<usize>,
     at: &str,
 ) -> Result<BenchRun, EvalError> {
     let failed = |exit_status: Option<i32>, message: String| EvalError::BenchRun {
@@ -452,10 +468,13 @@ fn bench_one(
     let sets = run_sets(request, threads);
     let summary = train_child(program, &request.config, sets, &no_run_dir, None)
         .map_err(|f| failed(f.exit_status, f.message))?;
-    let mut run = BenchRun::from_summary(threads, request.warmup, &summary)
+    let mut run = BenchRun::from_summary(threads, request.warmup, &summary, tokens_per_sample)
         .map_err(|message| failed(Some(0), message))?;
+    let tokens = run
+        .tokens_per_second
+        .map_or(String::new(), |t| format!("{} tokens/s · ", thousands(t)));
     eprintln!(
-        "{at}: {} samples/s · step {:.2} ms median · CPU {}",
+        "{at}: {tokens}{} samples/s · step {:.2} ms median · CPU {}",
         thousands(run.samples_per_second),
         run.step_ms_median,
         run.cpu_text()
@@ -508,7 +527,7 @@ impl BenchReport {
             if self.threads_available == 1 { "" } else { "s" }
         );
         let ceiling = self.runs.iter().any(|r| r.ceiling.is_some());
-        out.push_str(if ceiling {
+        let header = if ceiling {
             "| threads | samples/s | speed-up | parallel efficiency | machine ceiling | step ms \
              median | p10 - p90 | spread | CPU utilisation | peak RSS | weights (SHA-256) |\n\
              |--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:--|\n"
@@ -516,6 +535,14 @@ impl BenchReport {
             "| threads | samples/s | speed-up | parallel efficiency | step ms median | \
              p10 - p90 | spread | CPU utilisation | peak RSS | weights (SHA-256) |\n\
              |--:|--:|--:|--:|--:|--:|--:|--:|--:|:--|\n"
+        };
+        // A language model's table leads with its tokens/s.
+        let tokens = self.runs.iter().all(|r| r.tokens_per_second.is_some());
+        out.push_str(&match tokens {
+            true => header
+                .replacen("| threads |", "| threads | tokens/s |", 1)
+                .replacen("|--:|", "|--:|--:|", 1),
+            false => header.to_string(),
         });
         for r in &self.runs {
             let efficiency = match (ceiling, r.ceiling) {
@@ -525,11 +552,14 @@ impl BenchReport {
                 }
                 (true, None) => format!("{:.0}% | -", r.parallel_efficiency * 100.0),
             };
+            let threads = match r.tokens_per_second {
+                Some(t) if tokens => format!("{} | {}", r.threads, thousands(t)),
+                _ => r.threads.to_string(),
+            };
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.2}x | {} | {:.2} | {:.2} - {:.2} | {:.0}% | {} | {:.1} \
+                "| {threads} | {} | {:.2}x | {} | {:.2} | {:.2} - {:.2} | {:.0}% | {} | {:.1} \
                  MiB | `{}` |",
-                r.threads,
                 thousands(r.samples_per_second),
                 r.speedup,
                 efficiency,
@@ -614,7 +644,7 @@ mod tests {
             (4, 0.03, 0.03),
             (2, 0.01, 0.01),
         ]);
-        let run = BenchRun::from_summary(2, 2, &s).unwrap();
+        let run = BenchRun::from_summary(2, 2, &s, None).unwrap();
         assert_eq!((run.steps, run.samples), (3, 10));
         assert!((run.seconds - 0.05).abs() < 1e-12);
         assert!((run.samples_per_second - 200.0).abs() < 1e-9);
@@ -632,7 +662,7 @@ mod tests {
         assert_eq!(run.peak_rss_bytes, 1 << 20);
         assert_eq!(run.weights_sha256, "ab");
 
-        let err = BenchRun::from_summary(1, 5, &s).unwrap_err();
+        let err = BenchRun::from_summary(1, 5, &s, None).unwrap_err();
         assert!(
             err.contains("5 step times, none after the 5 warm-up"),
             "{err}"
@@ -647,7 +677,7 @@ mod tests {
             .map(|&(t, wall)| {
                 let mut s = s.clone();
                 s.step_times[0].wall_seconds = wall;
-                BenchRun::from_summary(t, 0, &s).unwrap()
+                BenchRun::from_summary(t, 0, &s, None).unwrap()
             })
             .collect();
         relate(&mut runs);
@@ -779,8 +809,8 @@ mod tests {
     fn runs_at_1_and_2_threads() -> Vec<BenchRun> {
         let s = summary(&[(10, 0.01, 0.01)]);
         vec![
-            BenchRun::from_summary(1, 0, &s).unwrap(),
-            BenchRun::from_summary(2, 0, &s).unwrap(),
+            BenchRun::from_summary(1, 0, &s, None).unwrap(),
+            BenchRun::from_summary(2, 0, &s, None).unwrap(),
         ]
     }
 
@@ -812,7 +842,7 @@ mod tests {
     fn rounds_are_reported_by_their_median_run() {
         let runs: Vec<BenchRun> = [0.02, 0.01, 0.04]
             .iter()
-            .map(|&wall| BenchRun::from_summary(1, 0, &summary(&[(10, wall, wall)])).unwrap())
+            .map(|&wall| BenchRun::from_summary(1, 0, &summary(&[(10, wall, wall)]), None).unwrap())
             .collect();
         let median = median_run(runs);
         assert_eq!(median.samples_per_second, 500.0);

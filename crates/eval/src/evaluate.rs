@@ -3,8 +3,11 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use allcores_trainer::data::text::{self, ValSource};
 use allcores_trainer::files::{ReadError, read_regular};
+use allcores_trainer::language::{self, Gpt};
 use allcores_trainer::run_dir::SUMMARY_FILE;
+use allcores_trainer::settings::DataFormat;
 use allcores_trainer::weights::{self, weights_sha256};
 use allcores_trainer::{
     BuiltinModel, Layers, RunDir, Settings, Splits, ThreadPlan, score, thousands,
@@ -27,11 +30,137 @@ pub struct Evaluation {
     pub weights_sha256: String,
 }
 
-/// Scores the final model of the run in `run_dir` on the test split of its config, after
-/// `layers` (environment, `--set` overrides) are applied over that config.
-pub fn evaluate_run(run_dir: &Path, layers: &Layers) -> Result<Evaluation, EvalError> {
+/// A run's evaluation: a classifier's or a language model's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RunEvaluation {
+    Classifier(Evaluation),
+    Text(TextEvaluation),
+}
+
+impl RunEvaluation {
+    pub fn to_text(&self) -> String {
+        match self {
+            RunEvaluation::Classifier(e) => e.to_text(),
+            RunEvaluation::Text(e) => e.to_text(),
+        }
+    }
+}
+
+/// A language model scored on a validation text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextEvaluation {
+    pub run_dir: String,
+    /// Mean cross-entropy per target token over the fixed validation windows.
+    pub val_loss: f64,
+    pub bits_per_char: f64,
+    /// Fraction of next characters predicted right.
+    pub accuracy: f64,
+    /// Target tokens scored.
+    pub tokens: usize,
+    pub weights_sha256: String,
+}
+
+impl TextEvaluation {
+    pub fn to_text(&self) -> String {
+        format!(
+            "{}: val loss {:.4} ({:.3} bits/char) · next-char accuracy {:.2}% · {} tokens\n\
+             weights_sha256 {}",
+            self.run_dir,
+            self.val_loss,
+            self.bits_per_char,
+            self.accuracy * 100.0,
+            thousands(self.tokens as f64),
+            self.weights_sha256
+        )
+    }
+}
+
+/// Scores the final model of the run in `run_dir` on the held-out data of its config (a
+/// classifier's test split, a language model's validation text), after `layers` (environment,
+/// `--set` overrides) are applied over that config.
+pub fn evaluate_run(run_dir: &Path, layers: &Layers) -> Result<RunEvaluation, EvalError> {
     let run = RunDir::open(run_dir)?;
-    let settings = Settings::load(&run.config_path(), layers)?;
+    let settings = load_settings(&run, layers)?;
+    if settings.data.format == DataFormat::Text {
+        return evaluate_text_run(&run, &settings).map(RunEvaluation::Text);
+    }
+    evaluate_classifier_run(&run, &settings).map(RunEvaluation::Classifier)
+}
+
+/// The run's saved config under `layers`. A `data.val_text` override takes the place of a saved
+/// `data.val_fraction` (a run validated on the end of its text is scored on another).
+fn load_settings(run: &RunDir, layers: &Layers) -> Result<Settings, EvalError> {
+    let path = run.config_path();
+    let names_val_text = layers.overrides.iter().any(|o| {
+        o.split_once('=')
+            .is_some_and(|(k, _)| k.trim() == "data.val_text")
+    });
+    if !names_val_text {
+        return Ok(Settings::load(&path, layers)?);
+    }
+    let corrupt = |message: String| allcores_trainer::Error::RunDir {
+        path: path.clone(),
+        message,
+    };
+    let bytes = read_regular(&path, None).map_err(|e| corrupt(format!("cannot read: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| corrupt(format!("not UTF-8: {e}")))?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e| corrupt(format!("not TOML: {e}")))?;
+    if let Some(toml::Value::Table(data)) = table.get_mut("data") {
+        data.remove("val_fraction");
+    }
+    Ok(Settings::parse(&table.to_string(), &path, layers)?)
+}
+
+fn evaluate_text_run(run: &RunDir, settings: &Settings) -> Result<TextEvaluation, EvalError> {
+    let vocabulary = language::load_vocabulary(run.path())?;
+    let context = settings.model.context;
+    // Validated settings name a validation text or a fraction of the training text.
+    let val = match (&settings.data.val_text, &settings.data.train_text) {
+        (Some(path), _) => text::load_with(&vocabulary, path, context)?,
+        (None, Some(train)) => {
+            let fraction = ValSource::Fraction(settings.data.val_fraction.unwrap_or(0.1));
+            text::load_text(train, fraction, context)?.val
+        }
+        (None, None) => {
+            return Err(allcores_trainer::Error::Setting {
+                key: "data.train_text".into(),
+                message: "required when data.format = \"text\"".into(),
+            }
+            .into());
+        }
+    };
+    let plan = ThreadPlan::new(settings.training.threads);
+    let pool = plan.install()?;
+    pool.install(|| {
+        let device = allcores_trainer::device(settings.training.backend).inner();
+        let model = Gpt::new(&settings.model, vocabulary.len(), &device);
+        let model = weights::load(model, &run.weights_path())?;
+        let weights_sha256 = weights_sha256(&model);
+        check_weights_are_the_runs(run, &weights_sha256)?;
+        let positions = val.evaluation_positions(context, language::EVALUATION_WINDOWS);
+        let scored = language::evaluate(
+            &model,
+            &val,
+            &positions,
+            context,
+            &device,
+            settings.training.batch_size,
+        );
+        Ok(TextEvaluation {
+            run_dir: run.path().display().to_string(),
+            val_loss: scored.loss,
+            bits_per_char: language::bits_per_char(scored.loss),
+            accuracy: scored.accuracy,
+            tokens: scored.samples,
+            weights_sha256,
+        })
+    })
+}
+
+fn evaluate_classifier_run(run: &RunDir, settings: &Settings) -> Result<Evaluation, EvalError> {
     let test = Splits::load_test(&settings.data)?;
     let plan = ThreadPlan::new(settings.training.threads);
     let pool = plan.install()?;
@@ -41,7 +170,7 @@ pub fn evaluate_run(run_dir: &Path, layers: &Layers) -> Result<Evaluation, EvalE
         let model = BuiltinModel::new(&settings.model, test.shape(), classes, &device)?;
         let model = weights::load(model, &run.weights_path())?;
         let weights_sha256 = weights_sha256(&model);
-        check_weights_are_the_runs(&run, &weights_sha256)?;
+        check_weights_are_the_runs(run, &weights_sha256)?;
         let scored = score(
             &model,
             &test,

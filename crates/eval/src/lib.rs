@@ -8,7 +8,8 @@
 //!
 //! [`run_sweep`] trains one config at several thread counts and seeds, each run in its own
 //! process, and reports whether the thread count changed the result or only the speed
-//! ([`build_report`] makes the report and its verdict from the runs' records).
+//! ([`build_report`] makes the report and its verdict from the runs' records). It compares the
+//! runs on their [`Metric`]: a classifier's test accuracy, or a language model's validation loss.
 //!
 //! [`Interrupt`] turns Ctrl-C, SIGTERM and SIGHUP into a stop at the next safe point: a run's
 //! next step boundary (after a checkpoint), a sweep's run in progress (then its report).
@@ -23,8 +24,10 @@ pub mod signals;
 pub mod sweep;
 
 pub use bench::{BenchReport, BenchRequest, BenchRun, run_bench};
-pub use evaluate::{Evaluation, evaluate_run};
-pub use report::{Interruption, Outcome, Report, RunRecord, Verdict, build_report};
+pub use evaluate::{Evaluation, RunEvaluation, TextEvaluation, evaluate_run};
+pub use report::{
+    Interruption, Metric, Outcome, Report, RunRecord, Verdict, build_report, build_report_on,
+};
 pub use signals::Interrupt;
 pub use sweep::{SweepOutcome, SweepRequest, parse_seeds, parse_threads, run_sweep};
 

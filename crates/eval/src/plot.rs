@@ -1,5 +1,5 @@
-//! The sweep's plots, as SVG: accuracy against threads, and throughput with parallel
-//! efficiency against threads.
+//! The sweep's plots, as SVG: its metric (test accuracy, or a language model's validation loss)
+//! against threads, and throughput with parallel efficiency against threads.
 //!
 //! Thread counts sit at evenly spaced positions on the x axis (1, 2, 4, 8 read better evenly
 //! spaced than on a linear axis); each seed's runs are shifted a little sideways so that equal
@@ -15,7 +15,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::EvalError;
-use crate::report::{Report, ReportRow, ThreadSummary, thousands};
+use crate::report::{Metric, Report, ReportRow, ThreadSummary, capitalized, thousands};
 
 /// What drawing gives: `T`, or plotters' error, boxed.
 type DrawResult<T = ()> = Result<T, Box<dyn Error>>;
@@ -349,17 +349,18 @@ fn config_name(report: &Report) -> String {
 /// The verdict in a few ASCII words, for a plot's subtitle.
 fn verdict_words(report: &Report) -> String {
     use crate::report::Outcome;
-    let v = &report.verdict;
+    let (v, metric) = (&report.verdict, report.metric);
     match v.outcome {
         Outcome::Identical => "identical weights at every thread count, for each seed".to_string(),
         Outcome::Different => format!(
-            "weights differ across thread counts ({} run{}); accuracy spread across threads {:.2} pp{}",
+            "weights differ across thread counts ({} run{}); {} spread across threads {}{}",
             v.runs_differing,
             if v.runs_differing == 1 { "" } else { "s" },
-            v.accuracy_spread_across_threads.unwrap_or(0.0) * 100.0,
+            metric.short_name(),
+            metric.show_difference(v.accuracy_spread_across_threads.unwrap_or(0.0)),
             v.accuracy_spread_across_seeds.map_or(
                 ", across seeds unknown".to_string(),
-                |s| format!(", across seeds {:.2} pp", s * 100.0)
+                |s| format!(", across seeds {}", metric.show_difference(s))
             )
         ),
         Outcome::Inconclusive => "nothing to compare across thread counts".to_string(),
@@ -388,49 +389,78 @@ fn titled<'a>(area: &Area<'a>, title: &str, subtitle: &str) -> DrawResult<Area<'
     Ok(area.split_vertically(72).1)
 }
 
-/// `accuracy.svg`: test accuracy against threads, a point per seed, the mean and the min-max
-/// spread across seeds.
-pub fn accuracy_svg(report: &Report, path: &Path) -> Result<(), EvalError> {
-    draw_accuracy(report, path).map_err(|e| EvalError::write(path, e))
+/// `accuracy.svg` or `val_loss.svg` ([`Metric::plot_file`]): the sweep's metric against
+/// threads, a point per seed, the mean and the min-max spread across seeds.
+pub fn metric_svg(report: &Report, path: &Path) -> Result<(), EvalError> {
+    draw_metric(report, path).map_err(|e| EvalError::write(path, e))
 }
 
-fn draw_accuracy(report: &Report, path: &Path) -> DrawResult {
+fn draw_metric(report: &Report, path: &Path) -> DrawResult {
     let root = SVGBackend::new(path, (1000, 640)).into_drawing_area();
     root.fill(&WHITE)?;
     let body = titled(
         &root,
-        &format!("Test accuracy by thread count - {}", config_name(report)),
+        &format!(
+            "{} by thread count - {}",
+            capitalized(report.metric.name()),
+            config_name(report)
+        ),
         &verdict_words(report),
     )?;
     draw_panel(
         &body,
         &report.plan.threads,
         report.plan.seeds,
-        &accuracy_panel(report),
+        &metric_panel(report),
     )?;
     root.present()?;
     Ok(())
 }
 
-/// Each run's test accuracy, the mean across seeds (labelled) and its min-max bar.
-fn accuracy_panel(report: &Report) -> Panel {
-    let points = run_points(report, |r| Some(r.run.test_accuracy * 100.0));
-    let y_range = padded(points.iter().map(|p| p.2), 1.0);
-    let y_decimals = if y_range.end - y_range.start > 4.0 {
-        1
-    } else {
-        2
-    };
-    let mean = by_position(report).map(|(i, t)| {
-        let mean = t.mean_accuracy * 100.0;
-        (i, mean, Some(format!("{mean:.2}%")))
-    });
+/// How the metric sits on a plot's y axis.
+struct MetricAxis {
+    /// Plotted value per value: accuracy in percent.
+    scale: f64,
+    /// The narrowest span of the axis, in plotted values: equal values still get a scale.
+    min_span: f64,
+    /// The labels' decimals for the axis's span.
+    decimals: fn(f64) -> usize,
+}
+
+impl MetricAxis {
+    fn of(metric: Metric) -> Self {
+        match metric {
+            Metric::Accuracy => Self {
+                scale: 100.0,
+                min_span: 1.0,
+                decimals: |span| if span > 4.0 { 1 } else { 2 },
+            },
+            // Runs whose losses differ by rounding alone still get an axis of 0.01 or more, whose
+            // ticks need 3 decimals.
+            Metric::ValLoss => Self {
+                scale: 1.0,
+                min_span: 0.01,
+                decimals: |span| if span > 0.4 { 2 } else { 3 },
+            },
+        }
+    }
+}
+
+/// Each run's metric, the mean across seeds (labelled) and its min-max bar.
+fn metric_panel(report: &Report) -> Panel {
+    let metric = report.metric;
+    let axis = MetricAxis::of(metric);
+    let points = run_points(report, |r| Some(metric.value(&r.run) * axis.scale));
+    let y_range = padded(points.iter().map(|p| p.2), axis.min_span);
+    let y_decimals = (axis.decimals)(y_range.end - y_range.start);
+    let mean =
+        by_position(report).map(|(i, t)| (i, t.mean * axis.scale, Some(metric.show(t.mean))));
     let spread = by_position(report)
         .filter(|(_, t)| t.runs >= 2)
-        .map(|(i, t)| (i, t.min_accuracy * 100.0, t.max_accuracy * 100.0));
+        .map(|(i, t)| (i, t.min * axis.scale, t.max * axis.scale));
     Panel {
         caption: None,
-        y_desc: "test accuracy (%)".into(),
+        y_desc: format!("{} ({})", metric.name(), metric.unit()),
         y_range,
         mean: mean.collect(),
         spread: spread.collect(),
@@ -542,6 +572,8 @@ mod tests {
             test_loss: 0.3,
             train_loss: 0.2,
             samples_per_second: speed,
+            val_loss: None,
+            tokens_per_second: None,
             cpu_utilization: 0.95,
             wall_seconds: 2.0,
             train_seconds: 1.5,
@@ -568,7 +600,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let accuracy = dir.path().join("accuracy.svg");
         let throughput = dir.path().join("throughput.svg");
-        accuracy_svg(&report, &accuracy).unwrap();
+        metric_svg(&report, &accuracy).unwrap();
         throughput_svg(&report, &throughput).unwrap();
 
         let svg = std::fs::read_to_string(&accuracy).unwrap();
@@ -598,6 +630,70 @@ mod tests {
         }
     }
 
+    /// A language model's sweep plots its validation loss, unscaled, in 3 decimals where the runs
+    /// differ in the 2nd.
+    #[test]
+    fn a_language_models_plot_shows_validation_loss() {
+        let run = |threads: usize, seed: u64, loss: f64, hash: &str| RunRecord {
+            threads,
+            seed,
+            test_accuracy: 0.42,
+            test_loss: loss,
+            train_loss: 2.1,
+            samples_per_second: 100.0,
+            val_loss: Some(loss),
+            tokens_per_second: Some(1600.0),
+            cpu_utilization: 0.95,
+            wall_seconds: 2.0,
+            train_seconds: 1.5,
+            weights_sha256: hash.into(),
+            max_weight_diff: Some(1e-6),
+            run_dir: String::new(),
+        };
+        let plan = SweepPlan {
+            config: "examples/shakespeare-gpt.toml".into(),
+            threads: vec![1, 2],
+            seeds: 2,
+            overrides: vec![],
+            threads_available: 2,
+        };
+        let runs = vec![
+            run(1, 0, 1.9300, "a"),
+            run(2, 0, 1.9340, "b"),
+            run(1, 1, 1.9800, "c"),
+            run(2, 1, 1.9800, "c"),
+        ];
+        let report = build_report(plan, runs, vec![]);
+        assert_eq!(report.metric, Metric::ValLoss);
+        assert_eq!(report.metric.plot_file(), "val_loss.svg");
+
+        let panel = metric_panel(&report);
+        assert_eq!(panel.y_desc, "validation loss (nats per character)");
+        let points: Vec<f64> = panel.points.iter().map(|p| p.2).collect();
+        assert_eq!(points, [1.93, 1.934, 1.98, 1.98]);
+        assert_eq!(panel.mean[0].2.as_deref(), Some("1.9550"));
+        assert_eq!(panel.mean[1].2.as_deref(), Some("1.9570"));
+        assert_eq!(panel.spread, [(0, 1.93, 1.98), (1, 1.934, 1.98)]);
+        // 0.05 of spread, padded to 0.065: labels in 3 decimals.
+        assert_eq!(panel.y_decimals, 3);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("val_loss.svg");
+        metric_svg(&report, &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        for text in [
+            "Validation loss by thread count - shakespeare-gpt.toml",
+            "validation loss (nats per character)",
+            "weights differ across thread counts (1 run); validation loss spread across threads \
+             0.0040, across seeds 0.0500",
+            "1.9570",
+            "min-max across seeds",
+        ] {
+            assert!(svg.contains(text), "val_loss.svg lacks {text}");
+        }
+        assert!(!svg.contains("accuracy"), "{svg}");
+    }
+
     #[test]
     fn an_unwritable_path_is_a_one_line_error() {
         let report = build_report(
@@ -611,7 +707,7 @@ mod tests {
             vec![],
             vec![],
         );
-        let err = accuracy_svg(&report, Path::new("/nonexistent/dir/a.svg")).unwrap_err();
+        let err = metric_svg(&report, Path::new("/nonexistent/dir/a.svg")).unwrap_err();
         assert!(
             err.to_string().starts_with("/nonexistent/dir/a.svg"),
             "{err}"

@@ -3,15 +3,199 @@
 //! [`build_report`] is pure: it takes what the runs produced and returns the [`Report`], with
 //! speed-ups against the baseline thread count and the [`Verdict`] on whether the thread count
 //! changed the result. The `to_*` methods render it as Markdown and CSV.
+//!
+//! What the runs are compared on is the [`Metric`]: a classifier's test accuracy, or a language
+//! model's validation loss. Every table, the verdict and the plots speak of it.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use allcores_trainer::Summary;
-use serde::{Deserialize, Serialize};
+use allcores_trainer::settings::DataFormat;
+use allcores_trainer::{Settings, Summary};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
 
 /// The phrase of the verdict when every thread count gave the same weights.
 pub const IDENTICAL: &str = "identical: the thread count changed the speed, never the result";
+
+/// What a sweep compares its runs on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Metric {
+    /// A classifier's accuracy on its test split, a fraction: higher is better.
+    #[default]
+    #[serde(rename = "test_accuracy")]
+    Accuracy,
+    /// A language model's mean cross-entropy per character of its validation text, in nats:
+    /// lower is better.
+    #[serde(rename = "val_loss")]
+    ValLoss,
+}
+
+impl Metric {
+    /// The metric of a sweep of `settings`: validation loss for a text (language-model) config.
+    pub fn of_settings(settings: &Settings) -> Self {
+        match settings.data.format {
+            DataFormat::Text => Metric::ValLoss,
+            DataFormat::Idx | DataFormat::Csv => Metric::Accuracy,
+        }
+    }
+
+    /// The metric of a run from its summary: a language model's summary has a validation loss.
+    pub fn of_summary(summary: &Summary) -> Self {
+        match summary.val_loss {
+            Some(_) => Metric::ValLoss,
+            None => Metric::Accuracy,
+        }
+    }
+
+    /// The metric of a sweep's finished runs: accuracy when there is none to tell.
+    pub fn of_records(runs: &[RunRecord]) -> Self {
+        if runs.iter().any(|r| r.val_loss.is_some()) {
+            Metric::ValLoss
+        } else {
+            Metric::Accuracy
+        }
+    }
+
+    /// Its name in prose and table headers: "test accuracy", "validation loss".
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Accuracy => "test accuracy",
+            Metric::ValLoss => "validation loss",
+        }
+    }
+
+    /// Its name before "spread", "mean" or "min-max", where the classifier's report says
+    /// "accuracy" alone.
+    pub(crate) fn short_name(self) -> &'static str {
+        match self {
+            Metric::Accuracy => "accuracy",
+            Metric::ValLoss => "validation loss",
+        }
+    }
+
+    /// The unit of its shown values.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::Accuracy => "%",
+            Metric::ValLoss => "nats per character",
+        }
+    }
+
+    /// Which way a better run moves it: up for accuracy, down for a loss.
+    pub fn higher_is_better(self) -> bool {
+        match self {
+            Metric::Accuracy => true,
+            Metric::ValLoss => false,
+        }
+    }
+
+    /// The stem of the JSON names of its means and spreads (`mean_accuracy`,
+    /// `val_loss_spread_across_seeds`): the classifier's report says "accuracy" there.
+    fn json_stem(self) -> &'static str {
+        match self {
+            Metric::Accuracy => "accuracy",
+            Metric::ValLoss => "val_loss",
+        }
+    }
+
+    /// The file of its plot against threads, in the sweep folder.
+    pub fn plot_file(self) -> &'static str {
+        match self {
+            Metric::Accuracy => "accuracy.svg",
+            Metric::ValLoss => "val_loss.svg",
+        }
+    }
+
+    /// Its value in a run's summary.
+    pub fn of(self, summary: &Summary) -> f64 {
+        match self {
+            Metric::Accuracy => summary.test_accuracy,
+            // A language model's test loss is its validation loss.
+            Metric::ValLoss => summary.val_loss.unwrap_or(summary.test_loss),
+        }
+    }
+
+    /// Its value in a run's record.
+    pub fn value(self, run: &RunRecord) -> f64 {
+        match self {
+            Metric::Accuracy => run.test_accuracy,
+            Metric::ValLoss => run.val_loss.unwrap_or(run.test_loss),
+        }
+    }
+
+    /// A value as the report shows it: `90.00%`, `1.9312`.
+    pub fn show(self, value: f64) -> String {
+        match self {
+            Metric::Accuracy => format!("{:.2}%", value * 100.0),
+            Metric::ValLoss => format!("{value:.4}"),
+        }
+    }
+
+    /// A difference of values as the report shows it: `0.50 pp`, `0.0012`.
+    pub fn show_difference(self, difference: f64) -> String {
+        match self {
+            Metric::Accuracy => pp(difference),
+            Metric::ValLoss => format!("{difference:.4}"),
+        }
+    }
+
+    /// A finished run's figures in the sweep's log line: the metric and the matching throughput.
+    pub fn run_figures(self, summary: &Summary) -> String {
+        match (self, summary.tokens_per_second) {
+            (Metric::ValLoss, Some(tokens)) => format!(
+                "val loss {:.4} · {} tokens/s",
+                self.of(summary),
+                thousands(tokens)
+            ),
+            _ => format!(
+                "{} {} · {} samples/s",
+                match self {
+                    Metric::Accuracy => "test accuracy",
+                    Metric::ValLoss => "val loss",
+                },
+                self.show(self.of(summary)),
+                thousands(summary.samples_per_second)
+            ),
+        }
+    }
+
+    /// What the metric is, for the report; `None` for test accuracy, which needs no words.
+    fn note(self) -> Option<String> {
+        match self {
+            Metric::Accuracy => None,
+            Metric::ValLoss => Some(format!(
+                "Validation loss is the mean cross-entropy of the validation text's next \
+                 characters, in {}: {} is better. Tokens/s counts the training characters \
+                 read per second; samples/s the training sequences.",
+                self.unit(),
+                if self.higher_is_better() {
+                    "higher"
+                } else {
+                    "lower"
+                }
+            )),
+        }
+    }
+
+    /// Whether it is a language model's: its runs count their throughput in tokens
+    /// (characters) too, and have a validation loss.
+    pub fn language_model(self) -> bool {
+        self == Metric::ValLoss
+    }
+
+    fn is_accuracy(&self) -> bool {
+        *self == Metric::Accuracy
+    }
+}
+
+/// `text` with its first letter in capitals.
+pub(crate) fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |first| {
+        first.to_uppercase().chain(chars).collect()
+    })
+}
 
 /// What one finished run produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,6 +207,12 @@ pub struct RunRecord {
     /// Mean training loss over the last epoch.
     pub train_loss: f64,
     pub samples_per_second: f64,
+    /// A language model's validation loss (equal to `test_loss`); `None` for a classifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    /// A language model's training throughput in characters; `None` for a classifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
     pub cpu_utilization: f64,
     /// The run's own wall time (after its config and data were loaded).
     pub wall_seconds: f64,
@@ -44,6 +234,8 @@ impl RunRecord {
             test_loss: summary.test_loss,
             train_loss: summary.train_loss,
             samples_per_second: summary.samples_per_second,
+            val_loss: summary.val_loss,
+            tokens_per_second: summary.tokens_per_second,
             cpu_utilization: summary.cpu_utilization,
             wall_seconds: summary.wall_seconds,
             train_seconds: summary.train_seconds,
@@ -92,16 +284,40 @@ pub struct ReportRow {
 }
 
 /// The runs at one thread count, over the seeds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ThreadSummary {
     pub threads: usize,
     pub runs: usize,
-    pub mean_accuracy: f64,
-    pub min_accuracy: f64,
-    pub max_accuracy: f64,
+    /// What `mean`, `min` and `max` are of (in the JSON: `mean_accuracy`, `mean_val_loss`, ...).
+    pub metric: Metric,
+    pub mean: f64,
+    pub min: f64,
+    pub max: f64,
     pub mean_samples_per_second: f64,
+    /// A language model's mean training characters per second; `None` for a classifier.
+    pub mean_tokens_per_second: Option<f64>,
     pub mean_speedup: Option<f64>,
     pub mean_efficiency: Option<f64>,
+}
+
+/// By hand, for the metric's names: a classifier's JSON keeps the `mean_accuracy` it always had.
+impl Serialize for ThreadSummary {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let stem = self.metric.json_stem();
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("threads", &self.threads)?;
+        map.serialize_entry("runs", &self.runs)?;
+        map.serialize_entry(&format!("mean_{stem}"), &self.mean)?;
+        map.serialize_entry(&format!("min_{stem}"), &self.min)?;
+        map.serialize_entry(&format!("max_{stem}"), &self.max)?;
+        map.serialize_entry("mean_samples_per_second", &self.mean_samples_per_second)?;
+        if let Some(tokens) = self.mean_tokens_per_second {
+            map.serialize_entry("mean_tokens_per_second", &tokens)?;
+        }
+        map.serialize_entry("mean_speedup", &self.mean_speedup)?;
+        map.serialize_entry("mean_efficiency", &self.mean_efficiency)?;
+        map.end()
+    }
 }
 
 /// Did the thread count change the result?
@@ -117,8 +333,11 @@ pub enum Outcome {
 }
 
 /// The verdict and the numbers behind it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
+    /// What the spreads are of (in the JSON: `accuracy_spread_across_threads`,
+    /// `val_loss_spread_across_threads`, ...).
+    pub metric: Metric,
     pub outcome: Outcome,
     /// The verdict as one line of text.
     pub line: String,
@@ -130,12 +349,37 @@ pub struct Verdict {
     pub max_weight_diff: Option<f64>,
     /// Where that difference is: (threads, seed).
     pub max_weight_diff_at: Option<(usize, u64)>,
-    /// Max over seeds of (max - min test accuracy across thread counts).
+    /// Max over seeds of (max - min of the metric across thread counts); the name is the
+    /// classifier's, the value that of `metric`.
     pub accuracy_spread_across_threads: Option<f64>,
-    /// Max over thread counts of (max - min test accuracy across seeds); `None` with one seed.
+    /// Max over thread counts of (max - min of the metric across seeds); `None` with one seed.
     pub accuracy_spread_across_seeds: Option<f64>,
     /// Whether the spread across thread counts is no larger than the spread across seeds.
     pub within_seed_spread: Option<bool>,
+}
+
+/// By hand, for the metric's names: a classifier's JSON keeps the names it always had.
+impl Serialize for Verdict {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let stem = self.metric.json_stem();
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("outcome", &self.outcome)?;
+        map.serialize_entry("line", &self.line)?;
+        map.serialize_entry("seeds_compared", &self.seeds_compared)?;
+        map.serialize_entry("runs_differing", &self.runs_differing)?;
+        map.serialize_entry("max_weight_diff", &self.max_weight_diff)?;
+        map.serialize_entry("max_weight_diff_at", &self.max_weight_diff_at)?;
+        map.serialize_entry(
+            &format!("{stem}_spread_across_threads"),
+            &self.accuracy_spread_across_threads,
+        )?;
+        map.serialize_entry(
+            &format!("{stem}_spread_across_seeds"),
+            &self.accuracy_spread_across_seeds,
+        )?;
+        map.serialize_entry("within_seed_spread", &self.within_seed_spread)?;
+        map.end()
+    }
 }
 
 /// Wall times of the sweep against those of its runs.
@@ -169,6 +413,10 @@ pub struct Interruption {
 /// Everything the sweep found.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
+    /// What the runs are compared on; left out of a classifier's JSON, whose report has always
+    /// been of test accuracy.
+    #[serde(skip_serializing_if = "Metric::is_accuracy")]
+    pub metric: Metric,
     pub plan: SweepPlan,
     /// The thread count speed-ups are measured against: 1, or the smallest in the sweep.
     pub baseline_threads: usize,
@@ -182,8 +430,19 @@ pub struct Report {
     pub interrupted: Option<Interruption>,
 }
 
-/// Builds the report of a sweep from its finished runs and its failures.
+/// Builds the report of a sweep from its finished runs and its failures, on the metric the runs
+/// tell ([`Metric::of_records`]).
 pub fn build_report(plan: SweepPlan, runs: Vec<RunRecord>, failures: Vec<RunFailure>) -> Report {
+    build_report_on(Metric::of_records(&runs), plan, runs, failures)
+}
+
+/// Builds the report of a sweep on `metric`: known from the config even when no run finished.
+pub fn build_report_on(
+    metric: Metric,
+    plan: SweepPlan,
+    runs: Vec<RunRecord>,
+    failures: Vec<RunFailure>,
+) -> Report {
     let mut runs = runs;
     runs.sort_by_key(|r| (r.seed, r.threads));
     let baseline_threads = plan
@@ -216,9 +475,10 @@ pub fn build_report(plan: SweepPlan, runs: Vec<RunRecord>, failures: Vec<RunFail
         })
         .collect();
 
-    let by_threads = summarize_by_threads(&plan.threads, &rows);
-    let verdict = verdict(&rows, baseline_threads);
+    let by_threads = summarize_by_threads(metric, &plan.threads, &rows);
+    let verdict = verdict(metric, &rows, baseline_threads);
     Report {
+        metric,
         plan,
         baseline_threads,
         runs: rows,
@@ -252,19 +512,25 @@ fn max_of(values: impl Iterator<Item = f64>) -> Option<f64> {
     })
 }
 
-fn summarize_by_threads(threads: &[usize], rows: &[ReportRow]) -> Vec<ThreadSummary> {
+fn summarize_by_threads(
+    metric: Metric,
+    threads: &[usize],
+    rows: &[ReportRow],
+) -> Vec<ThreadSummary> {
     threads
         .iter()
         .filter_map(|&t| {
             let at: Vec<&ReportRow> = rows.iter().filter(|r| r.run.threads == t).collect();
-            let accuracy = || at.iter().map(|r| r.run.test_accuracy);
+            let values = || at.iter().map(|r| metric.value(&r.run));
             Some(ThreadSummary {
                 threads: t,
                 runs: at.len(),
-                mean_accuracy: mean(accuracy())?,
-                min_accuracy: accuracy().fold(f64::INFINITY, f64::min),
-                max_accuracy: accuracy().fold(f64::NEG_INFINITY, f64::max),
+                metric,
+                mean: mean(values())?,
+                min: values().fold(f64::INFINITY, f64::min),
+                max: values().fold(f64::NEG_INFINITY, f64::max),
                 mean_samples_per_second: mean(at.iter().map(|r| r.run.samples_per_second))?,
+                mean_tokens_per_second: mean(at.iter().filter_map(|r| r.run.tokens_per_second)),
                 mean_speedup: mean(at.iter().filter_map(|r| r.speedup)),
                 mean_efficiency: mean(at.iter().filter_map(|r| r.efficiency)),
             })
@@ -278,9 +544,9 @@ fn pp(fraction: f64) -> String {
 }
 
 /// The answer to "does the result depend on the thread count?", with its evidence: each seed's
-/// runs against the seed's run at the smallest thread count, and the accuracy spread across
-/// thread counts against the spread across seeds.
-fn verdict(rows: &[ReportRow], baseline_threads: usize) -> Verdict {
+/// runs against the seed's run at the smallest thread count, and the metric's spread across
+/// thread counts against its spread across seeds.
+fn verdict(metric: Metric, rows: &[ReportRow], baseline_threads: usize) -> Verdict {
     let by_seed = grouped(rows, |run| run.seed);
     let by_threads = grouped(rows, |run| run.threads);
     let compared: Vec<&Vec<&RunRecord>> = by_seed.values().filter(|runs| runs.len() >= 2).collect();
@@ -297,12 +563,12 @@ fn verdict(rows: &[ReportRow], baseline_threads: usize) -> Verdict {
     let threads_spread = max_of(
         compared
             .iter()
-            .filter_map(|runs| spread(runs.iter().map(|r| r.test_accuracy))),
+            .filter_map(|runs| spread(runs.iter().map(|r| metric.value(r)))),
     );
     let seeds_spread = max_of(
         by_threads
             .values()
-            .filter_map(|runs| spread(runs.iter().map(|r| r.test_accuracy))),
+            .filter_map(|runs| spread(runs.iter().map(|r| metric.value(r)))),
     );
     let max_diff = largest_weight_diff(&differing);
 
@@ -325,6 +591,7 @@ fn verdict(rows: &[ReportRow], baseline_threads: usize) -> Verdict {
     } else {
         let compared_runs: usize = compared.iter().map(|r| r.len() - 1).sum();
         let line = different_line(
+            metric,
             (differing.len(), compared_runs),
             baseline_threads,
             max_diff,
@@ -334,6 +601,7 @@ fn verdict(rows: &[ReportRow], baseline_threads: usize) -> Verdict {
         (Outcome::Different, line)
     };
     Verdict {
+        metric,
         outcome,
         line,
         seeds_compared: compared.len(),
@@ -372,9 +640,10 @@ fn largest_weight_diff(runs: &[&RunRecord]) -> Option<(f64, usize, u64)> {
         })
 }
 
-/// The verdict's line when weights differ: how many runs, by how much, and whether the accuracy
+/// The verdict's line when weights differ: how many runs, by how much, and whether the metric
 /// moved more across thread counts than across seeds.
 fn different_line(
+    metric: Metric,
     (differing, compared): (usize, usize),
     baseline_threads: usize,
     max_diff: Option<(f64, usize, u64)>,
@@ -398,23 +667,25 @@ fn different_line(
         Some(seeds_spread) => {
             let _ = write!(
                 line,
-                "; the accuracy spread across thread counts, {} (max over seeds of max-min), \
-                 is {} the spread across seeds, {} (max over thread counts of max-min)",
-                pp(threads_spread),
+                "; the {} spread across thread counts, {} (max over seeds of max-min), is {} \
+                 the spread across seeds, {} (max over thread counts of max-min)",
+                metric.short_name(),
+                metric.show_difference(threads_spread),
                 if threads_spread <= seeds_spread {
                     "within"
                 } else {
                     "larger than"
                 },
-                pp(seeds_spread)
+                metric.show_difference(seeds_spread)
             );
         }
         None => {
             let _ = write!(
                 line,
-                "; the accuracy spread across thread counts is {} (max over seeds of max-min), \
-                 and the spread across seeds is unknown with one seed (use --seeds 2 or more)",
-                pp(threads_spread)
+                "; the {} spread across thread counts is {} (max over seeds of max-min), and \
+                 the spread across seeds is unknown with one seed (use --seeds 2 or more)",
+                metric.short_name(),
+                metric.show_difference(threads_spread)
             );
         }
     }
@@ -424,9 +695,28 @@ fn different_line(
 /// `12345.6` as `12,346`: the trainer's formatting, so both speak alike.
 pub(crate) use allcores_trainer::thousands;
 
-/// The plots' section of the Markdown report.
-const PLOTS: &str = "\n## Plots\n\n![accuracy against threads](accuracy.svg)\n\n\
-                     ![throughput and parallel efficiency against threads](throughput.svg)\n";
+/// The plots' section of the Markdown report: the files the sweep draws (see `write_report`).
+fn plots_section(metric: Metric) -> String {
+    format!(
+        "\n## Plots\n\n![{} against threads]({})\n\n\
+         ![throughput and parallel efficiency against threads](throughput.svg)\n",
+        metric.short_name(),
+        metric.plot_file()
+    )
+}
+
+/// A Markdown table row of `cells`.
+fn table_row(cells: &[String]) -> String {
+    format!("| {} |\n", cells.join(" | "))
+}
+
+/// A Markdown table's header: its titles, then the alignment of each column (`--:` right,
+/// `:--` left).
+fn table_header(columns: &[(&str, &str)]) -> String {
+    let titles: Vec<String> = columns.iter().map(|c| c.0.to_string()).collect();
+    let aligns: Vec<&str> = columns.iter().map(|c| c.1).collect();
+    format!("{}|{}|\n", table_row(&titles), aligns.join("|"))
+}
 
 fn opt(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
     value.map_or_else(|| "-".to_string(), show)
@@ -484,28 +774,46 @@ impl Report {
         }
     }
 
-    /// The runs as a Markdown table.
+    /// The runs as a Markdown table: a language model's with tokens/s next to samples/s.
     pub fn runs_table(&self) -> String {
-        let mut out = String::from(
-            "| threads | seed | test accuracy | final train loss | samples/s | speed-up | \
-             parallel efficiency | CPU utilisation | weights (SHA-256) |\n\
-             |--:|--:|--:|--:|--:|--:|--:|--:|:--|\n",
-        );
+        let metric = self.metric;
+        let tokens = metric.language_model();
+        let mut columns = vec![
+            ("threads", "--:"),
+            ("seed", "--:"),
+            (metric.name(), "--:"),
+            ("final train loss", "--:"),
+            ("samples/s", "--:"),
+        ];
+        if tokens {
+            columns.push(("tokens/s", "--:"));
+        }
+        columns.extend([
+            ("speed-up", "--:"),
+            ("parallel efficiency", "--:"),
+            ("CPU utilisation", "--:"),
+            ("weights (SHA-256)", ":--"),
+        ]);
+        let mut out = table_header(&columns);
         for row in &self.runs {
             let r = &row.run;
-            let _ = writeln!(
-                out,
-                "| {} | {} | {:.2}% | {:.4} | {} | {} | {} | {:.0}% | `{}` |",
-                r.threads,
-                r.seed,
-                r.test_accuracy * 100.0,
-                r.train_loss,
+            let mut cells = vec![
+                r.threads.to_string(),
+                r.seed.to_string(),
+                metric.show(metric.value(r)),
+                format!("{:.4}", r.train_loss),
                 thousands(r.samples_per_second),
+            ];
+            if tokens {
+                cells.push(opt(r.tokens_per_second, thousands));
+            }
+            cells.extend([
                 opt(row.speedup, |s| format!("{s:.2}x")),
                 opt(row.efficiency, |e| format!("{:.0}%", e * 100.0)),
-                r.cpu_utilization * 100.0,
-                short_hash(&r.weights_sha256),
-            );
+                format!("{:.0}%", r.cpu_utilization * 100.0),
+                format!("`{}`", short_hash(&r.weights_sha256)),
+            ]);
+            out.push_str(&table_row(&cells));
         }
         out
     }
@@ -524,7 +832,7 @@ impl Report {
             if self.runs.is_empty() {
                 String::new()
             } else {
-                PLOTS.to_string()
+                plots_section(self.metric)
             },
         ]
         .concat()
@@ -561,6 +869,9 @@ impl Report {
             }
         );
         let _ = writeln!(out, "{}\n", self.baseline_note());
+        if let Some(note) = self.metric.note() {
+            let _ = writeln!(out, "{note}\n");
+        }
         out
     }
 
@@ -569,25 +880,40 @@ impl Report {
         if self.by_threads.is_empty() {
             return String::new();
         }
-        let mut out = String::from(
-            "\n## By thread count\n\n\
-             | threads | runs | mean accuracy | accuracy min-max | mean samples/s | \
-             mean speed-up | mean efficiency |\n\
-             |--:|--:|--:|--:|--:|--:|--:|\n",
+        let metric = self.metric;
+        let tokens = metric.language_model();
+        let (mean, min_max) = (
+            format!("mean {}", metric.short_name()),
+            format!("{} min-max", metric.short_name()),
         );
+        let mut columns = vec![
+            ("threads", "--:"),
+            ("runs", "--:"),
+            (mean.as_str(), "--:"),
+            (min_max.as_str(), "--:"),
+            ("mean samples/s", "--:"),
+        ];
+        if tokens {
+            columns.push(("mean tokens/s", "--:"));
+        }
+        columns.extend([("mean speed-up", "--:"), ("mean efficiency", "--:")]);
+        let mut out = format!("\n## By thread count\n\n{}", table_header(&columns));
         for t in &self.by_threads {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {:.2}% | {:.2}% - {:.2}% | {} | {} | {} |",
-                t.threads,
-                t.runs,
-                t.mean_accuracy * 100.0,
-                t.min_accuracy * 100.0,
-                t.max_accuracy * 100.0,
+            let mut cells = vec![
+                t.threads.to_string(),
+                t.runs.to_string(),
+                metric.show(t.mean),
+                format!("{} - {}", metric.show(t.min), metric.show(t.max)),
                 thousands(t.mean_samples_per_second),
+            ];
+            if tokens {
+                cells.push(opt(t.mean_tokens_per_second, thousands));
+            }
+            cells.extend([
                 opt(t.mean_speedup, |s| format!("{s:.2}x")),
                 opt(t.mean_efficiency, |e| format!("{:.0}%", e * 100.0)),
-            );
+            ]);
+            out.push_str(&table_row(&cells));
         }
         out
     }
@@ -611,16 +937,21 @@ impl Report {
                 _ => "unknown".to_string(),
             }
         );
+        let (name, metric) = (capitalized(self.metric.short_name()), self.metric);
         let _ = writeln!(
             out,
-            "- Accuracy spread across thread counts (max over seeds of max-min): {}.",
-            opt(v.accuracy_spread_across_threads, pp)
+            "- {name} spread across thread counts (max over seeds of max-min): {}.",
+            opt(v.accuracy_spread_across_threads, |d| {
+                metric.show_difference(d)
+            })
         );
         let _ = writeln!(
             out,
-            "- Accuracy spread across seeds (max over thread counts of max-min): {}.",
-            v.accuracy_spread_across_seeds
-                .map_or_else(|| "unknown (one seed)".to_string(), pp)
+            "- {name} spread across seeds (max over thread counts of max-min): {}.",
+            v.accuracy_spread_across_seeds.map_or_else(
+                || "unknown (one seed)".to_string(),
+                |d| { metric.show_difference(d) }
+            )
         );
         out
     }
@@ -665,15 +996,25 @@ impl Report {
     }
 
     /// The runs as CSV (`report.csv`), one row per finished run, full hashes.
+    /// A language model's has `val_loss` after `seed` and `tokens_per_second` after
+    /// `samples_per_second` (its `test_accuracy` is the next character's).
     pub fn to_csv(&self) -> String {
         let mut writer = csv::Writer::from_writer(Vec::new());
-        let header = [
-            "threads",
-            "seed",
+        let lm = self.metric.language_model();
+        let mut header = vec!["threads", "seed"];
+        if lm {
+            header.push("val_loss");
+        }
+        header.extend([
             "test_accuracy",
             "test_loss",
             "train_loss",
             "samples_per_second",
+        ]);
+        if lm {
+            header.push("tokens_per_second");
+        }
+        header.extend([
             "speedup",
             "efficiency",
             "cpu_utilization",
@@ -682,19 +1023,26 @@ impl Report {
             "weights_sha256",
             "max_weight_diff",
             "run_dir",
-        ];
+        ]);
         let num = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
         // Writing into a Vec cannot fail.
         let _ = writer.write_record(header);
         for row in &self.runs {
             let r = &row.run;
-            let _ = writer.write_record([
-                r.threads.to_string(),
-                r.seed.to_string(),
+            let mut record = vec![r.threads.to_string(), r.seed.to_string()];
+            if lm {
+                record.push(num(Some(self.metric.value(r))));
+            }
+            record.extend([
                 r.test_accuracy.to_string(),
                 r.test_loss.to_string(),
                 r.train_loss.to_string(),
                 r.samples_per_second.to_string(),
+            ]);
+            if lm {
+                record.push(num(r.tokens_per_second));
+            }
+            record.extend([
                 num(row.speedup),
                 num(row.efficiency),
                 r.cpu_utilization.to_string(),
@@ -704,6 +1052,7 @@ impl Report {
                 num(r.max_weight_diff),
                 r.run_dir.clone(),
             ]);
+            let _ = writer.write_record(record);
         }
         let bytes = writer.into_inner().unwrap_or_default();
         String::from_utf8_lossy(&bytes).into_owned()
@@ -732,6 +1081,8 @@ mod tests {
             test_loss: 0.5,
             train_loss: 0.4,
             samples_per_second: speed,
+            val_loss: None,
+            tokens_per_second: None,
             cpu_utilization: 0.9,
             wall_seconds: 1.0,
             train_seconds: 0.8,
@@ -973,5 +1324,158 @@ mod tests {
         assert_eq!(json["verdict"]["outcome"], "inconclusive");
         assert_eq!(json["runs"][0]["threads"], 1);
         assert_eq!(json["failures"][0]["seed"], 0);
+    }
+
+    /// A language model's run: validation loss `loss` (its test loss too), `tokens` tokens/s.
+    fn lm_run(threads: usize, seed: u64, loss: f64, speed: (f64, f64), hash: &str) -> RunRecord {
+        RunRecord {
+            test_accuracy: 0.42,
+            test_loss: loss,
+            val_loss: Some(loss),
+            tokens_per_second: Some(speed.1),
+            ..run(threads, seed, 0.42, speed.0, hash)
+        }
+    }
+
+    #[test]
+    fn a_language_models_report_speaks_of_validation_loss() {
+        // Seed 0 moves by 0.0040 across thread counts; the seeds differ by 0.0500.
+        let runs = vec![
+            lm_run(1, 0, 1.9300, (100.0, 1600.0), "aaaa"),
+            lm_run(2, 0, 1.9340, (180.0, 2880.0), "aaax"),
+            lm_run(1, 1, 1.9800, (100.0, 1600.0), "bbbb"),
+            lm_run(2, 1, 1.9800, (200.0, 3200.0), "bbbb"),
+        ];
+        let report = build_report(plan(&[1, 2], 2), runs, vec![]);
+        assert_eq!(report.metric, Metric::ValLoss);
+        let v = &report.verdict;
+        assert_eq!(v.outcome, Outcome::Different);
+        assert!((v.accuracy_spread_across_threads.unwrap() - 0.004).abs() < 1e-12);
+        assert!((v.accuracy_spread_across_seeds.unwrap() - 0.05).abs() < 1e-12);
+        assert_eq!(v.within_seed_spread, Some(true));
+        assert!(
+            v.line.contains(
+                "; the validation loss spread across thread counts, 0.0040 (max over seeds of \
+                 max-min), is within the spread across seeds, 0.0500 (max over thread counts of \
+                 max-min)"
+            ),
+            "{}",
+            v.line
+        );
+
+        let t = &report.by_threads[1];
+        assert!((t.mean - 1.957).abs() < 1e-12, "{}", t.mean);
+        assert_eq!((t.min, t.max), (1.934, 1.98));
+        assert_eq!(t.mean_samples_per_second, 190.0);
+        assert_eq!(t.mean_tokens_per_second, Some(3040.0));
+
+        let md = report.to_markdown();
+        for text in [
+            "| threads | seed | validation loss | final train loss | samples/s | tokens/s | \
+             speed-up | parallel efficiency | CPU utilisation | weights (SHA-256) |\n\
+             |--:|--:|--:|--:|--:|--:|--:|--:|--:|:--|\n",
+            "| 2 | 0 | 1.9340 | 0.4000 | 180 | 2,880 | 1.80x | 90% | 90% | `aaax` |\n",
+            "| threads | runs | mean validation loss | validation loss min-max | mean samples/s | \
+             mean tokens/s | mean speed-up | mean efficiency |\n",
+            "| 2 | 2 | 1.9570 | 1.9340 - 1.9800 | 190 | 3,040 | 1.90x | 95% |\n",
+            "- Validation loss spread across thread counts (max over seeds of max-min): 0.0040.",
+            "- Validation loss spread across seeds (max over thread counts of max-min): 0.0500.",
+            "in nats per character: lower is better.",
+            "![validation loss against threads](val_loss.svg)",
+            "![throughput and parallel efficiency against threads](throughput.svg)",
+        ] {
+            assert!(md.contains(text), "report.md lacks {text:?}:\n{md}");
+        }
+        assert!(!md.to_lowercase().contains("accuracy"), "{md}");
+
+        let csv = report.to_csv();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "threads,seed,val_loss,test_accuracy,test_loss,train_loss,samples_per_second,\
+             tokens_per_second,speedup,efficiency,cpu_utilization,wall_seconds,train_seconds,\
+             weights_sha256,max_weight_diff,run_dir"
+        );
+        assert!(
+            lines[2].starts_with("2,0,1.934,0.42,1.934,0.4,180,2880,1.8,0.9,0.9,"),
+            "{csv}"
+        );
+
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["metric"], "val_loss");
+        assert_eq!(json["verdict"]["val_loss_spread_across_seeds"], 1.98 - 1.93);
+        assert_eq!(
+            json["verdict"]["val_loss_spread_across_threads"],
+            1.934 - 1.93
+        );
+        assert!(
+            json["verdict"]
+                .get("accuracy_spread_across_threads")
+                .is_none()
+        );
+        assert_eq!(json["by_threads"][1]["min_val_loss"], 1.934);
+        assert_eq!(json["by_threads"][1]["mean_tokens_per_second"], 3040.0);
+        assert!(json["by_threads"][1].get("mean_accuracy").is_none());
+        assert_eq!(json["runs"][1]["val_loss"], 1.934);
+        assert_eq!(json["runs"][1]["tokens_per_second"], 2880.0);
+    }
+
+    /// A classifier's JSON has the names it always had, and nothing of a language model's.
+    #[test]
+    fn a_classifiers_json_keeps_its_names() {
+        let runs = vec![
+            run(1, 0, 0.90, 1000.0, "aaaa"),
+            run(2, 0, 0.91, 1800.0, "aaax"),
+        ];
+        let report = build_report(plan(&[1, 2], 1), runs, vec![]);
+        assert_eq!(report.metric, Metric::Accuracy);
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json.get("metric").is_none(), "{json}");
+        // The names and their order of the derived serialization this one replaced.
+        assert_eq!(
+            serde_json::to_string(&report.by_threads[0]).unwrap(),
+            "{\"threads\":1,\"runs\":1,\"mean_accuracy\":0.9,\"min_accuracy\":0.9,\
+             \"max_accuracy\":0.9,\"mean_samples_per_second\":1000.0,\"mean_speedup\":1.0,\
+             \"mean_efficiency\":1.0}"
+        );
+        assert_eq!(json["by_threads"][1]["mean_accuracy"], 0.91);
+        assert!(
+            (json["verdict"]["accuracy_spread_across_threads"]
+                .as_f64()
+                .unwrap()
+                - 0.01)
+                .abs()
+                < 1e-12
+        );
+        assert_eq!(
+            json["verdict"]["accuracy_spread_across_seeds"],
+            serde_json::Value::Null
+        );
+        assert!(json["runs"][0].get("val_loss").is_none());
+        assert!(json["runs"][0].get("tokens_per_second").is_none());
+    }
+
+    /// A language model's sweep without a finished run still speaks of validation loss: its
+    /// metric comes from the config.
+    #[test]
+    fn a_language_models_report_without_runs_names_its_metric() {
+        let failures = vec![RunFailure {
+            threads: 1,
+            seed: 0,
+            exit_status: Some(1),
+            message: "training diverged at step 3: the loss is NaN".into(),
+        }];
+        let report = build_report_on(Metric::ValLoss, plan(&[1], 1), vec![], failures);
+        assert_eq!(report.verdict.outcome, Outcome::Inconclusive);
+        let md = report.to_markdown();
+        assert!(md.contains("| threads | seed | validation loss |"), "{md}");
+        assert!(
+            md.contains(
+                "- Validation loss spread across thread counts (max over seeds of max-min): -."
+            ),
+            "{md}"
+        );
+        assert!(!md.contains("val_loss.svg"), "{md}");
+        assert_eq!(serde_json::to_value(&report).unwrap()["metric"], "val_loss");
     }
 }

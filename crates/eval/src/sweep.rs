@@ -22,7 +22,7 @@ use crate::child::{self, refuse_owned_keys, train_child};
 use crate::diff::{Weights, max_abs_diff, read_weights};
 use crate::plot;
 use crate::report::{
-    Interruption, Report, RunFailure, RunRecord, SweepPlan, Timing, build_report, thousands,
+    Interruption, Metric, Report, RunFailure, RunRecord, SweepPlan, Timing, build_report_on,
 };
 use crate::signals::{Interrupt, signal_name};
 
@@ -142,9 +142,18 @@ const SWEPT_KEYS: [(&str, &str); 2] = [
     ("training.seed", "--seeds"),
 ];
 
+/// What the checks of a sweep's input give: its thread counts, its folder (held), and what its
+/// runs are compared on.
+struct Checked {
+    threads: Vec<usize>,
+    dir: PathBuf,
+    lock: FolderLock,
+    metric: Metric,
+}
+
 /// Checks everything the user gave before any run starts, and makes the sweep folder (the last
 /// check: whether it can be made).
-fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf, FolderLock), EvalError> {
+fn check(request: &SweepRequest) -> Result<Checked, EvalError> {
     let threads = parse_threads(&request.threads)?;
     let seeds_error = |message: String| EvalError::Argument {
         arg: "--seeds".into(),
@@ -169,13 +178,15 @@ fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf, FolderLock), Ev
     }
     refuse_owned_keys(&request.overrides, &SWEPT_KEYS, "sweep")?;
     // The config must load with the user's overrides: a config error stops the sweep here.
-    Settings::load(
+    let settings = Settings::load(
         &request.config,
         &Layers {
             overrides: request.overrides.clone(),
             environment: None,
         },
     )?;
+    // From the config, not the runs: a sweep whose runs all fail still reports on its metric.
+    let metric = Metric::of_settings(&settings);
     // Made now, so that a folder that cannot be made stops the sweep before its first run;
     // locked, so that two sweeps never write into one folder.
     let (dir, lock) = match &request.out {
@@ -186,7 +197,12 @@ fn check(request: &SweepRequest) -> Result<(Vec<usize>, PathBuf, FolderLock), Ev
         allcores_trainer::Error::RunDir { path, message } => EvalError::OutDir { path, message },
         other => other.into(),
     })?;
-    Ok((threads, dir, lock))
+    Ok(Checked {
+        threads,
+        dir,
+        lock,
+        metric,
+    })
 }
 
 /// What became of one run.
@@ -264,13 +280,18 @@ impl SweepProgress {
 /// writes the report of the runs that finished, and says so in it.
 pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
     let started = Instant::now();
-    // Held until the report is written.
-    let (threads, dir, _lock) = check(request)?;
+    // The lock is held until the report is written.
+    let Checked {
+        threads,
+        dir,
+        lock: _lock,
+        metric,
+    } = check(request)?;
     let program = child::program(request.program.as_ref())?;
     let available = child::warn_beyond_available(&threads);
     let progress = SweepProgress::new(threads.len() as u64 * request.seeds);
     progress.log(start_line(request, &threads, progress.total, &dir));
-    let runs = run_all(&program, request, &threads, &dir, &progress);
+    let runs = run_all(&program, request, &threads, metric, &dir, &progress);
     progress.bar.finish_and_clear();
     let Runs {
         mut records,
@@ -289,7 +310,7 @@ pub fn run_sweep(request: &SweepRequest) -> Result<SweepOutcome, EvalError> {
         overrides: request.overrides.clone(),
         threads_available: available,
     };
-    let mut report = build_report(plan, records, failures);
+    let mut report = build_report_on(metric, plan, records, failures);
     report.interrupted = interrupted.map(|stopped_run| Interruption {
         signal: signal_name(
             request
@@ -347,6 +368,7 @@ fn run_all(
     program: &Path,
     request: &SweepRequest,
     threads: &[usize],
+    metric: Metric,
     dir: &Path,
     progress: &SweepProgress,
 ) -> Result<Runs, EvalError> {
@@ -378,9 +400,8 @@ fn run_all(
             match result {
                 RunResult::Done(summary) => {
                     progress.log(format!(
-                        "{at}: test accuracy {:.2}% · {} samples/s · {:.2} s · weights {}",
-                        summary.test_accuracy * 100.0,
-                        thousands(summary.samples_per_second),
+                        "{at}: {} · {:.2} s · weights {}",
+                        metric.run_figures(&summary),
                         summary.wall_seconds,
                         summary.weights_sha256.get(..12).unwrap_or_default()
                     ));
@@ -473,7 +494,7 @@ fn write_report(report: &Report, dir: &Path) -> Result<(), EvalError> {
         std::fs::write(&path, text).map_err(|e| EvalError::write(&path, e))?;
     }
     if !report.runs.is_empty() {
-        plot::accuracy_svg(report, &dir.join("accuracy.svg"))?;
+        plot::metric_svg(report, &dir.join(report.metric.plot_file()))?;
         plot::throughput_svg(report, &dir.join("throughput.svg"))?;
     }
     Ok(())
@@ -558,6 +579,8 @@ mod tests {
             test_loss: 0.3,
             train_loss: 0.2,
             samples_per_second: 1000.0,
+            val_loss: None,
+            tokens_per_second: None,
             cpu_utilization: 1.0,
             wall_seconds: 1.0,
             train_seconds: 1.0,

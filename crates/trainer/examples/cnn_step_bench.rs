@@ -117,6 +117,7 @@ fn main() {
                 channels: [32, 64],
                 kernel_size: 3,
                 dense: 128,
+                ..ModelSettings::default()
             };
             let shape = SampleShape {
                 channels: 1,

@@ -56,11 +56,15 @@ pub struct LoopState {
     /// Training seconds of the run and of this epoch so far (throughput figures only).
     pub train_seconds: f64,
     pub epoch_seconds: f64,
-    /// Metrics of the finished epochs.
+    /// Metrics of the finished epochs and of the evaluations inside them, in order.
     pub metrics: Vec<EpochMetrics>,
     /// The loss scaler (checkpoints written before mixed precision have none: no scaling).
     #[serde(default)]
     pub scaler: ScalerState,
+    /// Sum of per-sample training loss since the last evaluation, and its sample count: the
+    /// train loss an evaluation reports.
+    #[serde(default)]
+    pub since_evaluation: (f64, u64),
 }
 
 /// A checkpoint on disk: its state, its settings and the paths of its binary parts.
@@ -309,13 +313,11 @@ pub fn check_position(state: &LoopState, folder: &Path, shape: &RunShape) -> Res
     let step = finished_epochs
         .checked_mul(steps_per_epoch)
         .and_then(|s| s.checked_add(state.groups_done));
-    if step != Some(state.step) || state.metrics.len() as u64 != finished_epochs {
+    let epoch_ends = state.metrics.iter().filter(|m| !m.mid_epoch).count();
+    if step != Some(state.step) || epoch_ends as u64 != finished_epochs {
         return refuse(format!(
             "step {} does not follow from epoch {}, {} steps into it, and {} finished epochs",
-            state.step,
-            state.epoch,
-            state.groups_done,
-            state.metrics.len()
+            state.step, state.epoch, state.groups_done, epoch_ends
         ));
     }
     if state.step > total_steps {
@@ -384,6 +386,7 @@ mod tests {
             epoch_seconds: 1.5,
             metrics: Vec::new(),
             scaler: ScalerState::default(),
+            since_evaluation: (0.25 + step as f64, step),
         }
     }
 
@@ -409,6 +412,7 @@ mod tests {
                 lr: value(),
                 samples_per_second: value(),
                 cpu_utilization: value(),
+                mid_epoch: false,
             })
             .collect();
         let dir = tempfile::tempdir().unwrap();
@@ -488,6 +492,7 @@ mod tests {
             lr: 1e-3,
             samples_per_second: 1.0,
             cpu_utilization: 1.0,
+            mid_epoch: false,
         }
     }
 

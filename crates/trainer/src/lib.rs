@@ -19,6 +19,7 @@ pub mod data;
 mod error;
 pub mod files;
 pub mod kernels;
+pub mod language;
 pub mod lock;
 pub mod model;
 mod optim;
@@ -44,7 +45,8 @@ pub use score::{Score, score};
 pub use settings::{Layers, Precision, Settings};
 pub use summary::{EpochMetrics, StepTime, Summary};
 pub use threads::ThreadPlan;
-pub use train::{Options, Outcome, Trainer, default_run_dir, device, train};
+pub use train::task::{Classification, Task};
+pub use train::{Options, Outcome, Trainer, default_run_dir, device, fit_task, train};
 
 /// Re-exported so that a user's model and this crate use the same burn.
 pub use burn;

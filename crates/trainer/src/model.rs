@@ -180,6 +180,7 @@ impl BuiltinModel {
                 BuiltinModel::Mlp(Mlp::new(shape.len(), &settings.hidden, classes, device))
             }
             ModelKind::Cnn => BuiltinModel::Cnn(Cnn::new(settings, shape, classes, device)?),
+            ModelKind::Gpt => return Err(not_a_classifier()),
         })
     }
 
@@ -208,6 +209,7 @@ impl BuiltinModel {
                 let pooled = first / 4.0 + c2 * size(Cnn::feature_map(settings, shape)?);
                 outputs + first + second + pooled + size(settings.dense)
             }
+            ModelKind::Gpt => return Err(not_a_classifier()),
         })
     }
 
@@ -241,8 +243,15 @@ impl BuiltinModel {
                     + layer(features, dense)
                     + layer(dense, size(classes))
             }
+            ModelKind::Gpt => return Err(not_a_classifier()),
         })
     }
+}
+
+/// A GPT asked for where a classifier is built (validated settings pair it with text data,
+/// which the language-model path trains).
+fn not_a_classifier() -> Error {
+    Error::Model("model.kind = \"gpt\" is a language model, not a classifier".into())
 }
 
 /// Refuses `parameters` whose `values_each` f32 values (weights, and gradients and optimizer
@@ -363,6 +372,7 @@ mod tests {
                 channels: [3, 4],
                 kernel_size: 2,
                 dense: 6,
+                ..ModelSettings::default()
             };
             let counted = BuiltinModel::parameter_count(&settings, shape, 3).unwrap();
             let built = BuiltinModel::new(&settings, shape, 3, &device).unwrap();

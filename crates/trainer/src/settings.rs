@@ -154,6 +154,18 @@ pub struct DataSettings {
     pub train_csv: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_csv: Option<PathBuf>,
+    /// Text: the UTF-8 text the language model trains on (gzip allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_text: Option<PathBuf>,
+    /// Text: a separate validation text, or else `val_fraction`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_text: Option<PathBuf>,
+    /// Text: the fraction at the end of `train_text` that validates instead of training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_fraction: Option<f64>,
+    /// Text: how the text becomes tokens; `"char"`, one token a character, is the only one.
+    #[serde(default, deserialize_with = "named::variant")]
+    pub tokenizer: Tokenizer,
     /// With a single CSV file: the fraction of its rows held out for testing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_fraction: Option<f64>,
@@ -174,6 +186,17 @@ pub struct DataSettings {
 pub enum DataFormat {
     Idx,
     Csv,
+    /// Plain text, for a language model.
+    Text,
+}
+
+/// `data.tokenizer`: how a text becomes token ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tokenizer {
+    /// One token per character of the training text's vocabulary.
+    #[default]
+    Char,
 }
 
 impl fmt::Display for DataFormat {
@@ -181,6 +204,7 @@ impl fmt::Display for DataFormat {
         f.write_str(match self {
             DataFormat::Idx => "idx",
             DataFormat::Csv => "csv",
+            DataFormat::Text => "text",
         })
     }
 }
@@ -203,6 +227,21 @@ pub struct ModelSettings {
     /// CNN: width of the dense layer before the classifier.
     #[serde(default = "defaults::dense", deserialize_with = "whole::number")]
     pub dense: usize,
+    /// GPT: transformer blocks.
+    #[serde(default = "defaults::layers", deserialize_with = "whole::number")]
+    pub layers: usize,
+    /// GPT: attention heads per block; they divide `width`.
+    #[serde(default = "defaults::heads", deserialize_with = "whole::number")]
+    pub heads: usize,
+    /// GPT: the embedding width (the MLP is four times as wide).
+    #[serde(default = "defaults::width", deserialize_with = "whole::number")]
+    pub width: usize,
+    /// GPT: tokens a window holds, the longest prompt the model sees.
+    #[serde(default = "defaults::context", deserialize_with = "whole::number")]
+    pub context: usize,
+    /// GPT: dropout probability (only 0 for now).
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +249,8 @@ pub struct ModelSettings {
 pub enum ModelKind {
     Mlp,
     Cnn,
+    /// A character-level transformer language model (nanoGPT's architecture).
+    Gpt,
 }
 
 impl fmt::Display for ModelKind {
@@ -217,6 +258,7 @@ impl fmt::Display for ModelKind {
         f.write_str(match self {
             ModelKind::Mlp => "mlp",
             ModelKind::Cnn => "cnn",
+            ModelKind::Gpt => "gpt",
         })
     }
 }
@@ -245,6 +287,17 @@ pub struct OptimizerSettings {
     /// Cosine only: steps of linear warm-up before the cosine decay.
     #[serde(default, deserialize_with = "whole::number")]
     pub warmup_steps: u64,
+    /// Cosine only: the rate the decay ends at.
+    #[serde(default)]
+    pub min_lr: f64,
+    /// Adam and AdamW: the decay rates of the first and second moments.
+    #[serde(default = "defaults::beta1")]
+    pub beta1: f64,
+    #[serde(default = "defaults::beta2")]
+    pub beta2: f64,
+    /// Clip the step's gradients to this global norm (all parameters together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_clip: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,6 +376,14 @@ pub struct TrainingSettings {
     /// the result.
     #[serde(default, deserialize_with = "named::variant")]
     pub idle_threads: IdleThreads,
+    /// Score the model every this many steps (besides at each epoch's end): for a language
+    /// model, the train and validation loss.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole::optional"
+    )]
+    pub eval_every: Option<u64>,
 }
 
 /// `training.idle_threads`: what a thread without work does during a step ([`crate::polling`]).
@@ -573,6 +634,24 @@ mod defaults {
     pub fn dense() -> usize {
         128
     }
+    pub fn layers() -> usize {
+        4
+    }
+    pub fn heads() -> usize {
+        4
+    }
+    pub fn width() -> usize {
+        128
+    }
+    pub fn context() -> usize {
+        64
+    }
+    pub fn beta1() -> f64 {
+        0.9
+    }
+    pub fn beta2() -> f64 {
+        0.999
+    }
     pub fn optimizer_kind() -> OptimizerKind {
         OptimizerKind::Adam
     }
@@ -628,6 +707,11 @@ impl Default for ModelSettings {
             channels: defaults::channels(),
             kernel_size: defaults::kernel_size(),
             dense: defaults::dense(),
+            layers: defaults::layers(),
+            heads: defaults::heads(),
+            width: defaults::width(),
+            context: defaults::context(),
+            dropout: 0.0,
         }
     }
 }
@@ -642,6 +726,10 @@ impl Default for OptimizerSettings {
             momentum: defaults::momentum(),
             schedule: defaults::schedule(),
             warmup_steps: 0,
+            min_lr: 0.0,
+            beta1: defaults::beta1(),
+            beta2: defaults::beta2(),
+            grad_clip: None,
         }
     }
 }
@@ -660,6 +748,7 @@ impl Default for TrainingSettings {
             shards: defaults::shards(),
             execution: Execution::Auto,
             idle_threads: IdleThreads::Poll,
+            eval_every: None,
         }
     }
 }
@@ -708,6 +797,16 @@ impl Settings {
             .and_then(|bytes| {
                 String::from_utf8(bytes).map_err(|e| config_error(format!("not UTF-8 text: {e}")))
             })?;
+        Self::parse(&text, path, layers)
+    }
+
+    /// [`Settings::load`] of a config's `text` as if read from `path` (whose folder relative data
+    /// paths are resolved against).
+    pub fn parse(text: &str, path: &Path, layers: &Layers) -> Result<Self> {
+        let config_error = |message: String| Error::Config {
+            path: path.to_path_buf(),
+            message,
+        };
         // The environment, then `--set`: both as overrides, which config-rs applies in order
         // over the file.
         let mut overrides = environment_overrides(layers.environment.as_ref())?;
@@ -715,7 +814,7 @@ impl Settings {
             overrides.push(parse_override(item)?);
         }
         let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(&text, config::FileFormat::Toml));
+            .add_source(config::File::from_str(text, config::FileFormat::Toml));
         for (key, value) in overrides {
             builder = builder
                 .set_override(key.clone(), value)
@@ -771,6 +870,27 @@ impl Settings {
         };
         let mlp = model_kind(ModelKind::Mlp);
         let cnn = model_kind(ModelKind::Cnn);
+        let gpt = model_kind(ModelKind::Gpt);
+        let text = data.format == DataFormat::Text;
+        if text != (model.kind == ModelKind::Gpt) {
+            let (key, message) = match text {
+                true => (
+                    "model.kind",
+                    format!(
+                        "\"{}\" is a classifier: data.format = \"text\" trains model.kind = \"gpt\"",
+                        model.kind
+                    ),
+                ),
+                false => (
+                    "data.format",
+                    format!(
+                        "model.kind = \"gpt\" trains on data.format = \"text\", not \"{}\"",
+                        data.format
+                    ),
+                ),
+            };
+            return Err(Error::setting(key, message));
+        }
         let sgd = Scope {
             holds: optimizer.kind == OptimizerKind::Sgd,
             otherwise: format!(
@@ -813,7 +933,25 @@ impl Settings {
             ),
         };
         let precision = &self.precision;
-        let checks: [(&str, bool, &Scope); 13] = [
+        let checks: [(&str, bool, &Scope); 20] = [
+            ("model.layers", model.layers != default_model.layers, &gpt),
+            ("model.heads", model.heads != default_model.heads, &gpt),
+            ("model.width", model.width != default_model.width, &gpt),
+            (
+                "model.context",
+                model.context != default_model.context,
+                &gpt,
+            ),
+            (
+                "optimizer.beta1",
+                optimizer.beta1 != default_optimizer.beta1,
+                &adam,
+            ),
+            (
+                "optimizer.beta2",
+                optimizer.beta2 != default_optimizer.beta2,
+                &adam,
+            ),
             ("model.hidden", model.hidden != default_model.hidden, &mlp),
             (
                 "model.channels",
@@ -843,6 +981,7 @@ impl Settings {
             ),
             ("data.scale", data.scale != defaults::scale(), &csv),
             ("data.split_seed", data.split_seed != 0, &split),
+            ("optimizer.min_lr", optimizer.min_lr != 0.0, &cosine),
             (
                 "precision.init_scale",
                 precision.init_scale != default_precision.init_scale,
@@ -885,6 +1024,8 @@ impl DataSettings {
             &mut self.test_labels,
             &mut self.train_csv,
             &mut self.test_csv,
+            &mut self.train_text,
+            &mut self.val_text,
         ]
         .into_iter()
         .flatten()
@@ -904,18 +1045,17 @@ impl DataSettings {
         };
         // A key of the other format would be ignored: a test_fraction on IDX files would not
         // split anything. Refuse it rather than train on what the user did not mean.
-        let other = match self.format {
-            DataFormat::Idx => DataFormat::Csv,
-            DataFormat::Csv => DataFormat::Idx,
-        };
-        if let Some((key, _)) = self.file_keys(other).into_iter().find(|(_, set)| *set) {
-            return Err(Error::setting(
-                format!("data.{key}"),
-                format!(
-                    "applies to data.format = \"{}\" only; this config reads \"{}\"",
-                    other, self.format
-                ),
-            ));
+        let formats = [DataFormat::Idx, DataFormat::Csv, DataFormat::Text];
+        for other in formats.into_iter().filter(|&f| f != self.format) {
+            if let Some((key, _)) = self.file_keys(other).into_iter().find(|(_, set)| *set) {
+                return Err(Error::setting(
+                    format!("data.{key}"),
+                    format!(
+                        "applies to data.format = \"{}\" only; this config reads \"{}\"",
+                        other, self.format
+                    ),
+                ));
+            }
         }
         match self.format {
             DataFormat::Idx => {
@@ -950,6 +1090,7 @@ impl DataSettings {
                     _ => {}
                 }
             }
+            DataFormat::Text => self.validate_text()?,
         }
         if !(self.scale.is_finite() && self.scale > 0.0) {
             return Err(Error::setting(
@@ -967,6 +1108,31 @@ impl DataSettings {
         Ok(())
     }
 
+    /// The text keys: a training text, and a validation text or fraction (not both).
+    fn validate_text(&self) -> Result<()> {
+        if self.train_text.is_none() {
+            return Err(Error::setting(
+                "data.train_text",
+                "required when data.format = \"text\"",
+            ));
+        }
+        match (&self.val_text, self.val_fraction) {
+            (Some(_), Some(_)) => Err(Error::setting(
+                "data.val_fraction",
+                "give either data.val_text or data.val_fraction, not both",
+            )),
+            (None, None) => Err(Error::setting(
+                "data.val_text",
+                "required (or data.val_fraction to validate on the end of data.train_text)",
+            )),
+            (None, Some(f)) if !(f > 0.0 && f < 1.0) => Err(Error::setting(
+                "data.val_fraction",
+                format!("must lie strictly between 0 and 1, got {}", number(f)),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The file keys of `format`, each with whether this config sets it.
     fn file_keys(&self, format: DataFormat) -> Vec<(&'static str, bool)> {
         match format {
@@ -980,6 +1146,11 @@ impl DataSettings {
                 ("train_csv", self.train_csv.is_some()),
                 ("test_csv", self.test_csv.is_some()),
                 ("test_fraction", self.test_fraction.is_some()),
+            ],
+            DataFormat::Text => vec![
+                ("train_text", self.train_text.is_some()),
+                ("val_text", self.val_text.is_some()),
+                ("val_fraction", self.val_fraction.is_some()),
             ],
         }
     }
@@ -1004,6 +1175,43 @@ impl ModelSettings {
         }
         if self.dense == 0 {
             return Err(Error::setting("model.dense", "must be positive"));
+        }
+        for (key, value) in [
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("width", self.width),
+            ("context", self.context),
+        ] {
+            if value == 0 {
+                return Err(Error::setting(format!("model.{key}"), "must be positive"));
+            }
+        }
+        if !self.width.is_multiple_of(self.heads) {
+            return Err(Error::setting(
+                "model.heads",
+                format!(
+                    "{} heads do not divide model.width = {}",
+                    self.heads, self.width
+                ),
+            ));
+        }
+        // Tensor sizes follow from these: refuse a model whose sizes no machine holds before
+        // any product of them is taken.
+        if self.width > 1 << 16 || self.context > 1 << 20 || self.layers > 1 << 12 {
+            return Err(Error::setting(
+                "model.width",
+                format!(
+                    "a GPT of width {}, context {} and {} layers is larger than allcores trains \
+                     (at most 65,536 wide, 1,048,576 long, 4,096 layers)",
+                    self.width, self.context, self.layers
+                ),
+            ));
+        }
+        if self.dropout != 0.0 {
+            return Err(Error::setting(
+                "model.dropout",
+                format!("only 0 is supported for now, got {}", number(self.dropout)),
+            ));
         }
         Ok(())
     }
@@ -1039,6 +1247,32 @@ impl OptimizerSettings {
             return Err(Error::setting(
                 "optimizer.epsilon",
                 format!("must be a positive number, got {}", number(self.epsilon)),
+            ));
+        }
+        for (key, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(Error::setting(
+                    format!("optimizer.{key}"),
+                    format!("must lie in [0, 1), got {}", number(beta)),
+                ));
+            }
+        }
+        if !(self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return Err(Error::setting(
+                "optimizer.min_lr",
+                format!(
+                    "must lie between 0 and optimizer.lr ({}), got {}",
+                    number(self.lr),
+                    number(self.min_lr)
+                ),
+            ));
+        }
+        if let Some(clip) = self.grad_clip
+            && !(clip.is_finite() && clip > 0.0)
+        {
+            return Err(Error::setting(
+                "optimizer.grad_clip",
+                format!("must be a positive number, got {}", number(clip)),
             ));
         }
         if !(0.0..1.0).contains(&self.momentum) {
@@ -1152,6 +1386,9 @@ impl TrainingSettings {
         }
         if self.shards == 0 {
             return Err(Error::setting("training.shards", "must be at least 1"));
+        }
+        if self.eval_every == Some(0) {
+            return Err(Error::setting("training.eval_every", "must be at least 1"));
         }
         if self.shards > self.batch_size {
             return Err(Error::setting(
@@ -1686,7 +1923,7 @@ mod tests {
     #[test]
     fn unknown_names_are_refused_with_the_known_ones() {
         for (item, known) in [
-            ("model.kind=rnn", "`mlp` or `cnn`"),
+            ("model.kind=rnn", "`mlp`, `cnn`, `gpt`"),
             ("training.backend=cuda", "`ndarray` or `flex`"),
             ("training.precision=fp8", "`f32`, `f16`, `bf16`"),
             (
@@ -1697,7 +1934,7 @@ mod tests {
             ("optimizer.kind=lbfgs", "`sgd`, `adam`, `adamw`"),
             ("optimizer.schedule=step", "`constant` or `cosine`"),
             ("precision.loss_scaling=maybe", "`auto`, `dynamic`, `off`"),
-            ("data.format=parquet", "`idx` or `csv`"),
+            ("data.format=parquet", "`idx`, `csv`, `text`"),
         ] {
             let text = load(MINIMAL, &[item], &[]).unwrap_err().to_string();
             let (key, name) = item.split_once('=').unwrap();

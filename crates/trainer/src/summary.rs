@@ -21,6 +21,9 @@ pub struct EpochMetrics {
     /// Training throughput over this epoch (scoring excluded).
     pub samples_per_second: f64,
     pub cpu_utilization: f64,
+    /// An evaluation inside the epoch (`training.eval_every`), not the epoch's end.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mid_epoch: bool,
 }
 
 /// The outcome of a run (`summary.json`, and the last stdout line with `--json`).
@@ -43,6 +46,15 @@ pub struct Summary {
     pub checkpoint_seconds: f64,
     /// `samples / train_seconds`.
     pub samples_per_second: f64,
+    /// A language model's figures: the validation loss (mean cross-entropy per token, the same
+    /// as `test_loss`), in bits per character, and the training throughput in tokens (`test_accuracy`
+    /// is then the fraction of next characters predicted right).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits_per_char: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
     pub threads: usize,
     pub threads_available: usize,
     /// How the pieces of a step (micro-batches x shards) ran: "concurrent" or "sequential".

@@ -582,8 +582,10 @@ fn loop_state() -> LoopState {
             lr: 0.001,
             samples_per_second: 1000.0,
             cpu_utilization: 0.9,
+            mid_epoch: false,
         }],
         scaler: ScalerState::default(),
+        since_evaluation: (3.5, 64),
     }
 }
 

@@ -161,6 +161,7 @@ impl Splits {
                 (train, test)
             }
             DataFormat::Csv => load_csv(settings)?,
+            DataFormat::Text => return Err(text_is_no_split(settings)),
         };
         Ok(Splits {
             train,
@@ -174,8 +175,20 @@ impl Splits {
         match settings.format {
             DataFormat::Idx => load_idx(settings, &settings.test_images, &settings.test_labels),
             DataFormat::Csv => Ok(load_csv(settings)?.1),
+            DataFormat::Text => Err(text_is_no_split(settings)),
         }
     }
+}
+
+/// Text is read by [`text::load_text`] for a language model, never as labelled samples.
+fn text_is_no_split(settings: &DataSettings) -> Error {
+    Error::setting(
+        "data.format",
+        format!(
+            "\"{}\" holds a text for a language model (model.kind = \"gpt\"), not labelled samples",
+            settings.format
+        ),
+    )
 }
 
 fn required(path: &Option<PathBuf>) -> &Path {

@@ -62,13 +62,18 @@ pub trait DenseBackend: Backend {
         bias: FloatTensor<Self>,
         relu: bool,
     ) -> FloatTensor<Self>;
+
+    /// `x · weight` for `x: [rows, inputs]` and `weight: [inputs, outputs]` (burn's `Linear`
+    /// layout; a transposed view is read through a copy), without bias.
+    fn matmul(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// The loss of the built-in training loop.
 #[backend_extension(NdArray, Flex, Autodiff)]
 pub trait LossBackend: Backend {
     /// The softmax cross-entropy of f32 `logits: [n, classes]` against the class indices
-    /// `targets: [n]`, summed over the rows and divided by `divisor`: a `[1]` tensor.
+    /// `targets: [n]`, summed over the rows and divided by `divisor`: a `[1]` tensor. Rows whose
+    /// target is negative add nothing and get a zero gradient; with none counted the loss is 0.
     fn cross_entropy(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
@@ -95,8 +100,9 @@ pub trait HostSlices: Backend {
     /// contiguous and its storage shared with no other tensor.
     fn f32_mut(tensor: &mut FloatTensor<Self>) -> Option<&mut [f32]>;
 
-    /// The class indices held by an integer tensor (i64 or i32), in row-major order.
-    fn read_classes(tensor: &IntTensor<Self>) -> Vec<usize>;
+    /// The class indices held by an integer tensor (i64 or i32), in row-major order: `None` for
+    /// a negative one, a row to ignore ([`class_index`]).
+    fn read_classes(tensor: &IntTensor<Self>) -> Vec<Option<usize>>;
 
     /// The elements in row-major order, as f32 (a copy unless they are f32 and contiguous).
     fn read_f32(tensor: &FloatTensor<Self>) -> Cow<'_, [f32]> {
@@ -160,10 +166,13 @@ impl HostSlices for NdArray {
         }
     }
 
-    fn read_classes(tensor: &NdArrayTensor) -> Vec<usize> {
+    fn read_classes(tensor: &NdArrayTensor) -> Vec<Option<usize>> {
         match tensor {
-            NdArrayTensor::I64(storage) => storage.view().iter().map(|&c| c as usize).collect(),
-            NdArrayTensor::I32(storage) => storage.view().iter().map(|&c| c as usize).collect(),
+            NdArrayTensor::I64(storage) => storage.view().iter().map(|&c| class_index(c)).collect(),
+            NdArrayTensor::I32(storage) => {
+                let classes = storage.view();
+                classes.iter().map(|&c| class_index(c.into())).collect()
+            }
             other => not_classes(other.dtype()),
         }
     }
@@ -209,15 +218,15 @@ impl HostSlices for Flex {
         Some(&mut tensor.try_storage_mut::<f32>()?[start..end])
     }
 
-    fn read_classes(tensor: &FlexTensor) -> Vec<usize> {
+    fn read_classes(tensor: &FlexTensor) -> Vec<Option<usize>> {
         let tensor = tensor.to_contiguous();
         let classes = match tensor.dtype() {
             DType::I64 => tensor
                 .as_slice::<i64>()
-                .map(|c| c.iter().map(|&c| c as usize).collect()),
+                .map(|c| c.iter().map(|&c| class_index(c)).collect()),
             DType::I32 => tensor
                 .as_slice::<i32>()
-                .map(|c| c.iter().map(|&c| c as usize).collect()),
+                .map(|c| c.iter().map(|&c| class_index(c.into())).collect()),
             other => not_classes(other),
         };
         classes.expect("a contiguous tensor")
@@ -230,6 +239,13 @@ impl HostSlices for Flex {
             Buffer::Bf16(data) => TensorData::new(data, shape),
         })
     }
+}
+
+/// A target class as an index, or `None` for a negative one: a row the loss ignores (PyTorch's
+/// `ignore_index`), never a huge index. One too large for `usize` stays too large, and the loss
+/// refuses it as it refuses any class past the last.
+fn class_index(class: i64) -> Option<usize> {
+    (class >= 0).then(|| usize::try_from(class).unwrap_or(usize::MAX))
 }
 
 fn not_classes(dtype: DType) -> ! {
@@ -286,6 +302,13 @@ fn linear_forward<B: HostSlices>(
     B::write(y, vec![s.batch, s.outputs])
 }
 
+fn matmul_forward<B: HostSlices>(x: FloatTensor<B>, weight: FloatTensor<B>) -> FloatTensor<B> {
+    let s = linear_shape::<B>(&x, &weight);
+    let (x, weight) = (B::read(&x), B::read(&weight));
+    let y = linear::forward_without_bias(x.values(), weight.values(), s);
+    B::write(y, vec![s.batch, s.outputs])
+}
+
 impl DenseBackend for NdArray {
     fn linear(
         x: NdArrayTensor,
@@ -295,11 +318,19 @@ impl DenseBackend for NdArray {
     ) -> NdArrayTensor {
         linear_forward::<Self>(x, weight, bias, relu)
     }
+
+    fn matmul(x: NdArrayTensor, weight: NdArrayTensor) -> NdArrayTensor {
+        matmul_forward::<Self>(x, weight)
+    }
 }
 
 impl DenseBackend for Flex {
     fn linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, relu: bool) -> FlexTensor {
         linear_forward::<Self>(x, weight, bias, relu)
+    }
+
+    fn matmul(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
+        matmul_forward::<Self>(x, weight)
     }
 }
 
@@ -345,8 +376,37 @@ impl<B: HostSlices> Backward<B, 3> for LinearBackward {
         if let Some(node) = node_weight {
             grads.register::<B>(node.id, B::write(dw, vec![s.inputs, s.outputs]));
         }
-        if let Some(node) = node_bias {
+        if let (Some(node), Some(db)) = (node_bias, db) {
             grads.register::<B>(node.id, B::write(db, vec![s.outputs]));
+        }
+    }
+}
+
+/// Backward step of [`DenseBackend::matmul`]; the state is the forward pass's two factors.
+#[derive(Debug)]
+struct MatmulBackward;
+
+impl<B: HostSlices> Backward<B, 2> for MatmulBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_weight] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight) = ops.state;
+        let s = linear_shape::<B>(&x, &weight);
+        let (x, weight, grad) = (B::read(&x), B::read(&weight), B::read(&grad));
+        let g = linear::backward_without_bias(
+            x.values(),
+            weight.values(),
+            grad.values(),
+            s,
+            node_x.is_some(),
+        );
+        if let (Some(node), Some(dx)) = (node_x, g.x) {
+            grads.register::<B>(node.id, B::write(dx, vec![s.batch, s.inputs]));
+        }
+        if let Some(node) = node_weight {
+            grads.register::<B>(node.id, B::write(g.weight, vec![s.inputs, s.outputs]));
         }
     }
 }
@@ -361,6 +421,22 @@ impl<B: DenseBackend + HostSlices, C: CheckpointStrategy> DenseBackend for Autod
         keep_for_backward::<B, C, _>(LinearBackward, [x, weight, bias], relu, |[x, w, b]| {
             <B as DenseBackend>::linear(x, w, b, relu)
         })
+    }
+
+    fn matmul(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (x, x_node) = x.into_parts();
+        let (weight, weight_node) = weight.into_parts();
+        match MatmulBackward
+            .prepare::<C>([x_node, weight_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = <B as DenseBackend>::matmul(x.clone(), weight.clone());
+                prep.finish((x, weight), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<B as DenseBackend>::matmul(x, weight)),
+        }
     }
 }
 
@@ -618,7 +694,7 @@ impl<B: CnnBackend + HostSlices, C: CheckpointStrategy> CnnBackend for Autodiff<
 /// The loss of [`LossBackend::cross_entropy`] and the softmax its backward pass needs.
 fn cross_entropy_forward<B: HostSlices>(
     logits: &FloatTensor<B>,
-    targets: &[usize],
+    targets: &[Option<usize>],
     divisor: f32,
 ) -> loss::CrossEntropy {
     let [rows, classes] = dims2(logits);
@@ -652,8 +728,8 @@ impl LossBackend for Flex {
 #[derive(Debug)]
 struct CrossEntropyBackward;
 
-/// The forward pass's softmax `[rows, classes]`, the targets and the divisor.
-type CrossEntropyState = (Arc<Vec<f32>>, Arc<Vec<usize>>, [usize; 2], f32);
+/// The forward pass's softmax `[rows, classes]`, the targets (`None`: ignored) and the divisor.
+type CrossEntropyState = (Arc<Vec<f32>>, Arc<Vec<Option<usize>>>, [usize; 2], f32);
 
 impl<B: HostSlices> Backward<B, 1> for CrossEntropyBackward {
     type State = CrossEntropyState;

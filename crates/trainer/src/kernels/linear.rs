@@ -58,7 +58,8 @@ pub struct LinearGrads {
     /// `None` when the input gradient was not asked for.
     pub x: Option<Buffer>,
     pub weight: Buffer,
-    pub bias: Buffer,
+    /// `None` for a product without bias ([`backward_without_bias`]).
+    pub bias: Option<Buffer>,
 }
 
 /// `y = x · weight + bias`, then `max(y, 0)` when `relu`: `[batch, outputs]`, in the format of
@@ -70,9 +71,29 @@ pub fn forward<'a>(
     s: LinearShape,
     relu: bool,
 ) -> Buffer {
-    let (x, weight, bias) = (x.into(), weight.into(), bias.into().to_f32());
-    s.check(x, weight);
+    let bias = bias.into().to_f32();
     assert_eq!(bias.len(), s.outputs, "linear: bias size");
+    product(x.into(), weight.into(), Some(&bias), s, relu)
+}
+
+/// `y = x · weight` (no bias, no ReLU): `[batch, outputs]`, in the format of `x`.
+pub fn forward_without_bias<'a>(
+    x: impl Into<Values<'a>>,
+    weight: impl Into<Values<'a>>,
+    s: LinearShape,
+) -> Buffer {
+    product(x.into(), weight.into(), None, s, false)
+}
+
+/// `x · weight (+ bias)`, then the ReLU when `relu`.
+fn product(
+    x: Values<'_>,
+    weight: Values<'_>,
+    bias: Option<&[f32]>,
+    s: LinearShape,
+    relu: bool,
+) -> Buffer {
+    s.check(x, weight);
     let format = x.format();
     let (x, weight) = (Held::operand(x), Held::operand(weight));
     let (x, weight) = (
@@ -81,8 +102,13 @@ pub fn forward<'a>(
     );
     for_each_tile(format, (s.batch, s.outputs), TILE, Some(s.inputs), |tile| {
         // Bias first, then the product on top of it, then the ReLU while the tile is in cache.
-        tile.fill_rows(&bias);
-        tile.matmul(x, weight, s.inputs, true);
+        match bias {
+            Some(bias) => {
+                tile.fill_rows(bias);
+                tile.matmul(x, weight, s.inputs, true);
+            }
+            None => tile.matmul(x, weight, s.inputs, false),
+        }
         if relu {
             tile.for_each_row(|_, row| relu_in_place(row));
         }
@@ -102,6 +128,32 @@ pub fn backward<'a>(
     input_grad: bool,
 ) -> LinearGrads {
     let (x, weight, dy) = (x.into(), weight.into(), dy.into());
+    gradients(x, weight, dy, relu_output, s, input_grad, true)
+}
+
+/// The gradients of [`forward_without_bias`] given the gradient `dy` of its output (no bias
+/// gradient). The input gradient is computed only when `input_grad` is set.
+pub fn backward_without_bias<'a>(
+    x: impl Into<Values<'a>>,
+    weight: impl Into<Values<'a>>,
+    dy: impl Into<Values<'a>>,
+    s: LinearShape,
+    input_grad: bool,
+) -> LinearGrads {
+    let (x, weight, dy) = (x.into(), weight.into(), dy.into());
+    gradients(x, weight, dy, None, s, input_grad, false)
+}
+
+/// [`backward`], with the bias gradient only when `bias_grad` is set.
+fn gradients(
+    x: Values<'_>,
+    weight: Values<'_>,
+    dy: Values<'_>,
+    relu_output: Option<Values<'_>>,
+    s: LinearShape,
+    input_grad: bool,
+    bias_grad: bool,
+) -> LinearGrads {
     s.check(x, weight);
     assert_eq!(
         dy.len(),
@@ -147,7 +199,8 @@ pub fn backward<'a>(
             })
         })
     };
-    let bias_grad = || Buffer::from_f32(column_sums(g, s.batch, s.outputs), param_format);
+    let bias_grad =
+        || bias_grad.then(|| Buffer::from_f32(column_sums(g, s.batch, s.outputs), param_format));
     // The three gradients depend on `g` only: one parallel region rather than three, so that a
     // thread done with its share of one product takes tiles of the next instead of waiting for
     // the slowest tile of each. Scheduling only: every tile computes what it did alone.
@@ -366,7 +419,7 @@ mod tests {
             let want = backward(&x32, &w32, &dy32, Some(Values::from(&y32)), s, true);
             assert_eq!(grads.x, want.x.map(rounded));
             assert_eq!(grads.weight, rounded(want.weight));
-            assert_eq!(grads.bias, rounded(want.bias));
+            assert_eq!(grads.bias, want.bias.map(rounded));
         }
     }
 
@@ -483,7 +536,11 @@ mod tests {
                     .collect();
                 assert_close(&grads.x.clone().unwrap().into_f32(), &dx, "input gradient");
                 assert_close(&grads.weight.clone().into_f32(), &dw, "weight gradient");
-                assert_close(&grads.bias.clone().into_f32(), &db, "bias gradient");
+                assert_close(
+                    &grads.bias.clone().unwrap().into_f32(),
+                    &db,
+                    "bias gradient",
+                );
                 let no_x = backward(&x, &w, &dy, relu.then_some(Values::from(&y)), s, false);
                 assert!(no_x.x.is_none());
                 assert_eq!(no_x.weight, grads.weight);

@@ -19,8 +19,12 @@
 
 mod conv;
 pub(crate) mod convert;
+mod embedding;
 pub mod extension;
 mod fused;
+mod gelu;
+pub mod gpt_ops;
+mod layer_norm;
 mod linear;
 mod loss;
 mod matmul;
@@ -30,7 +34,6 @@ pub(crate) mod values;
 use std::mem::MaybeUninit;
 
 use burn::backend::Dispatch;
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
 use burn::tensor::DType;
 
@@ -198,8 +201,11 @@ pub fn linear(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>, relu: bool) -> T
 
 /// The softmax cross-entropy of `logits: [n, classes]` against the class indices `targets: [n]`,
 /// summed over the rows and divided by `divisor` (`n` gives burn's `CrossEntropyLoss`, the
-/// mean): a `[1]` tensor. One operation, forward and backward, on f32 logits where the kernels
-/// run ([`supported`]); burn's loss, scaled to the same, elsewhere.
+/// mean): a `[1]` tensor. A row whose target is negative (PyTorch's `ignore_index`: -1, -100)
+/// adds nothing and gets a zero gradient; `divisor` then counts the other rows
+/// ([`counted_targets`]), and with none counted the loss is 0. One operation, forward and
+/// backward, on f32 logits where the kernels run ([`supported`]); burn's operations, to the same
+/// effect, elsewhere.
 ///
 /// # Panics
 /// When `targets` is not one class a row, or a target is not below `classes`.
@@ -207,10 +213,7 @@ pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, divisor: f32) -
     let [rows, _] = logits.dims();
     assert_eq!(targets.dims(), [rows], "cross-entropy: one target a row");
     if logits.dtype() != DType::F32 || !supported(&logits.device(), DType::F32) {
-        let mean = CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits, targets);
-        return mean.mul_scalar(rows as f32 / divisor);
+        return cross_entropy_with_burn_ops(logits, targets, divisor);
     }
     Tensor::from_dispatch(<Dispatch as LossBackend>::cross_entropy(
         logits.into_dispatch(),
@@ -223,6 +226,138 @@ pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, divisor: f32) -
 /// `MaxPool2d`). On ties the gradient goes to the first maximum of the window in row-major order.
 pub fn max_pool2x2(x: Tensor<4>) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as CnnBackend>::max_pool2x2(x.into_dispatch()))
+}
+
+/// `x · weight` for `x: [rows, inputs]` and `weight: [inputs, outputs]` (burn's `Linear`
+/// layout), without bias: `[rows, outputs]`. The dense layer's tiled GEMMs, so the weight
+/// gradient's sums over the rows do not depend on the thread count. `weight` may be a transposed
+/// view (tied embeddings: `matmul(h, wte.transpose())`); it is then read through a copy.
+///
+/// # Panics
+/// On shapes that do not fit, on tensors the kernels do not run on ([`supported`]).
+pub fn matmul(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+    let [_, inputs] = x.dims();
+    let [w_in, _] = weight.dims();
+    assert_eq!(
+        w_in,
+        inputs,
+        "matmul: weight {:?} for {inputs} inputs",
+        weight.dims()
+    );
+    Tensor::from_dispatch(<Dispatch as DenseBackend>::matmul(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+    ))
+}
+
+/// LayerNorm of each row of `x: [rows, width]` with `gain: [width]` and no bias term: eps 1e-5,
+/// biased variance, as PyTorch's `nn.LayerNorm(width, bias=False)`. The gain's gradient is
+/// summed over fixed chunks of rows, then chunk by chunk in order.
+///
+/// # Panics
+/// When `gain` is not `width` long or `width` is 0, on tensors the kernels do not run on.
+pub fn layer_norm(x: Tensor<2>, gain: Tensor<1>) -> Tensor<2> {
+    let [_, width] = x.dims();
+    assert!(width > 0, "layer_norm: rows of width 0");
+    assert_eq!(
+        gain.dims(),
+        [width],
+        "layer_norm: gain for rows of width {width}"
+    );
+    Tensor::from_dispatch(<Dispatch as gpt_ops::GptOpsBackend>::layer_norm(
+        x.into_dispatch(),
+        gain.into_dispatch(),
+    ))
+}
+
+/// The exact GELU, `x · (1 + erf(x / √2)) / 2` (PyTorch's default `F.gelu`, not the tanh
+/// approximation), element by element, with its exact derivative in the backward pass.
+///
+/// # Panics
+/// On tensors the kernels do not run on ([`supported`]).
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as gpt_ops::GptOpsBackend>::gelu(
+        x.into_dispatch(),
+    ))
+}
+
+/// Token plus position embedding: `out[b, t, :] = wte[tokens[b, t], :] + wpe[t, :]` for
+/// `tokens: [batch, time]` (ids below `vocab`), `wte: [vocab, width]` and
+/// `wpe: [context, width]` with `time <= context`: `[batch, time, width]`. The gradients of
+/// `wte` (a scatter-add over the tokens) and `wpe` (a sum over the batch) are summed in position
+/// order; `tokens` gets none.
+///
+/// # Panics
+/// On shapes that do not fit, on a token id not below `vocab`, on tensors the kernels do not
+/// run on.
+pub fn embed(tokens: Tensor<2, Int>, wte: Tensor<2>, wpe: Tensor<2>) -> Tensor<3> {
+    let [_, time] = tokens.dims();
+    let [_, width] = wte.dims();
+    let [context, wpe_width] = wpe.dims();
+    assert_eq!(
+        wpe_width,
+        width,
+        "embed: wpe {:?} for wte rows of width {width}",
+        wpe.dims()
+    );
+    assert!(
+        time <= context,
+        "embed: {time} positions for a context of {context}"
+    );
+    Tensor::from_dispatch(<Dispatch as gpt_ops::GptOpsBackend>::embed(
+        tokens.into_dispatch(),
+        wte.into_dispatch(),
+        wpe.into_dispatch(),
+    ))
+}
+
+mod attention;
+pub mod attention_ops;
+
+/// Causal multi-head self-attention (nanoGPT's, PyTorch's `scaled_dot_product_attention` with
+/// `is_causal`) of `qkv: [batch, time, 3 * width]`, the query, key and value projections side by
+/// side, each cut into `heads` heads of `width / heads` columns: for every sample and head,
+/// `softmax(q kᵀ / sqrt(width / heads))` over the keys up to the query's own position, times the
+/// values; the heads side by side again: `[batch, time, width]`. One operation, forward and
+/// backward.
+///
+/// # Panics
+/// When the last dimension is not `3 * width` with `width` a multiple of `heads`, on tensors that
+/// are not f32 (f16 and bf16 too on flex), on a device other than ndarray/flex.
+pub fn causal_attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
+    // Refuses columns that are not q, k and v of `heads` equal heads.
+    attention::AttentionShape::of_qkv(qkv.dims(), heads);
+    Tensor::from_dispatch(
+        <Dispatch as attention_ops::AttentionBackend>::causal_attention(qkv.into_dispatch(), heads),
+    )
+}
+
+/// The rows [`cross_entropy`] counts among these targets: the non-negative ones.
+pub fn counted_targets(targets: &[i64]) -> usize {
+    targets.iter().filter(|&&t| t >= 0).count()
+}
+
+/// [`cross_entropy`] in burn's operations, for the logits its kernel does not take.
+fn cross_entropy_with_burn_ops(
+    logits: Tensor<2>,
+    targets: Tensor<1, Int>,
+    divisor: f32,
+) -> Tensor<1> {
+    let [rows, _] = logits.dims();
+    let ignored = targets.clone().lower_elem(0);
+    // An ignored row gathers class 0, then its loss is replaced by 0: replaced, not multiplied,
+    // so that a NaN among its logits does not reach the loss.
+    let classes = targets.clamp_min(0).reshape([rows, 1]);
+    let picked = burn::tensor::activation::log_softmax(logits, 1)
+        .gather(1, classes)
+        .reshape([rows]);
+    let sum = picked.mask_fill(ignored, 0.0).sum().neg();
+    // The divisor is 0 when no row counts: the sum, 0, is then the loss, as in the kernel.
+    if divisor == 0.0 {
+        sum
+    } else {
+        sum.div_scalar(divisor)
+    }
 }
 
 /// Deterministic values in [-1, 1] for the kernels' tests (xorshift: no generator shared with

@@ -80,7 +80,9 @@ enum VariantCoefficients {
 }
 
 impl FusedAdam {
-    fn coefficients(&self, time: usize, lr: LearningRate) -> AdamCoefficients {
+    /// `matrix`: whether the parameter is a matrix (or larger). AdamW decays matrices only, as
+    /// nanoGPT and the GPT-2 recipe do: never a bias or a LayerNorm gain.
+    fn coefficients(&self, time: usize, lr: LearningRate, matrix: bool) -> AdamCoefficients {
         let time = time as i32;
         let (bias_1, bias_2) = (1.0 - self.beta_1.powi(time), 1.0 - self.beta_2.powi(time));
         let variant = match self.variant {
@@ -90,7 +92,7 @@ impl FusedAdam {
                 penalty,
             },
             AdamVariant::AdamW { decay } => {
-                let decay_rate = lr * decay as f64;
+                let decay_rate = if matrix { lr * decay as f64 } else { 0.0 };
                 VariantCoefficients::AdamW {
                     correction_1: bias_1,
                     correction_2: bias_2,
@@ -163,7 +165,7 @@ impl Optimizer for FusedAdam {
             // parameter, whatever the gradient's format.
             None => (1, tensor.zeros_like(), tensor.zeros_like()),
         };
-        let c = self.coefficients(time, lr);
+        let c = self.coefficients(time, lr, D >= 2);
         let (tensor, moment_1, moment_2) = <Dispatch as FusedBackend>::adam_update(
             tensor.into_dispatch(),
             grad.into_dispatch(),
@@ -288,8 +290,9 @@ mod tests {
             AdamVariant::Adam {
                 penalty: Some(0.05),
             },
+            // With a decay, burn's AdamW also decays biases, which ours leaves alone (the next
+            // test): the bits are compared without one.
             AdamVariant::AdamW { decay: 0.0 },
-            AdamVariant::AdamW { decay: 0.5 },
         ];
         for device in [Device::ndarray().autodiff(), Device::flex().autodiff()] {
             let mut outcomes = Vec::new();
@@ -310,6 +313,25 @@ mod tests {
             }
             distinct_and_trained(outcomes, &device);
         }
+    }
+
+    /// AdamW's decoupled decay shrinks matrices by `1 - lr * decay` and leaves vectors (biases,
+    /// LayerNorm gains) alone.
+    #[test]
+    fn adamw_decays_matrices_only() {
+        let adam = FusedAdam {
+            beta_1: 0.9,
+            beta_2: 0.99,
+            epsilon: 1e-8,
+            variant: AdamVariant::AdamW { decay: 0.5 },
+            reading: SharedReading::default(),
+        };
+        let keep = |matrix| match adam.coefficients(1, 0.1, matrix).variant {
+            VariantCoefficients::AdamW { keep, .. } => keep,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(keep(true), (1.0 - 0.1 * 0.5f64) as f32);
+        assert_eq!(keep(false), 1.0);
     }
 
     /// The fused state records what burn's derive records for the same [`AdamState`] (and
@@ -391,7 +413,7 @@ mod tests {
                     (false, _) => 0.0,
                 })
                 .collect();
-            let c = adam.coefficients(time, 1e-3);
+            let c = adam.coefficients(time, 1e-3, true);
             let [p, m1, m2] = &mut flushed_run;
             flushed(&c, [p, m1, m2], &g);
             let [p, m1, m2] = &mut ieee;

@@ -48,8 +48,8 @@ pub fn optimizer(settings: &OptimizerSettings) -> Optimizer {
     let reading = SharedReading::default();
     let adam = |variant| {
         ModuleOptimizer::from(FusedAdam {
-            beta_1: 0.9,
-            beta_2: 0.999,
+            beta_1: settings.beta1 as f32,
+            beta_2: settings.beta2 as f32,
             epsilon: settings.epsilon as f32,
             variant,
             reading: reading.clone(),
@@ -73,16 +73,16 @@ pub fn optimizer(settings: &OptimizerSettings) -> Optimizer {
 /// The learning-rate schedule over `total_steps` optimizer steps.
 ///
 /// `cosine`: `warmup_steps` steps of linear warm-up from near zero, then a cosine decay from
-/// `lr` (reached at step `warmup_steps + 1`) to zero at `total_steps`.
+/// `lr` (reached at step `warmup_steps + 1`) to `min_lr` at `total_steps`.
 pub fn schedule(settings: &OptimizerSettings, total_steps: u64) -> Result<ModuleLrScheduler> {
     let lr = settings.lr;
     let warmup = settings.warmup_steps as usize;
     let total = total_steps as usize;
     let scheduler = match settings.schedule {
         Schedule::Constant => Ok(ModuleLrScheduler::from(lr)),
-        Schedule::Cosine if warmup == 0 => {
-            CosineAnnealingLrSchedulerConfig::new(lr, total.max(1)).init()
-        }
+        Schedule::Cosine if warmup == 0 => CosineAnnealingLrSchedulerConfig::new(lr, total.max(1))
+            .with_min_lr(settings.min_lr)
+            .init(),
         Schedule::Cosine => {
             if warmup >= total {
                 return Err(Error::setting(
@@ -93,10 +93,10 @@ pub fn schedule(settings: &OptimizerSettings, total_steps: u64) -> Result<Module
             SequentialLrSchedulerConfig::new(
                 vec![
                     LrSchedulerConfig::Linear(LinearLrSchedulerConfig::new(lr * 1e-6, lr, warmup)),
-                    LrSchedulerConfig::Cosine(CosineAnnealingLrSchedulerConfig::new(
-                        lr,
-                        total - warmup,
-                    )),
+                    LrSchedulerConfig::Cosine(
+                        CosineAnnealingLrSchedulerConfig::new(lr, total - warmup)
+                            .with_min_lr(settings.min_lr),
+                    ),
                 ],
                 vec![warmup],
             )

@@ -169,6 +169,19 @@ impl Compute {
         }
     }
 
+    /// Runs `forward`, a forward pass of a working copy whose inputs need no conversion (token
+    /// ids), in this precision: emulated half precision rounds where the model calls
+    /// [`round_activations`]; native half precision is in the working copy's tensors already.
+    pub fn forward_with<R>(&self, forward: impl FnOnce() -> R) -> R {
+        match (self.half, self.mode) {
+            (Some(format), PrecisionMode::Emulated) => {
+                let _scope = EmulationScope::enter(format);
+                forward()
+            }
+            _ => forward(),
+        }
+    }
+
     /// The gradients of the working copy as gradients of the master for the optimizer (`master`
     /// names the parameters), whether all of them are finite (checked only with a loss `scale`:
     /// `true` without), and what the optimizer is still to do to them as it reads them.
