@@ -5,55 +5,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
-/// A text of seeded random words over a small alphabet, with line breaks: enough structure
-/// for a GPT to learn something in a few steps.
-fn random_text(chars: usize, seed: u64) -> String {
-    const WORDS: [&str; 12] = [
-        "the", "king", "queen", "speaks", "to", "a", "fool", "and", "his", "crown", "falls", "thee",
-    ];
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut text = String::new();
-    while text.len() < chars {
-        text.push_str(WORDS[rng.random_range(0..WORDS.len())]);
-        text.push(if rng.random_range(0..8) == 0 {
-            '\n'
-        } else {
-            ' '
-        });
-    }
-    text
-}
-
-/// A tiny GPT config on a random text in `dir` (the last 20% validating).
-fn config(dir: &Path) -> PathBuf {
-    let text = write(dir, "text.txt", random_text(6_000, 1));
-    write(
-        dir,
-        "gpt.toml",
-        format!(
-            "[data]\nformat = \"text\"\ntrain_text = \"{}\"\nval_fraction = 0.2\n\n\
-             [model]\nkind = \"gpt\"\nlayers = 2\nheads = 2\nwidth = 16\ncontext = 16\n\n\
-             [optimizer]\nkind = \"adamw\"\nlr = 3e-3\nbeta2 = 0.99\nweight_decay = 0.1\n\
-             schedule = \"cosine\"\nwarmup_steps = 2\nmin_lr = 3e-4\ngrad_clip = 1.0\n\n\
-             [training]\nmax_steps = 12\nbatch_size = 4\neval_every = 4\nseed = 7\nthreads = 1\n",
-            text.display()
-        ),
-    )
-}
 
 /// Every execution path gives the same weights at 1 and 2 threads, and the paths differ from
 /// one another (each changes the arithmetic: the test would see a path that ignored its key).
 #[test]
 fn the_same_weights_at_one_and_two_threads_on_every_path() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path());
+    let config = gpt_config(dir.path());
     let paths: [&[&str]; 5] = [
         &[],
         &["training.accumulation_steps=4", "training.batch_size=1"],
@@ -88,7 +50,7 @@ fn the_same_weights_at_one_and_two_threads_on_every_path() {
 #[test]
 fn a_killed_run_resumes_to_the_uninterrupted_runs_weights() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path());
+    let config = gpt_config(dir.path());
     let sets = ["training.max_steps=400", "checkpoint.every_steps=5"];
     let whole = train_json(&config, &dir.path().join("whole"), &sets);
     let run = dir.path().join("killed");
@@ -133,7 +95,7 @@ fn a_killed_run_resumes_to_the_uninterrupted_runs_weights() {
 #[test]
 fn sample_and_eval_use_the_runs_model_and_vocabulary() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path());
+    let config = gpt_config(dir.path());
     let run = dir.path().join("run");
     let summary = train_json(&config, &run, &[]);
     let run_arg = run.to_str().unwrap();
@@ -176,7 +138,7 @@ fn sample_and_eval_use_the_runs_model_and_vocabulary() {
 #[test]
 fn bad_input_is_refused_with_one_line_and_no_run_folder() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path());
+    let config = gpt_config(dir.path());
     let empty = write(dir.path(), "empty.txt", "");
     let short = write(dir.path(), "short.txt", "abc");
     let mut invalid = random_text(100, 2).into_bytes();

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -230,4 +233,41 @@ pub fn snapshot(folder: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     }
     files.sort();
     files
+}
+
+/// A text of seeded random words over a small alphabet, with line breaks: enough structure
+/// for a GPT to learn something in a few steps.
+pub fn random_text(chars: usize, seed: u64) -> String {
+    const WORDS: [&str; 12] = [
+        "the", "king", "queen", "speaks", "to", "a", "fool", "and", "his", "crown", "falls", "thee",
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut text = String::new();
+    while text.len() < chars {
+        text.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+        text.push(if rng.random_range(0..8) == 0 {
+            '\n'
+        } else {
+            ' '
+        });
+    }
+    text
+}
+
+/// A tiny GPT config (2 layers, width 16, context 16, 12 steps) on a random text in `dir`, the
+/// last 20% validating: a run takes well under a second.
+pub fn gpt_config(dir: &Path) -> PathBuf {
+    let text = write(dir, "text.txt", random_text(6_000, 1));
+    write(
+        dir,
+        "gpt.toml",
+        format!(
+            "[data]\nformat = \"text\"\ntrain_text = \"{}\"\nval_fraction = 0.2\n\n\
+             [model]\nkind = \"gpt\"\nlayers = 2\nheads = 2\nwidth = 16\ncontext = 16\n\n\
+             [optimizer]\nkind = \"adamw\"\nlr = 3e-3\nbeta2 = 0.99\nweight_decay = 0.1\n\
+             schedule = \"cosine\"\nwarmup_steps = 2\nmin_lr = 3e-4\ngrad_clip = 1.0\n\n\
+             [training]\nmax_steps = 12\nbatch_size = 4\neval_every = 4\nseed = 7\nthreads = 1\n",
+            text.display()
+        ),
+    )
 }

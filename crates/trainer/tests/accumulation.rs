@@ -1,6 +1,10 @@
 //! Gradient accumulation is the large batch: one step of k micro-batches moves the weights as
 //! one step of a single batch of all their samples, a short last micro-batch included.
 
+mod common;
+
+use common::{largest_relative_difference, updates};
+
 use allcores_trainer::weights::parameters;
 use allcores_trainer::{Dataset, Options, SampleShape, Settings, Splits, Trainer};
 use rand::{Rng, SeedableRng};
@@ -37,22 +41,6 @@ fn one_step(settings: Settings, data: &Splits) -> Vec<Vec<f32>> {
     parameters(&trainer.fit_builtin().expect("trains").model)
 }
 
-/// The largest, over parameters, of max|a - b| / max|a|: the difference relative to each
-/// parameter's own scale.
-fn largest_relative_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(a, b)| {
-            let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let diff = a
-                .iter()
-                .zip(b)
-                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-            diff / scale
-        })
-        .fold(0.0, f32::max)
-}
-
 fn check(model: &str, shape: SampleShape, backend: &str) {
     // 64 samples: 16 x 4 divides evenly. 60 samples: micro-batches of 16, 16, 16 and 12.
     for samples in [64, 60] {
@@ -75,14 +63,8 @@ fn check(model: &str, shape: SampleShape, backend: &str) {
             "{model} {backend} {samples}: {difference}"
         );
         // Stronger: the updates themselves agree, relative to their own size...
-        let update = |after: &[Vec<f32>]| -> Vec<Vec<f32>> {
-            after
-                .iter()
-                .zip(&before)
-                .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x - y).collect())
-                .collect()
-        };
-        let update_difference = largest_relative_difference(&update(&large), &update(&accumulated));
+        let update_difference =
+            largest_relative_difference(&updates(&large, &before), &updates(&accumulated, &before));
         assert!(
             update_difference <= 1e-4,
             "{model} {backend} {samples}: {update_difference}"

@@ -5,6 +5,10 @@
 //! micro-batches hold different numbers of target tokens (masked targets); the mean of means
 //! does not.
 
+mod common;
+
+use common::{largest_relative_difference, updates};
+
 use allcores_trainer::burn::prelude::*;
 use allcores_trainer::data::text::{TextSplits, TokenText, Vocabulary};
 use allcores_trainer::language::{Gpt, NextToken};
@@ -116,29 +120,6 @@ fn one_step(settings: Settings, task: &impl Task<Model = Gpt>) -> Vec<Vec<f32>> 
     })
     .expect("trains");
     parameters(&outcome.model)
-}
-
-/// The largest, over parameters, of max|a - b| / max|a|.
-fn largest_relative_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(a, b)| {
-            let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let diff = a
-                .iter()
-                .zip(b)
-                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-            if scale == 0.0 { diff } else { diff / scale }
-        })
-        .fold(0.0, f32::max)
-}
-
-fn updates(after: &[Vec<f32>], before: &[Vec<f32>]) -> Vec<Vec<f32>> {
-    after
-        .iter()
-        .zip(before)
-        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x - y).collect())
-        .collect()
 }
 
 fn update_difference(mask: bool, mean: Mean) -> f32 {

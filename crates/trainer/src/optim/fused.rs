@@ -15,7 +15,7 @@
 //! would stay subnormal a while; a parameter's own bits differ only where its update is smaller
 //! than 1e-30 and the parameter itself smaller than that update's precision. An L2 penalty is
 //! the exception: it pulls the weights themselves into the subnormal range, and those then
-//! differ from burn's (README, "The optimizer step", has the figures).
+//! differ from burn's (docs/guide.md, "The optimizer step", has the figures).
 #![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
 
 use std::sync::{Arc, Mutex, PoisonError};
