@@ -17,7 +17,16 @@ pub const OWNER_FILE: &str = ".owner";
 /// The exclusive lock on a folder, held until it is dropped.
 #[derive(Debug)]
 pub struct FolderLock {
-    _folder: File,
+    folder: File,
+}
+
+impl Drop for FolderLock {
+    /// Unlocks before the file closes: a child process forked by another thread shares the open
+    /// file (until it runs its program, which closes it), and closing this copy alone would
+    /// leave the folder locked for that moment; unlocking releases it for every copy.
+    fn drop(&mut self) {
+        let _ = self.folder.unlock();
+    }
 }
 
 impl FolderLock {
@@ -31,7 +40,7 @@ impl FolderLock {
         let folder =
             File::open(path).map_err(|e| refuse(format!("cannot open the folder: {e}")))?;
         match folder.try_lock() {
-            Ok(()) => Ok(Self { _folder: folder }),
+            Ok(()) => Ok(Self { folder }),
             Err(fs::TryLockError::WouldBlock) => Err(refuse(format!(
                 "is in use by another allcores process{}: wait for it to end, or choose another \
                  folder",
