@@ -27,6 +27,9 @@ pub struct Evaluation {
     pub per_class_accuracy: Vec<Option<f64>>,
     /// `confusion[label][prediction]`.
     pub confusion: Vec<Vec<u64>>,
+    /// Each class's name: its label as the data writes it (`"0"`... for numbered classes).
+    #[serde(default)]
+    pub class_names: Vec<String>,
     pub weights_sha256: String,
 }
 
@@ -161,12 +164,24 @@ fn evaluate_text_run(run: &RunDir, settings: &Settings) -> Result<TextEvaluation
 }
 
 fn evaluate_classifier_run(run: &RunDir, settings: &Settings) -> Result<Evaluation, EvalError> {
-    let test = Splits::load_test(&settings.data)?;
+    // A CSV run reads its test rows with the columns, classes and statistics of its training.
+    let (test, class_names) = match run.table()? {
+        Some(table) => (
+            Splits::load_test_with(&settings.data, &table)?,
+            table.classes.names(),
+        ),
+        None => (
+            Splits::load_test(&settings.data)?,
+            (0..settings.data.numeric_classes())
+                .map(|c| c.to_string())
+                .collect(),
+        ),
+    };
     let plan = ThreadPlan::new(settings.training.threads);
     let pool = plan.install()?;
     pool.install(|| {
         let device = allcores_trainer::device(settings.training.backend).inner();
-        let classes = settings.data.classes;
+        let classes = class_names.len();
         let model = BuiltinModel::new(&settings.model, test.shape(), classes, &device)?;
         let model = weights::load(model, &run.weights_path())?;
         let weights_sha256 = weights_sha256(&model);
@@ -185,6 +200,7 @@ fn evaluate_classifier_run(run: &RunDir, settings: &Settings) -> Result<Evaluati
             samples: scored.samples,
             per_class_accuracy: scored.per_class_accuracy(),
             confusion: scored.confusion,
+            class_names,
             weights_sha256,
         })
     })
@@ -193,7 +209,7 @@ fn evaluate_classifier_run(run: &RunDir, settings: &Settings) -> Result<Evaluati
 /// Refuses weights that are not those the run trained: the run's summary records their hash,
 /// and a `model.safetensors` changed or replaced since would be scored as the run's without a
 /// word. A folder without a summary (written by hand, or by an earlier build) is scored as is.
-fn check_weights_are_the_runs(run: &RunDir, hash: &str) -> Result<(), EvalError> {
+pub(crate) fn check_weights_are_the_runs(run: &RunDir, hash: &str) -> Result<(), EvalError> {
     #[derive(Deserialize)]
     struct Recorded {
         weights_sha256: String,
@@ -244,18 +260,32 @@ impl Evaluation {
             self.test_loss,
             thousands(self.samples as f64)
         );
-        let classes = self.confusion.len();
-        let _ = write!(out, "\nclass  accuracy   predicted:");
-        for c in 0..classes {
-            let _ = write!(out, "{c:>6}");
+        // Columns as wide as the longest name: "malignant" as well as "7".
+        let name = |c: usize| self.class_names.get(c).cloned().unwrap_or(c.to_string());
+        let names: Vec<String> = (0..self.confusion.len()).map(name).collect();
+        let first = names
+            .iter()
+            .map(|n| n.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(5);
+        let cell = first.clamp(5, 12) + 1;
+        let _ = write!(out, "\n{:<first$}  accuracy   predicted:", "class");
+        for n in &names {
+            let _ = write!(out, "{n:>cell$}");
         }
         out.push('\n');
-        for (class, row) in self.confusion.iter().enumerate() {
-            let accuracy = self.per_class_accuracy[class]
-                .map_or("     -".to_string(), |a| format!("{:>7.2}%", a * 100.0));
-            let _ = write!(out, "{class:>5}  {accuracy:>8}             ");
+        for ((row, n), accuracy) in self
+            .confusion
+            .iter()
+            .zip(&names)
+            .zip(&self.per_class_accuracy)
+        {
+            let accuracy =
+                accuracy.map_or("     -".to_string(), |a| format!("{:>7.2}%", a * 100.0));
+            let _ = write!(out, "{n:>first$}  {accuracy:>8}             ");
             for count in row {
-                let _ = write!(out, "{count:>6}");
+                let _ = write!(out, "{count:>cell$}");
             }
             out.push('\n');
         }
@@ -279,6 +309,7 @@ mod tests {
             samples: 1250,
             per_class_accuracy: vec![Some(0.875), Some(1.0), None],
             confusion: vec![vec![7, 1, 0], vec![0, 3, 0], vec![0, 0, 0]],
+            class_names: vec!["0".into(), "1".into(), "2".into()],
             weights_sha256: "ab".repeat(32),
         };
         let text = evaluation.to_text();

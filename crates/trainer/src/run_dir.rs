@@ -5,14 +5,17 @@
 //! RUN_DIR/metrics.jsonl    one JSON object per epoch
 //! RUN_DIR/summary.json     the summary
 //! RUN_DIR/model.safetensors  the final f32 weights
+//! RUN_DIR/table.json       a CSV run's columns, classes and feature statistics
+//! RUN_DIR/vocabulary.json  a language model's characters
 //! ```
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::data::csv::Table;
 use crate::error::{Error, Result};
-use crate::files::write_atomically;
+use crate::files::{ReadError, read_regular, write_atomically};
 use crate::lock::{FolderLock, claim_new_folder};
 use crate::settings::Settings;
 use crate::summary::{EpochMetrics, Summary};
@@ -21,6 +24,16 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const TABLE_FILE: &str = "table.json";
+
+/// The largest table file read back: a header of a million columns fits.
+const TABLE_LIMIT: u64 = 256 << 20;
+
+/// Saves a CSV run's table into its folder.
+pub fn save_table(folder: &Path, table: &Table) -> Result<()> {
+    let json = serde_json::to_vec_pretty(table).expect("a table serializes");
+    write_atomically(&folder.join(TABLE_FILE), &json)
+}
 
 /// A run's folder. One made by [`RunDir::create`] or [`RunDir::reopen`] holds the folder's
 /// lock: no other process writes into it while this one runs.
@@ -113,6 +126,29 @@ impl RunDir {
 
     pub fn weights_path(&self) -> PathBuf {
         self.path.join(WEIGHTS_FILE)
+    }
+
+    /// The table of a CSV run; `None` for a run of other data, or one from a build that saved
+    /// none (read as it was trained: numeric labels, features as they are).
+    pub fn table(&self) -> Result<Option<Table>> {
+        let path = self.path.join(TABLE_FILE);
+        let corrupt = |message: String| Error::RunDir {
+            path: path.clone(),
+            message,
+        };
+        let bytes = match read_regular(&path, Some(TABLE_LIMIT)) {
+            Ok(bytes) => bytes,
+            Err(ReadError::NotFound) => return Ok(None),
+            Err(e) => return Err(corrupt(format!("cannot read: {e}"))),
+        };
+        let table: Table =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("corrupt table: {e}")))?;
+        if !table.is_consistent() {
+            return Err(corrupt(
+                "corrupt table: its columns, classes and statistics do not agree".into(),
+            ));
+        }
+        Ok(Some(table))
     }
 
     pub fn write_settings(&self, settings: &Settings) -> Result<()> {

@@ -15,6 +15,11 @@ use serde::{Deserialize, Serialize, Serializer};
 use crate::error::{Error, Result};
 use crate::progress::number;
 
+/// The classes of numeric labels when `data.classes` is not set: the ten digits.
+pub const DEFAULT_CLASSES: usize = 10;
+/// The most classes a classifier may have: labels are held as bytes, as IDX files store them.
+pub const MAX_CLASSES: usize = 256;
+
 /// Prefix of the environment variables that override settings.
 pub const ENV_PREFIX: &str = "ALLCORES";
 
@@ -172,9 +177,27 @@ pub struct DataSettings {
     /// CSV features are divided by this (IDX pixels are always scaled to [0, 1]).
     #[serde(default = "defaults::scale")]
     pub scale: f32,
-    /// Number of classes: labels must lie in `0..classes`.
-    #[serde(default = "defaults::classes", deserialize_with = "whole::number")]
-    pub classes: usize,
+    /// CSV: whether the first row names the columns (`auto`: when one of its cells outside the
+    /// label column is not a number).
+    #[serde(default)]
+    pub header: Header,
+    /// CSV: the column holding the label, by name or number (from 1) [default: the last].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<Column>,
+    /// CSV: columns that are neither a feature nor the label, by name or number.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignore: Vec<Column>,
+    /// CSV: how features are rescaled, with statistics of the training rows only.
+    #[serde(default, deserialize_with = "named::variant")]
+    pub normalize: Normalize,
+    /// Number of classes: numeric labels must lie in `0..classes` (10 when not set); text
+    /// labels are as many classes as they have names, which must be at most this when set.
+    #[serde(
+        default,
+        deserialize_with = "whole::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub classes: Option<usize>,
     /// Seed of the fixed shuffle that splits a single CSV file (independent of `training.seed`,
     /// so that runs with different seeds are scored on the same test rows).
     #[serde(default, deserialize_with = "whole::number")]
@@ -188,6 +211,131 @@ pub enum DataFormat {
     Csv,
     /// Plain text, for a language model.
     Text,
+}
+
+/// `data.header`: whether a CSV file's first row names its columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Header {
+    /// A header when one of the first row's cells outside the label column is not a number.
+    #[default]
+    Auto,
+    Present,
+    Absent,
+}
+
+impl Serialize for Header {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Header::Auto => s.serialize_str("auto"),
+            Header::Present => s.serialize_bool(true),
+            Header::Absent => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Header {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct HeaderVisitor;
+        impl Visitor<'_> for HeaderVisitor {
+            type Value = Header;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("true, false or \"auto\"")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> std::result::Result<Header, E> {
+                Ok(if v { Header::Present } else { Header::Absent })
+            }
+            // Environment variables arrive as text.
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Header, E> {
+                match v.trim() {
+                    "auto" => Ok(Header::Auto),
+                    "true" => Ok(Header::Present),
+                    "false" => Ok(Header::Absent),
+                    other => Err(E::custom(format!(
+                        "expected true, false or \"auto\", got \"{other}\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(HeaderVisitor)
+    }
+}
+
+/// A CSV column, by its name in the header or by its number, counted from 1 as spreadsheets,
+/// `cut` and every error message count them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Column {
+    Name(String),
+    Number(usize),
+}
+
+impl fmt::Display for Column {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Column::Name(name) => write!(f, "'{name}'"),
+            Column::Number(n) => write!(f, "column {n}"),
+        }
+    }
+}
+
+impl Serialize for Column {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Column::Name(name) => s.serialize_str(name),
+            Column::Number(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Column {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct ColumnVisitor;
+        impl Visitor<'_> for ColumnVisitor {
+            type Value = Column;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a column name or a column number (from 1)")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Column, E> {
+                match usize::try_from(v) {
+                    Ok(0) => Err(E::custom("columns are numbered from 1; 0 names none")),
+                    Ok(n) => Ok(Column::Number(n)),
+                    Err(_) => Err(E::custom(format!("column {v} is too large"))),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Column, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("columns are numbered from 1, got {v}"))),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Column, E> {
+                Ok(Column::Name(v.to_string()))
+            }
+        }
+        d.deserialize_any(ColumnVisitor)
+    }
+}
+
+/// `data.normalize`: how CSV features are rescaled before training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    /// As read, divided by `data.scale`.
+    #[default]
+    None,
+    /// Each feature less its mean, divided by its standard deviation.
+    Standard,
+    /// Each feature mapped onto [0, 1] by its least and largest value.
+    Minmax,
+}
+
+impl fmt::Display for Normalize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Normalize::None => "none",
+            Normalize::Standard => "standard",
+            Normalize::Minmax => "minmax",
+        })
+    }
 }
 
 /// `data.tokenizer`: how a text becomes token ids.
@@ -616,9 +764,6 @@ mod defaults {
     pub fn scale() -> f32 {
         1.0
     }
-    pub fn classes() -> usize {
-        10
-    }
     pub fn model_kind() -> ModelKind {
         ModelKind::Mlp
     }
@@ -918,6 +1063,13 @@ impl Settings {
                 data.format
             ),
         };
+        let unscaled = Scope {
+            holds: data.normalize == Normalize::None,
+            otherwise: format!(
+                "applies with data.normalize = \"none\" only; this config normalizes with \"{}\"",
+                data.normalize
+            ),
+        };
         let split = Scope {
             holds: data.test_fraction.is_some(),
             otherwise: "applies to a split of data.train_csv (data.test_fraction) only; this \
@@ -933,7 +1085,7 @@ impl Settings {
             ),
         };
         let precision = &self.precision;
-        let checks: [(&str, bool, &Scope); 20] = [
+        let checks: [(&str, bool, &Scope); 25] = [
             ("model.layers", model.layers != default_model.layers, &gpt),
             ("model.heads", model.heads != default_model.heads, &gpt),
             ("model.width", model.width != default_model.width, &gpt),
@@ -980,6 +1132,11 @@ impl Settings {
                 &cosine,
             ),
             ("data.scale", data.scale != defaults::scale(), &csv),
+            ("data.scale", data.scale != defaults::scale(), &unscaled),
+            ("data.header", data.header != Header::Auto, &csv),
+            ("data.label", data.label.is_some(), &csv),
+            ("data.ignore", !data.ignore.is_empty(), &csv),
+            ("data.normalize", data.normalize != Normalize::None, &csv),
             ("data.split_seed", data.split_seed != 0, &split),
             ("optimizer.min_lr", optimizer.min_lr != 0.0, &cosine),
             (
@@ -1099,13 +1256,24 @@ impl DataSettings {
             ));
         }
         // Labels are held as bytes, as IDX files store them: label 300 would wrap to 44.
-        if !(2..=256).contains(&self.classes) {
+        if let Some(classes) = self.classes.filter(|c| !(2..=MAX_CLASSES).contains(c)) {
             return Err(Error::setting(
                 "data.classes",
-                format!("must be 2 to 256, got {}", self.classes),
+                format!("must be 2 to {MAX_CLASSES}, got {classes}"),
+            ));
+        }
+        if let Some(column) = self.label.as_ref().filter(|l| self.ignore.contains(l)) {
+            return Err(Error::setting(
+                "data.ignore",
+                format!("names the label column ({column}, data.label)"),
             ));
         }
         Ok(())
+    }
+
+    /// The classes of numeric labels: `data.classes`, or 10.
+    pub fn numeric_classes(&self) -> usize {
+        self.classes.unwrap_or(DEFAULT_CLASSES)
     }
 
     /// The text keys: a training text, and a validation text or fraction (not both).

@@ -48,6 +48,8 @@ fn check(model: &str, shape: SampleShape, backend: &str) {
             train: synthetic(samples, shape, 1),
             test: synthetic(20, shape, 2),
             classes: 10,
+            table: None,
+            warnings: Vec::new(),
         };
         let large = one_step(settings(model, samples, 1, backend), &data);
         let accumulated = one_step(settings(model, 16, 4, backend), &data);

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use allcores_trainer::checkpoint::{self, LoopState};
+use allcores_trainer::data::{ModelInput, load_to_predict};
 use allcores_trainer::precision::ScalerState;
 use allcores_trainer::settings::DataSettings;
 use allcores_trainer::{EpochMetrics, Splits};
@@ -410,11 +411,14 @@ fn idx_files_with_mutated_headers_and_bodies() {
     );
 }
 
-/// A valid CSV: `rows` rows of `features` numbers and a label.
+/// A valid CSV: `rows` rows of `features` numbers and a label. The labels differ, so that
+/// the training half of the split (2 rows or more) holds two classes or more, as it must.
 fn valid_csv() -> impl Strategy<Value = String> {
-    (2..8usize, 1..6usize).prop_flat_map(|(rows, features)| {
-        vec((vec(-1000..1000i32, features), 0..10u8), rows).prop_map(|rows| {
+    (4..8usize, 1..6usize).prop_flat_map(|(rows, features)| {
+        let labels = Just((0..10u8).collect::<Vec<_>>()).prop_shuffle();
+        (vec(vec(-1000..1000i32, features), rows), labels).prop_map(|(rows, labels)| {
             rows.iter()
+                .zip(labels)
                 .map(|(values, label)| {
                     let values: Vec<String> = values.iter().map(|v| format!("{v}")).collect();
                     format!("{},{label}\n", values.join(","))
@@ -459,6 +463,109 @@ fn csv_files_with_mutated_cells_rows_and_quotes() {
                 let data = loaded.expect("a valid CSV loads");
                 // The test half of the split.
                 prop_assert!(!data.is_empty() && data.len() < rows);
+            }
+            Ok(())
+        },
+    );
+}
+
+/// A valid table: a header of `names`, then rows of a text label (first) and numbers.
+fn valid_table() -> impl Strategy<Value = String> {
+    (4..9usize, 2..5usize).prop_flat_map(|(rows, features)| {
+        let labels = Just(["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]).prop_shuffle();
+        (vec(vec(-1e6..1e6f64, features), rows), labels).prop_map(move |(rows, labels)| {
+            let mut text = String::from("label");
+            (0..features).for_each(|f| text.push_str(&format!(",f{f}")));
+            text.push('\n');
+            for (values, label) in rows.iter().zip(labels) {
+                let values: Vec<String> = values.iter().map(|v| format!("{v:.3}")).collect();
+                text.push_str(&format!("{label},{}\n", values.join(",")));
+            }
+            text
+        })
+    })
+}
+
+/// The column keys a table config may hold: `data.header`, `data.label`, `data.ignore` and
+/// `data.normalize`, with names and numbers that exist and that do not.
+fn table_keys() -> impl Strategy<Value = String> {
+    let column = prop_oneof![
+        prop::sample::select(vec!["\"label\"", "\"f0\"", "\"f1\"", "\"nope\"", "\"\""])
+            .prop_map(String::from),
+        (1..8u32).prop_map(|n| n.to_string()),
+    ];
+    (
+        prop::sample::select(vec![
+            "",
+            "header = true\n",
+            "header = false\n",
+            "header = \"auto\"\n",
+        ]),
+        prop::option::of(column.clone()),
+        vec(column, 0..3),
+        prop::sample::select(vec!["none", "standard", "minmax"]),
+    )
+        .prop_map(|(header, label, ignore, normalize)| {
+            let label = label.map_or(String::new(), |l| format!("label = {l}\n"));
+            format!(
+                "{header}{label}ignore = [{}]\nnormalize = \"{normalize}\"\n",
+                ignore.join(", ")
+            )
+        })
+}
+
+/// Tables with headers, text labels and column keys, mutated: they load, or are refused on
+/// one line naming the file; a prediction file is read with the table of a valid one.
+#[test]
+fn tables_with_headers_labels_and_column_keys() {
+    let case = (
+        valid_table(),
+        table_keys(),
+        vec(mutation(), 0..3),
+        storage(),
+    );
+    check_cases(
+        "tables_with_headers_labels_and_column_keys",
+        case,
+        |(text, keys, changes, storage)| {
+            let mut bytes = text.clone().into_bytes();
+            for m in &changes {
+                apply(&mut bytes, m);
+            }
+            let (stored, intact) = store(&bytes, &storage);
+            let dir = tempfile::tempdir().unwrap();
+            let (train, rows) = (dir.path().join("train.csv"), dir.path().join("rows.csv"));
+            std::fs::write(&train, &text).unwrap();
+            std::fs::write(&rows, stored).unwrap();
+            let settings: DataSettings = match toml::from_str(&format!(
+                "format = \"csv\"\ntrain_csv = {:?}\ntest_csv = {:?}\n{keys}",
+                train.display().to_string(),
+                rows.display().to_string()
+            )) {
+                Ok(settings) => settings,
+                // A key of another type (a label of "") is the config parser's to refuse.
+                Err(_) => return Ok(()),
+            };
+            let size = bytes.len() + text.len();
+            let loaded = contained(size, move || Splits::load(&settings));
+            match &loaded {
+                Ok(splits) => {
+                    let table = splits.table.clone().expect("a CSV run has a table");
+                    let predicted = contained(size, move || {
+                        load_to_predict(&rows, ModelInput::Rows(&table))
+                    });
+                    if let Err(e) = predicted {
+                        check_error(&e, &[&dir.path().join("rows.csv")]);
+                    }
+                }
+                Err(e) => check_error(e, &[&train, &dir.path().join("rows.csv")]),
+            }
+            let plain_keys =
+                keys.contains("label = \"label\"\nignore = []") && !keys.contains("header = false");
+            if intact && bytes == text.as_bytes() && plain_keys {
+                // The file as written, its label named: the header found, every row read.
+                let splits = loaded.expect("a valid table loads");
+                prop_assert_eq!(splits.test.len(), text.lines().count() - 1);
             }
             Ok(())
         },

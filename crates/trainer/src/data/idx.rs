@@ -18,27 +18,8 @@ const LABELS_MAGIC: u32 = 0x0000_0801;
 
 /// Loads an image file and its label file into one dataset.
 pub fn load(images_path: &Path, labels_path: &Path) -> Result<Dataset> {
-    let mut images = Input::open(images_path)?;
-    let image_dims = read_header(&mut images, IMAGES_MAGIC, images_path)?;
-    let [count, height, width] = image_dims[..] else {
-        unreachable!("the magic number fixes three dimensions")
-    };
-    if count == 0 {
-        return Err(Error::data(images_path, "holds no images"));
-    }
-    if height == 0 || width == 0 {
-        return Err(Error::data(
-            images_path,
-            format!("holds images of {height}x{width} pixels"),
-        ));
-    }
-    let expected = data_bytes(&image_dims, images_path)?;
-    if let Some(why) = features_beyond(expected as u64, crate::usage::memory_limit_bytes()) {
-        return Err(Error::data(
-            images_path,
-            format!("the header {image_dims:?} calls for {expected} pixels: {why}"),
-        ));
-    }
+    let images = Images::open(images_path)?;
+    let count = images.dims[0];
     // Both headers before either body: a file that does not match the other is refused before
     // gigabytes of it are read.
     let mut labels = Input::open(labels_path)?;
@@ -53,17 +34,74 @@ pub fn load(images_path: &Path, labels_path: &Path) -> Result<Dataset> {
             ),
         ));
     }
-    let pixels = read_body(&mut images, &image_dims, expected, images_path)?;
-    drop(images);
+    let (features, shape) = images.read(images_path)?;
     let labels = read_body(&mut labels, &label_dims, count, labels_path)?;
-
-    let features = pixels.iter().map(|&p| p as f32 / 255.0).collect();
-    let shape = SampleShape {
-        channels: 1,
-        height,
-        width,
-    };
     Ok(Dataset::new(features, labels, shape))
+}
+
+/// Loads an image file alone: its pixels scaled to [0, 1], and the images' shape.
+pub fn load_images(path: &Path) -> Result<(Vec<f32>, SampleShape)> {
+    Images::open(path)?.read(path)
+}
+
+/// The shape of the images of a file, from its header alone.
+pub fn image_shape(path: &Path) -> Result<SampleShape> {
+    Ok(Images::open(path)?.shape())
+}
+
+/// An image file whose header was read and checked: its stream is at the first pixel.
+struct Images {
+    input: Input,
+    /// Images, height, width.
+    dims: Vec<usize>,
+    /// The pixels the header calls for.
+    expected: usize,
+}
+
+impl Images {
+    fn open(path: &Path) -> Result<Self> {
+        let mut input = Input::open(path)?;
+        let dims = read_header(&mut input, IMAGES_MAGIC, path)?;
+        let [count, height, width] = dims[..] else {
+            unreachable!("the magic number fixes three dimensions")
+        };
+        if count == 0 {
+            return Err(Error::data(path, "holds no images"));
+        }
+        if height == 0 || width == 0 {
+            return Err(Error::data(
+                path,
+                format!("holds images of {height}x{width} pixels"),
+            ));
+        }
+        let expected = data_bytes(&dims, path)?;
+        if let Some(why) = features_beyond(expected as u64, crate::usage::memory_limit_bytes()) {
+            return Err(Error::data(
+                path,
+                format!("the header {dims:?} calls for {expected} pixels: {why}"),
+            ));
+        }
+        Ok(Images {
+            input,
+            dims,
+            expected,
+        })
+    }
+
+    fn shape(&self) -> SampleShape {
+        SampleShape {
+            channels: 1,
+            height: self.dims[1],
+            width: self.dims[2],
+        }
+    }
+
+    /// The pixels, scaled to [0, 1].
+    fn read(mut self, path: &Path) -> Result<(Vec<f32>, SampleShape)> {
+        let pixels = read_body(&mut self.input, &self.dims, self.expected, path)?;
+        let features = pixels.iter().map(|&p| p as f32 / 255.0).collect();
+        Ok((features, self.shape()))
+    }
 }
 
 /// Reads and checks the magic number; returns the dimensions it announces.

@@ -4,8 +4,9 @@
 //! IDX (the MNIST format) and CSV, gzip or plain. The shuffle of each epoch depends on the seed
 //! and the epoch number only, never on the thread count.
 
-mod csv;
+pub mod csv;
 mod idx;
+pub mod normalize;
 mod order;
 pub mod text;
 
@@ -17,6 +18,8 @@ use burn::prelude::*;
 use crate::error::{Error, Result};
 use crate::files::{self, ReadError};
 use crate::settings::{DataFormat, DataSettings};
+use csv::{LabelColumn, Table};
+use normalize::Scaling;
 
 pub use order::{epoch_order, split_rows};
 
@@ -73,6 +76,18 @@ impl Dataset {
 
     pub fn labels(&self) -> &[u8] {
         &self.labels
+    }
+
+    /// Every sample's features, one after another.
+    pub fn features(&self) -> &[f32] {
+        &self.features
+    }
+
+    /// The classes the labels hold, in order.
+    fn distinct_labels(&self) -> Vec<u8> {
+        let mut seen = [false; 256];
+        self.labels.iter().for_each(|&l| seen[l as usize] = true);
+        (0..=255u8).filter(|&l| seen[l as usize]).collect()
     }
 
     /// The samples at `indices`, in that order, as a `[n, channels, height, width]` tensor and
@@ -137,12 +152,16 @@ pub struct Splits {
     pub train: Dataset,
     pub test: Dataset,
     pub classes: usize,
+    /// A CSV run's columns, classes and statistics, which its run folder keeps.
+    pub table: Option<Table>,
+    /// What the user should know of the data before the run starts (a constant column).
+    pub warnings: Vec<String>,
 }
 
 impl Splits {
     /// Loads both splits as the settings describe; every error names the file at fault.
     pub fn load(settings: &DataSettings) -> Result<Self> {
-        let (train, test) = match settings.format {
+        match settings.format {
             DataFormat::Idx => {
                 let train = load_idx(settings, &settings.train_images, &settings.train_labels)?;
                 let test = load_idx(settings, &settings.test_images, &settings.test_labels)?;
@@ -158,26 +177,93 @@ impl Splits {
                         ),
                     ));
                 }
-                (train, test)
+                Ok(Splits {
+                    train,
+                    test,
+                    classes: settings.numeric_classes(),
+                    table: None,
+                    warnings: Vec::new(),
+                })
             }
-            DataFormat::Csv => load_csv(settings)?,
-            DataFormat::Text => return Err(text_is_no_split(settings)),
-        };
-        Ok(Splits {
-            train,
-            test,
-            classes: settings.classes,
-        })
+            DataFormat::Csv => load_csv(settings),
+            DataFormat::Text => Err(text_is_no_split(settings)),
+        }
     }
 
     /// Loads the test split alone (a single CSV file is still read whole, to split it).
     pub fn load_test(settings: &DataSettings) -> Result<Dataset> {
         match settings.format {
             DataFormat::Idx => load_idx(settings, &settings.test_images, &settings.test_labels),
-            DataFormat::Csv => Ok(load_csv(settings)?.1),
+            DataFormat::Csv => Ok(load_csv(settings)?.test),
             DataFormat::Text => Err(text_is_no_split(settings)),
         }
     }
+
+    /// Loads the test split of a CSV run with the table its training saved: the columns found
+    /// by name, the classes and the statistics those of the training rows.
+    pub fn load_test_with(settings: &DataSettings, table: &Table) -> Result<Dataset> {
+        let (path, split) = match (&settings.test_csv, settings.test_fraction) {
+            (Some(path), _) => (path.as_path(), None),
+            (None, fraction) => (required(&settings.train_csv), fraction),
+        };
+        let (features, labels) = csv::load_with(path, table, LabelColumn::Required)?;
+        let labels = labels.expect("a label column is required");
+        let mut data = Dataset::new(features, labels, table.shape());
+        if let Some(fraction) = split {
+            let (_, test_rows) = split_rows(data.len(), fraction, settings.split_seed);
+            data = data.select(&test_rows);
+        }
+        if let Some(scaling) = &table.scaling {
+            scaling.apply(&mut data.features);
+        }
+        Ok(data)
+    }
+}
+
+/// What a run's model takes, for [`load_to_predict`].
+#[derive(Debug, Clone, Copy)]
+pub enum ModelInput<'a> {
+    /// Rows with the columns of a CSV run's table.
+    Rows(&'a Table),
+    /// Images of this shape, in an IDX image file.
+    Images(SampleShape),
+}
+
+/// The samples of `path` to predict, read as the run's training data was, and whether they
+/// hold labels (a CSV file may hold its label column; an image file holds none, and its
+/// dataset's labels are 0).
+pub fn load_to_predict(path: &Path, input: ModelInput) -> Result<(Dataset, bool)> {
+    match input {
+        ModelInput::Rows(table) => {
+            let (mut features, labels) = csv::load_with(path, table, LabelColumn::Optional)?;
+            if let Some(scaling) = &table.scaling {
+                scaling.apply(&mut features);
+            }
+            let labelled = labels.is_some();
+            let rows = features.len() / table.width();
+            let labels = labels.unwrap_or_else(|| vec![0; rows]);
+            Ok((Dataset::new(features, labels, table.shape()), labelled))
+        }
+        ModelInput::Images(shape) => {
+            let (features, found) = idx::load_images(path)?;
+            if found != shape {
+                return Err(Error::data(
+                    path,
+                    format!(
+                        "images are {}x{}, the model's {}x{}",
+                        found.height, found.width, shape.height, shape.width
+                    ),
+                ));
+            }
+            let labels = vec![0; features.len() / shape.len()];
+            Ok((Dataset::new(features, labels, shape), false))
+        }
+    }
+}
+
+/// The shape of the images an IDX run trained on, from its training file's header.
+pub fn trained_image_shape(settings: &DataSettings) -> Result<SampleShape> {
+    idx::image_shape(required(&settings.train_images))
 }
 
 /// Text is read by [`text::load_text`] for a language model, never as labelled samples.
@@ -202,28 +288,72 @@ fn load_idx(
     labels: &Option<PathBuf>,
 ) -> Result<Dataset> {
     let data = idx::load(required(images), required(labels))?;
-    data.check_labels(settings.classes, required(labels))?;
+    data.check_labels(settings.numeric_classes(), required(labels))?;
     Ok(data)
 }
 
-/// (train, test) from `train_csv` and `test_csv`, or from `train_csv` split by `test_fraction`.
-fn load_csv(settings: &DataSettings) -> Result<(Dataset, Dataset)> {
+/// The splits of a CSV run: `train_csv` and `test_csv`, or `train_csv` split by
+/// `test_fraction`; features normalized with statistics of the training split.
+fn load_csv(settings: &DataSettings) -> Result<Splits> {
     let path = required(&settings.train_csv);
-    let all = csv::load(path, settings.scale, settings.classes)?;
-    if let Some(test_path) = &settings.test_csv {
-        let test = csv::load(test_path, settings.scale, settings.classes)?;
-        if test.shape() != all.shape() {
-            return Err(Error::data(
-                test_path,
-                format!(
-                    "rows have {} features, the training file's have {}",
-                    test.shape().len(),
-                    all.shape().len()
-                ),
+    let csv::TrainingFile {
+        mut table,
+        features,
+        labels,
+    } = csv::load_training(path, settings)?;
+    let all = Dataset::new(features, labels, table.shape());
+    let (mut train, mut test) = match &settings.test_csv {
+        Some(test_path) => {
+            check_classes(&all, &table, path)?;
+            let (features, labels) = csv::load_with(test_path, &table, LabelColumn::Required)?;
+            let labels = labels.expect("a label column is required");
+            (all, Dataset::new(features, labels, table.shape()))
+        }
+        None => {
+            let (train, test) = split(all, path, settings)?;
+            check_classes(&train, &table, path)?;
+            (train, test)
+        }
+    };
+    table.scaling = Scaling::fit(settings.normalize, &train.features, table.width());
+    let mut warnings = Vec::new();
+    if let Some(scaling) = &table.scaling {
+        scaling.apply(&mut train.features);
+        scaling.apply(&mut test.features);
+        for column in scaling.constant_columns() {
+            warnings.push(format!(
+                "warning: column '{}' of {} holds one value in every training row: it is left \
+                 at 0 (or list it in data.ignore)",
+                table.features[column],
+                path.display()
             ));
         }
-        return Ok((all, test));
     }
+    Ok(Splits {
+        train,
+        test,
+        classes: table.classes.count(),
+        table: Some(table),
+        warnings,
+    })
+}
+
+/// Refuses training rows of a single class: there is nothing to tell apart.
+fn check_classes(train: &Dataset, table: &Table, path: &Path) -> Result<()> {
+    match train.distinct_labels()[..] {
+        [class] => Err(Error::data(
+            path,
+            format!(
+                "the training rows hold a single class ('{}'): there is nothing to tell apart",
+                table.classes.names()[class as usize]
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `all` split into (train, test) by `data.test_fraction` and `data.split_seed`.
+fn split(all: Dataset, path: &Path, settings: &DataSettings) -> Result<(Dataset, Dataset)> {
     let fraction = settings
         .test_fraction
         .expect("validated: test_csv or test_fraction");
@@ -337,6 +467,41 @@ fn features_beyond(features: u64, memory: Option<u64>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The statistics are the training split's: its columns come out with mean 0, the test
+    /// rows' do not, and eval's reading with the saved table gives the test rows' very bits.
+    #[test]
+    fn a_split_file_is_normalized_with_its_training_rows_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.csv");
+        let text: String = (0..40)
+            .map(|i| format!("{},{},{}\n", i * i, 1000 - 3 * i, ["a", "b"][i % 2]))
+            .collect();
+        std::fs::write(&path, format!("x,y,class\n{text}")).unwrap();
+        let settings: DataSettings = toml::from_str(&format!(
+            "format = \"csv\"\ntrain_csv = {:?}\ntest_fraction = 0.25\nnormalize = \"standard\"\n",
+            path.display().to_string()
+        ))
+        .unwrap();
+        let splits = Splits::load(&settings).unwrap();
+        let mean = |data: &Dataset, column: usize| {
+            let values: Vec<f64> = data
+                .features()
+                .iter()
+                .skip(column)
+                .step_by(2)
+                .map(|&v| v as f64)
+                .collect();
+            values.iter().sum::<f64>() / values.len() as f64
+        };
+        assert!(mean(&splits.train, 0).abs() < 1e-6);
+        assert!(mean(&splits.test, 0).abs() > 1e-3);
+        let table = splits.table.clone().unwrap();
+        let again = Splits::load_test_with(&settings, &table).unwrap();
+        assert_eq!(again.features(), splits.test.features());
+        assert_eq!(again.labels(), splits.test.labels());
+        assert!(splits.warnings.is_empty());
+    }
 
     #[test]
     fn features_beyond_half_the_memory_are_refused() {

@@ -335,7 +335,7 @@ impl<T: Task> Run<'_, T> {
         if let Some(calibration) = calibration {
             progress.log(calibration.describe());
         }
-        for note in &start.notes {
+        for note in start.notes.iter().chain(self.task.warnings()) {
             progress.log(note);
         }
         if let Some(checkpoint) = &start.resumed {

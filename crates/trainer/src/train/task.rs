@@ -69,6 +69,11 @@ pub trait Task: Sync {
     fn write_run_files(&self, _folder: &Path) -> Result<()> {
         Ok(())
     }
+
+    /// What the user should know of the data before the run starts, one log line each.
+    fn warnings(&self) -> &[String] {
+        &[]
+    }
 }
 
 /// Classifying images or rows: cross-entropy of the class logits, accuracy on the test set.
@@ -122,5 +127,17 @@ impl<M: Classifier + ModuleSnapshot> Task for Classification<'_, M> {
 
     fn model_name(&self, model: &M) -> String {
         model.name()
+    }
+
+    /// A CSV run's table: its columns, classes and statistics, for `eval` and `predict`.
+    fn write_run_files(&self, folder: &Path) -> Result<()> {
+        match &self.data.table {
+            Some(table) => crate::run_dir::save_table(folder, table),
+            None => Ok(()),
+        }
+    }
+
+    fn warnings(&self) -> &[String] {
+        &self.data.warnings
     }
 }
