@@ -46,6 +46,23 @@ enum Command {
     Bench(BenchArgs),
     /// Write text from a trained language model (a GPT run) to stdout.
     Sample(SampleArgs),
+    /// Predict the classes of new rows (CSV) or images (IDX) with a trained classifier.
+    Predict(PredictArgs),
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// The run folder of a finished classifier run.
+    run_dir: PathBuf,
+    /// The samples: a CSV file with the run's columns (any order; the label column may be
+    /// absent), or an IDX image file for a run on images.
+    input: PathBuf,
+    /// Write the predictions (CSV) to this file instead of stdout.
+    #[arg(long, value_name = "PREDICTIONS.csv")]
+    out: Option<PathBuf>,
+    /// Print the predictions as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -204,6 +221,14 @@ impl From<allcores_eval::EvalError> for Failure {
     }
 }
 
+/// Writes a line to stdout. A reader that went away (`allcores eval RUN | head -1`) is no
+/// failure of the command: the write error is dropped, where `println!` would panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -219,7 +244,7 @@ fn main() -> ExitCode {
             "the run in progress saves a checkpoint and stops, then the sweep writes the report \
              of the runs that ended",
         )),
-        Command::Eval(_) | Command::Bench(_) | Command::Sample(_) => None,
+        Command::Eval(_) | Command::Bench(_) | Command::Sample(_) | Command::Predict(_) => None,
     };
     match run(cli.command, interrupt.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -298,6 +323,7 @@ fn run(command: Command, interrupt: Option<&Arc<Interrupt>>) -> Result<(), Failu
         Command::Sweep(args) => sweep_command(args, interrupt),
         Command::Bench(args) => bench_command(args),
         Command::Sample(args) => sample_command(args),
+        Command::Predict(args) => predict_command(args),
     }
 }
 
@@ -322,12 +348,12 @@ fn train_command(args: TrainArgs, interrupt: Option<&Arc<Interrupt>>) -> Result<
 fn eval_command(args: EvalArgs) -> Result<(), Failure> {
     let evaluation = evaluate_run(&args.run_dir, &layers(args.overrides))?;
     if args.json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string(&evaluation).expect("serializes")
         );
     } else {
-        println!("{}", evaluation.to_text());
+        out!("{}", evaluation.to_text());
     }
     Ok(())
 }
@@ -343,10 +369,10 @@ fn sweep_command(args: SweepArgs, interrupt: Option<&Arc<Interrupt>>) -> Result<
         interrupt: interrupt.cloned(),
     })?;
     if args.json {
-        println!("{}", outcome.report.verdict.line);
-        println!("{}", outcome.to_json());
+        out!("{}", outcome.report.verdict.line);
+        out!("{}", outcome.to_json());
     } else {
-        println!("{}", outcome.to_text());
+        out!("{}", outcome.to_text());
     }
     Ok(outcome.status()?)
 }
@@ -364,9 +390,9 @@ fn bench_command(args: BenchArgs) -> Result<(), Failure> {
         repeat: parse_rounds(&args.repeat)?,
     })?;
     if args.json {
-        println!("{}", report.to_json());
+        out!("{}", report.to_json());
     } else {
-        println!("{}", report.to_text());
+        out!("{}", report.to_text());
     }
     Ok(())
 }
@@ -389,6 +415,32 @@ fn sample_command(args: SampleArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The predictions go to `--out` or, without it, to stdout (the summary to stderr, so that
+/// stdout holds the CSV alone); `--json` prints them as JSON instead.
+fn predict_command(args: PredictArgs) -> Result<(), Failure> {
+    let predictions = allcores_eval::predict(&args.run_dir, &args.input)?;
+    if let Some(path) = &args.out {
+        let mut csv = Vec::new();
+        predictions
+            .write_csv(&mut csv)
+            .expect("writing to memory succeeds");
+        allcores_trainer::files::write_atomically(path, &csv)?;
+    }
+    if args.json {
+        out!(
+            "{}",
+            serde_json::to_string(&predictions).expect("serializes")
+        );
+    } else if let Some(path) = &args.out {
+        out!("{} · written to {}", predictions.summary(), path.display());
+    } else {
+        // A reader that went away is no failure: see `out!`.
+        let _ = predictions.write_csv(std::io::stdout().lock());
+        let _ = writeln!(std::io::stderr().lock(), "{}", predictions.summary());
+    }
+    Ok(())
+}
+
 fn layers(overrides: Vec<String>) -> Layers {
     Layers {
         overrides,
@@ -404,7 +456,7 @@ fn counted(n: u64, thing: &str) -> String {
 
 fn print_summary(summary: &Summary, json: bool) {
     if json {
-        println!("{}", serde_json::to_string(summary).expect("serializes"));
+        out!("{}", serde_json::to_string(summary).expect("serializes"));
         return;
     }
     match (
@@ -413,7 +465,7 @@ fn print_summary(summary: &Summary, json: bool) {
         summary.tokens_per_second,
     ) {
         (Some(val_loss), Some(bits), Some(tokens_per_second)) => {
-            println!(
+            out!(
                 "val loss {val_loss:.4} ({bits:.3} bits/char) · train loss {:.4} · next-char \
                  accuracy {:.2}% · {} tokens/s",
                 summary.train_loss,
@@ -421,14 +473,14 @@ fn print_summary(summary: &Summary, json: bool) {
                 thousands(tokens_per_second)
             );
         }
-        _ => println!(
+        _ => out!(
             "test accuracy {:.2}% · test loss {:.4} · train loss {:.4}",
             summary.test_accuracy * 100.0,
             summary.test_loss,
             summary.train_loss
         ),
     }
-    println!(
+    out!(
         "{} · {} · {} in {:.1} s ({} samples/s) · {}, CPU {:.0}% busy · peak RSS {} MiB",
         counted(summary.epochs, "epoch"),
         counted(summary.steps, "step"),
@@ -440,16 +492,16 @@ fn print_summary(summary: &Summary, json: bool) {
         summary.peak_rss_bytes >> 20
     );
     if let Some(scale) = summary.loss_scale {
-        println!(
+        out!(
             "loss scaling: {} of {} skipped (inf or NaN gradients) · loss scale {} at the end",
             thousands(summary.skipped_steps as f64),
             counted(summary.steps, "step"),
             number(scale)
         );
     }
-    println!("weights_sha256 {}", summary.weights_sha256);
+    out!("weights_sha256 {}", summary.weights_sha256);
     if let Some(dir) = &summary.run_dir {
-        println!("run folder {dir}");
+        out!("run folder {dir}");
     }
 }
 

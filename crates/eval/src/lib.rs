@@ -3,6 +3,9 @@
 //! [`evaluate_run`] scores a run's final model on the test split of its saved config (or of
 //! another, through overrides): loss, accuracy, accuracy per class and the confusion matrix.
 //!
+//! [`predict`] runs a finished classifier on new rows or images: each sample's class and
+//! probabilities, and the accuracy where the file holds labels.
+//!
 //! [`run_bench`] measures steady-state training throughput of one config at several thread
 //! counts, one process each: samples/s, step-time spread, CPU use and peak memory.
 //!
@@ -19,12 +22,14 @@ mod child;
 pub mod diff;
 mod evaluate;
 mod plot;
+pub mod predict;
 pub mod report;
 pub mod signals;
 pub mod sweep;
 
 pub use bench::{BenchReport, BenchRequest, BenchRun, run_bench};
 pub use evaluate::{Evaluation, RunEvaluation, TextEvaluation, evaluate_run};
+pub use predict::{Prediction, Predictions, predict};
 pub use report::{
     Interruption, Metric, Outcome, Report, RunRecord, Verdict, build_report, build_report_on,
 };
