@@ -392,3 +392,60 @@ fn an_image_run_predicts_an_image_file() {
         stderr(&out)
     );
 }
+
+/// A table run stopped at step 13 and resumed on 2 threads ends as the run never stopped, its
+/// table the same.
+#[test]
+fn a_table_run_resumes_as_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = table_config(dir.path());
+    let sets = ["training.max_steps=40", "checkpoint.every_steps=5"];
+    let whole = dir.path().join("whole");
+    let reference = train_json(&config, &whole, &sets);
+    let run = dir.path().join("resumed");
+    let first = train_json(
+        &config,
+        &run,
+        &[&sets[..], &["training.max_steps=13"]].concat(),
+    );
+    assert_eq!(first["steps"], 13);
+    let mut args = train_args(
+        &config,
+        &run,
+        &[&sets[..], &["training.threads=2"]].concat(),
+    );
+    args.push("--resume");
+    let output = allcores(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let resumed = last_json(&output);
+    assert_eq!(resumed["steps"], 40);
+    assert_eq!(resumed["weights_sha256"], reference["weights_sha256"]);
+    assert_eq!(
+        std::fs::read(run.join("table.json")).unwrap(),
+        std::fs::read(whole.join("table.json")).unwrap()
+    );
+}
+
+/// A column constant in the training rows is named in a warning, and scaled to 0.
+#[test]
+fn a_constant_column_is_named_in_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: String = (0..20)
+        .map(|i| format!("{},7,{}\n", i, ["yes", "no"][i % 2]))
+        .collect();
+    write(dir.path(), "rows.csv", format!("x,flat,answer\n{rows}"));
+    let config = write(
+        dir.path(),
+        "flat.toml",
+        "[data]\nformat = \"csv\"\ntrain_csv = \"rows.csv\"\ntest_fraction = 0.2\n\
+         normalize = \"minmax\"\n\n[model]\nhidden = [4]\n\n[training]\nthreads = 1\n",
+    );
+    let output = allcores(&["train", config.to_str().unwrap(), "--no-save"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("warning: column 'flat' of ")
+            && stderr(&output).contains("holds one value in every training row: it is left at 0"),
+        "{}",
+        stderr(&output)
+    );
+}
