@@ -146,6 +146,13 @@ impl Layout {
         label: LabelColumn,
         rows: &Rows,
     ) -> Result<Mapping> {
+        if first.iter().all(|cell| cell.parse::<f32>().is_ok()) {
+            return Err(rows.error(format!(
+                "holds numbers only, where the header should name the columns: the model's \
+                 features are found by name ({})",
+                listing(&self.feature_names())
+            )));
+        }
         let header: Vec<String> = first.iter().map(String::from).collect();
         check_unique(&header, rows)?;
         let features = self.feature_cells();
@@ -408,6 +415,16 @@ mod tests {
         assert!(
             err.to_string()
                 .ends_with("line 0: the header lacks the label column 'y'")
+        );
+        let err = named
+            .map(&record(&["1", "2", "3"]), LabelColumn::Optional, &rows)
+            .unwrap_err();
+        assert!(
+            err.to_string().ends_with(
+                "line 0: holds numbers only, where the header should name the columns: the \
+                 model's features are found by name ('a', 'b')"
+            ),
+            "{err}"
         );
         let (plain, _) = learn(&["1", "2", "3"], "label = 2").unwrap();
         let (mapping, header) = plain
