@@ -195,6 +195,19 @@ fn a_split_file_with_a_label_by_number_scores_in_eval_as_in_the_run() {
         &["training.accumulation_steps=2", "training.threads=1"],
     );
     assert_eq!(trained["weights_sha256"], again["weights_sha256"]);
+    // In bf16 too.
+    let half = |threads: &str, out: &str| {
+        train_json(
+            &config,
+            &dir.path().join(out),
+            &["training.precision=bf16", threads],
+        )["weights_sha256"]
+            .clone()
+    };
+    assert_eq!(
+        half("training.threads=1", "bf16-1"),
+        half("training.threads=2", "bf16-2")
+    );
     let scored = last_json(&allcores(&["eval", run.to_str().unwrap(), "--json"]));
     assert_eq!(scored["test_accuracy"], trained["test_accuracy"]);
     assert_eq!(scored["samples"], 75);
