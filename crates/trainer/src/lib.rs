@@ -31,6 +31,8 @@ pub mod run_dir;
 pub mod score;
 pub mod settings;
 pub mod summary;
+#[cfg(test)]
+mod test_data;
 pub mod threads;
 mod train;
 pub mod usage;

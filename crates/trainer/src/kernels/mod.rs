@@ -384,6 +384,7 @@ mod tests {
     use burn::tensor::{Distribution, Gradients};
 
     use super::*;
+    use crate::test_data::uniform;
 
     #[allow(deprecated)]
     fn devices() -> [Device; 2] {
@@ -466,15 +467,11 @@ mod tests {
     #[test]
     fn half_tensors_compute_in_f32_and_come_back_in_their_format() {
         let device = Device::flex().autodiff();
-        device.seed(9);
         for dtype in [DType::F16, DType::BF16] {
             let half = |t: Tensor<4>| t.cast(dtype).detach().require_grad();
-            let x = half(Tensor::random([5, 2, 8, 8], Distribution::Default, &device));
-            let weight = half(Tensor::random([3, 2, 3, 3], Distribution::Default, &device));
-            let bias = Tensor::<1>::random([3], Distribution::Default, &device)
-                .cast(dtype)
-                .detach()
-                .require_grad();
+            let x = half(uniform([5, 2, 8, 8], 1, &device));
+            let weight = half(uniform([3, 2, 3, 3], 2, &device));
+            let bias = uniform([3], 3, &device).cast(dtype).detach().require_grad();
             let ours = conv2d_relu_pool(x.clone(), weight.clone(), bias.clone());
             assert_eq!(ours.dtype(), dtype);
 
@@ -499,7 +496,7 @@ mod tests {
                 assert_eq!(a, b, "{what}");
             };
             // Values of the format, so that the incoming gradient is the same in both passes.
-            let probe = Tensor::<4>::random(ours.dims(), Distribution::Default, &device)
+            let probe = uniform(ours.dims(), 4, &device)
                 .cast(dtype)
                 .cast(DType::F32);
             let grads = (ours.clone().cast(DType::F32) * probe.clone())
@@ -522,29 +519,20 @@ mod tests {
     #[test]
     fn linear_on_half_tensors_computes_in_f32_and_rounds() {
         let device = Device::flex().autodiff();
-        device.seed(13);
         for dtype in [DType::F16, DType::BF16] {
             let leaf = |t: Tensor<2>| t.cast(dtype).detach().require_grad();
             // Several tiles of every product, with partial ones at the edges.
             let (batch, inputs, outputs) = (130, 135, 140);
-            let x = leaf(Tensor::random(
-                [batch, inputs],
-                Distribution::Default,
-                &device,
-            ));
-            let w = leaf(Tensor::random(
-                [inputs, outputs],
-                Distribution::Default,
-                &device,
-            ));
-            let b = Tensor::<1>::random([outputs], Distribution::Default, &device).cast(dtype);
+            let x = leaf(uniform([batch, inputs], 5, &device));
+            let w = leaf(uniform([inputs, outputs], 6, &device));
+            let b = uniform([outputs], 7, &device).cast(dtype);
             let ours = linear(x.clone(), w.clone(), b.clone(), true);
             assert_eq!(ours.dtype(), dtype);
             let wide = |t: &Tensor<2>| t.clone().detach().cast(DType::F32).detach().require_grad();
             let (x32, w32) = (wide(&x), wide(&w));
             let reference = linear(x32.clone(), w32.clone(), b.cast(DType::F32), true);
             let rounded = |t: Tensor<2>| t.cast(dtype).cast(DType::F32).into_data();
-            let probe = Tensor::<2>::random([batch, outputs], Distribution::Default, &device)
+            let probe = uniform([batch, outputs], 8, &device)
                 .cast(dtype)
                 .cast(DType::F32);
             let grads = (ours.clone().cast(DType::F32) * probe.clone())

@@ -495,14 +495,14 @@ mod tests {
     /// the parameter and the moments to the same bits as its f32 value divided beforehand.
     #[test]
     fn a_scaled_half_gradient_is_unscaled_as_it_is_read() {
-        use burn::tensor::{DType, Distribution};
+        use crate::test_data::{normal, uniform};
+        use burn::tensor::DType;
         let device = Device::flex();
-        device.seed(5);
         let adam = |factor: f32| adam(None, factor);
         // Several rayon chunks, and a tail.
-        let param = Tensor::<2>::random([300, 201], Distribution::Default, &device);
+        let param = uniform([300, 201], 1, &device);
         let scaled = |step: f32| {
-            let g = Tensor::<2>::random([300, 201], Distribution::Normal(0.0, 1.0), &device);
+            let g = normal([300, 201], 1.0, step as u64, &device);
             crate::precision::convert(g.mul_scalar(1024.0 * step), DType::F16)
         };
         let (mut fused, mut fused_state) = (param.clone(), None);
