@@ -44,6 +44,9 @@ impl Classifier for ResidualMlp {
 fn main() -> Result<(), allcores_trainer::Error> {
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/digits-mlp.toml");
     let settings = Settings::load(config.as_ref(), &Layers::default())?;
+    // burn's `Linear` multiplies with matrixmultiply, which has a pool of its own.
+    // SAFETY: no other thread runs yet.
+    unsafe { allcores_trainer::threads::limit_matmul_threads(settings.training.threads) };
     let data = Splits::load(&settings.data)?;
     let (inputs, classes) = (data.train.shape().len(), data.classes);
 

@@ -234,6 +234,13 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return argument_error(&e),
     };
+    if let Command::Train(args) = &cli.command {
+        // A config that does not load is reported by the command itself, below.
+        if let Ok(settings) = Settings::load(&args.config, &layers(args.overrides.clone())) {
+            // SAFETY: no thread has started yet: the signal handlers start below.
+            unsafe { allcores_trainer::threads::limit_matmul_threads(settings.training.threads) };
+        }
+    }
     // Only the commands that can stop at a safe point catch the signals; the others end at once,
     // as by default.
     let interrupt = match &cli.command {

@@ -75,7 +75,6 @@ impl ThreadPlan {
     /// matrixmultiply reads its count once per process: a second plan with another count in the
     /// same process keeps the first (results are equal at any count; only speed differs).
     pub fn install(&self) -> Result<rayon::ThreadPool> {
-        self.fix_matmul_threads();
         rayon::ThreadPoolBuilder::new()
             .num_threads(self.threads)
             .thread_name(|i| format!("allcores-{i}"))
@@ -84,25 +83,32 @@ impl ThreadPlan {
     }
 }
 
-impl ThreadPlan {
-    /// Sets matrixmultiply's thread count, if no earlier plan in this process did.
-    pub fn fix_matmul_threads(&self) {
-        set_matmul_threads(self.matmul_threads);
-    }
-}
-
 /// Threads this process may run at once.
 pub fn available_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Sets `MATMUL_NUM_THREADS` once per process, before any matrix product reads it.
-fn set_matmul_threads(threads: usize) {
+/// Gives matrixmultiply (burn-ndarray's matrix product, which a model of burn's own layers
+/// uses; the built-in models use the trainer's kernels) the threads a run of `setting` may
+/// use, capped at [`MATMUL_MAX_THREADS`]: without it, matrixmultiply takes every core, whatever
+/// the run's thread count. It reads `MATMUL_NUM_THREADS` once per process, at its first matrix
+/// product, so only the first call counts. Results are the same at any count; only speed and
+/// CPU use differ.
+///
+/// # Safety
+///
+/// It sets an environment variable, which races with any other thread that reads or writes
+/// the environment: call it before the process starts a thread (the signal handlers of
+/// `allcores_eval::Interrupt` included), as the first thing `main` does.
+pub unsafe fn limit_matmul_threads(setting: Threads) {
     static SET: OnceLock<usize> = OnceLock::new();
     SET.get_or_init(|| {
-        // SAFETY: called once, before the run's pool starts and before any tensor operation of
-        // this library; a program that reads the environment from other threads at this moment
-        // would race, which is why the command line does this first thing.
+        let threads = match setting {
+            Threads::Auto => available_threads(),
+            Threads::Count(n) => n.get(),
+        }
+        .min(MATMUL_MAX_THREADS);
+        // SAFETY: the caller guarantees that no other thread runs yet.
         unsafe { std::env::set_var("MATMUL_NUM_THREADS", threads.to_string()) };
         threads
     });

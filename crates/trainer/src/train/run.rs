@@ -52,7 +52,6 @@ impl<T: Task> Run<'_, T> {
         const BUDGET: Duration = Duration::from_secs(2);
         let training = &self.settings.training;
         let available = ThreadPlan::new(Threads::Auto);
-        available.fix_matmul_threads();
         let device = device(training.backend);
         let model = seeded_init(&device, training.seed, init)?;
         let samples = self.task.samples();
