@@ -83,16 +83,22 @@ impl<T: Task> Pass<'_, T> {
             loss_sum += loss;
         };
         if self.concurrent && pieces.len() > 1 {
-            // Each piece on a fork: its own autodiff graph (clones would share one graph and its
-            // lock, and deadlock inside the pool).
-            let results: Vec<_> = pieces
-                .par_iter()
-                .map(|piece| {
-                    let fork = working.clone().fork(self.device);
-                    self.piece_gradients(&fork, piece, divisor)
-                })
-                .collect();
-            results.into_iter().for_each(&mut add);
+            // As many pieces at once as there are threads, then their gradients summed (in
+            // order) before the next ones start: a step holds a wave's gradients and
+            // activations, never all of its pieces', so accumulation keeps its promise of a
+            // large batch in the memory of a small one. Each piece runs on a fork: its own
+            // autodiff graph (clones would share one graph and its lock, and deadlock inside
+            // the pool).
+            for wave in pieces.chunks(rayon::current_num_threads().max(1)) {
+                let results: Vec<_> = wave
+                    .par_iter()
+                    .map(|piece| {
+                        let fork = working.clone().fork(self.device);
+                        self.piece_gradients(&fork, piece, divisor)
+                    })
+                    .collect();
+                results.into_iter().for_each(&mut add);
+            }
         } else {
             for piece in pieces {
                 add(self.piece_gradients(&working, piece, divisor));
