@@ -16,12 +16,15 @@ use common::*;
 fn the_same_weights_at_one_and_two_threads_on_every_path() {
     let dir = tempfile::tempdir().unwrap();
     let config = gpt_config(dir.path());
-    let paths: [&[&str]; 5] = [
+    let paths: [&[&str]; 7] = [
         &[],
         &["training.accumulation_steps=4", "training.batch_size=1"],
         &["training.shards=2"],
         &["training.precision=bf16"],
         &["training.precision=bf16", "training.backend=flex"],
+        // f16 with dynamic loss scaling, on both backends.
+        &["training.precision=f16"],
+        &["training.precision=f16", "training.backend=flex"],
     ];
     let mut hashes = Vec::new();
     for (i, sets) in paths.iter().enumerate() {
