@@ -169,7 +169,7 @@ struct BenchArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
     /// After each thread count n > 1, also run n one-thread runs at once: the efficiency
-    /// this machine gives independent work, a ceiling for the runs' (needs 1 first in
+    /// this machine gives independent work, a ceiling for the runs' (needs 1 among the counts in
     /// --threads).
     #[arg(long)]
     ceiling: bool,
@@ -488,11 +488,11 @@ fn print_summary(summary: &Summary, json: bool) {
         ),
     }
     out!(
-        "{} · {} · {} in {:.1} s ({} samples/s) · {}, CPU {:.0}% busy · peak RSS {} MiB",
+        "{} · {} · {} in {:.1} s of training ({} samples/s) · {}, CPU {:.0}% busy · peak RSS {} MiB",
         counted(summary.epochs, "epoch"),
         counted(summary.steps, "step"),
         counted(summary.samples, "sample"),
-        summary.wall_seconds,
+        summary.train_seconds,
         thousands(summary.samples_per_second),
         counted(summary.threads as u64, "thread"),
         summary.cpu_utilization * 100.0,

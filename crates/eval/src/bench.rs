@@ -45,7 +45,7 @@ pub struct BenchRequest {
     /// The `allcores` executable that runs each thread count; `None`: this process's own.
     pub program: Option<PathBuf>,
     /// After each run at n > 1 threads, also run n one-thread runs at once: what the machine
-    /// gives independent work (see [`BenchRun::ceiling`]). Needs 1 as the first thread count.
+    /// gives independent work (see [`BenchRun::ceiling`]). Needs 1 among the thread counts.
     pub ceiling: bool,
     /// Rounds over the thread counts (at least 1); each is reported by its median run.
     pub repeat: u64,
@@ -174,7 +174,7 @@ fn check(request: &BenchRequest) -> Result<(Vec<usize>, Settings), EvalError> {
         return Err(EvalError::Argument {
             arg: "--ceiling".into(),
             message: format!(
-                "compares n one-thread runs with the run at 1 thread: start --threads with 1 \
+                "compares n one-thread runs with the run at 1 thread: include 1 in --threads \
                  (got {})",
                 request.threads
             ),

@@ -1,6 +1,6 @@
 //! Times training steps of the built-in CNN (conv 1->32 3x3, pool, conv 32->64 3x3, pool, dense
 //! 128, 10 classes; Adam, f32, random inputs) with the crate's convolution kernels and with burn's
-//! own `Conv2d` + `MaxPool2d`, the same steps as `bench/torch_probe.py THREADS cnn BATCH STEPS`.
+//! own `Conv2d` + `MaxPool2d`, the steps `benches/torch_steps.py --model cnn` times in PyTorch.
 //!
 //! Run: cargo run --release -p allcores-trainer --example cnn_step_bench -- BACKEND THREADS VARIANT [STEPS] [BATCH]
 //! with BACKEND `ndarray` or `flex` and VARIANT `kernels` or `burn`. One process per thread

@@ -38,9 +38,11 @@ pub struct Summary {
     pub steps: u64,
     /// Training samples processed.
     pub samples: u64,
-    /// The whole run, scoring and saving included.
+    /// This process's wall time, scoring and saving included: the whole run, or for a resumed
+    /// run the part since the resume.
     pub wall_seconds: f64,
-    /// Training only: forward, backward, optimizer, data batching.
+    /// Training only (forward, backward, optimizer, data batching), over the whole run: every
+    /// part of a resumed run, like `steps` and `samples`.
     pub train_seconds: f64,
     /// Writing checkpoints, in this process.
     pub checkpoint_seconds: f64,
