@@ -24,7 +24,7 @@ pub struct Optimizer {
     pub module: ModuleOptimizer,
     /// How the optimizer reads the next step's gradients: every fused update reads them in any
     /// format and unscales (and rounds) them as this says, so it can be handed a scaled loss's
-    /// half-precision gradients as they are ([`crate::precision::Unscaling::ByOptimizer`]).
+    /// half-precision gradients as they are ([`crate::precision::GradientReading`]).
     pub reading: SharedReading,
 }
 

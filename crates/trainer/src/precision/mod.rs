@@ -3,10 +3,10 @@
 //! Each step the trainer makes a half-precision working copy of the master weights
 //! ([`Compute::working_copy`]: the same parameter ids, so its gradients are keyed like the
 //! master's), runs forward and backward on it, hands the gradients to the optimizer
-//! ([`Compute::gradients_for_optimizer`]: divided by the loss scale, in f32) and the optimizer
-//! updates the f32 master with its f32 state. The fused optimizers take them as they are, in half
-//! precision (or, emulated, in f32 not yet rounded), and divides (and rounds) as it reads them
-//! ([`Unscaling::ByOptimizer`], [`GradientReading`]). The loss and its softmax run in f32, on
+//! ([`Compute::gradients_for_optimizer`]: checked under a loss scale) and the optimizer updates
+//! the f32 master with its f32 state. The fused optimizers take them as they are, in half
+//! precision (or, emulated, in f32 not yet rounded), and divide (and round) them as they read
+//! them ([`GradientReading`]). The loss and its softmax run in f32, on
 //! logits cast up, as PyTorch's autocast does.
 //!
 //! - burn-flex has F16 and BF16 tensors: there the working copy, the inputs and every activation
@@ -86,19 +86,8 @@ impl std::fmt::Display for PrecisionMode {
     }
 }
 
-/// Where the gradients of a step are divided by the loss scale and brought to f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unscaling {
-    /// In a pass of their own, before the optimizer: it takes them as they come.
-    Before,
-    /// By the optimizer, as it reads them (the fused updates' `SharedReading`): before it they are
-    /// only checked, one pass that reads, and half-precision gradients stay half. Emulated half
-    /// precision's rounding of the gradients is left to it too.
-    ByOptimizer,
-}
-
-/// What is left to do to each gradient of a step as the optimizer reads it
-/// ([`Unscaling::ByOptimizer`]): round it to a half format, then multiply it by a factor (the
+/// What is left to do to each gradient of a step as the optimizer reads it: round it to a half
+/// format, then multiply it by a factor (the
 /// inverse of the loss scale). Each element in turn, in cache: the gradients of a step go from
 /// the backward pass to the update without a pass over memory of their own.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -184,82 +173,69 @@ impl Compute {
 
     /// The gradients of the working copy as gradients of the master for the optimizer (`master`
     /// names the parameters), whether all of them are finite (checked only with a loss `scale`:
-    /// `true` without), and what the optimizer is still to do to them as it reads them.
-    /// Emulated half precision rounds them to the format, as its gradients would be: here, or,
-    /// when the optimizer unscales them, by the optimizer. Then they are divided by the scale and
-    /// brought to f32, or only checked, as `unscaling` says.
+    /// `true` without), and what the optimizer is still to do to them as it reads them: divide
+    /// them by the scale and, emulated, round them to the half format first, as the working
+    /// copy's own gradients would be. Before it they are only checked, one pass that reads, and
+    /// half-precision gradients stay half.
     pub fn gradients_for_optimizer<M: Module>(
         &self,
         mut grads: GradientsParams,
         master: &M,
         scale: Option<f32>,
-        unscaling: Unscaling,
     ) -> (GradientsParams, bool, GradientReading) {
-        let emulated = match self.mode {
+        let (finite, reading) = check_for_optimizer(&mut grads, master, scale, self.emulated());
+        (grads, finite, reading)
+    }
+
+    /// The gradients of one piece of a step, in f32 to be summed with the others' (emulated,
+    /// rounded to the half format first, as the working copy's own gradients would be). A
+    /// step of several pieces is never scaled piece by piece: its sum is, once.
+    pub fn piece_gradients_in_f32<M: Module>(
+        &self,
+        mut grads: GradientsParams,
+        master: &M,
+    ) -> GradientsParams {
+        let emulated = self.emulated();
+        master.visit(&mut EachGradient {
+            grads: &mut grads,
+            map: |g: Tensor<1>| match emulated {
+                Some(format) => round_to_half(g, format),
+                None => convert(g, DType::F32),
+            },
+        });
+        grads
+    }
+
+    /// The half format an emulated run rounds to; `None` for f32 and native half precision.
+    fn emulated(&self) -> Option<HalfFormat> {
+        match self.mode {
             PrecisionMode::Emulated => self.half,
             PrecisionMode::Native => None,
-        };
-        let round_to = match (emulated, unscaling) {
-            (Some(format), Unscaling::Before) => {
-                master.visit(&mut EachGradient {
-                    grads: &mut grads,
-                    map: |g: Tensor<1>| round_to_half(g, format),
-                });
-                None
-            }
-            (round_to, _) => round_to,
-        };
-        let (finite, reading) = unscale(&mut grads, master, scale, unscaling, round_to);
-        (grads, finite, reading)
+        }
     }
 }
 
-/// Makes gradients ready for the optimizer as `unscaling` says: divided by the loss `scale` and
-/// brought to f32, or only checked (with the values they take once rounded `round_to`, which is
-/// then left to the optimizer). Returns whether every one of them is finite (`true` without a
-/// scale), and what the optimizer is still to do to them.
-pub fn unscale<M: Module>(
+/// Checks a step's gradients for the optimizer, which divides them by the loss `scale` (and
+/// rounds them `round_to`) as it reads them: returns whether every one of them is finite once
+/// so read (`true` without a scale, when nothing is checked), and that reading.
+pub fn check_for_optimizer<M: Module>(
     grads: &mut GradientsParams,
     master: &M,
     scale: Option<f32>,
-    unscaling: Unscaling,
     round_to: Option<HalfFormat>,
 ) -> (bool, GradientReading) {
     let factor = scale.map_or(1.0, |scale| 1.0 / scale);
     let mut finite = true;
-    match unscaling {
-        Unscaling::ByOptimizer => {
-            if scale.is_some() {
-                master.visit(&mut EachGradient {
-                    grads,
-                    map: |g: Tensor<1>| {
-                        finite &= round::all_finite(&g, factor, round_to);
-                        g
-                    },
-                });
-            }
-            (finite, GradientReading { round_to, factor })
-        }
-        Unscaling::Before => {
-            assert!(
-                round_to.is_none(),
-                "unscale: rounding is left to the optimizer"
-            );
-            master.visit(&mut EachGradient {
-                grads,
-                map: |g: Tensor<1>| match scale {
-                    // Half tensors are read and widened chunk by chunk: one pass, f32 out.
-                    Some(_) => {
-                        let (g, all_finite) = round::scale_and_check(g, factor);
-                        finite &= all_finite;
-                        g
-                    }
-                    None => convert(g, DType::F32),
-                },
-            });
-            (finite, GradientReading::AS_THEY_ARE)
-        }
+    if scale.is_some() {
+        master.visit(&mut EachGradient {
+            grads,
+            map: |g: Tensor<1>| {
+                finite &= round::all_finite(&g, factor, round_to);
+                g
+            },
+        });
     }
+    (finite, GradientReading { round_to, factor })
 }
 
 /// Whether every weight of `model` is finite.

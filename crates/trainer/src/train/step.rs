@@ -12,7 +12,7 @@ use super::plan::StepPlan;
 use super::task::Task;
 use crate::optim::Optimizer;
 use crate::polling::Poller;
-use crate::precision::{self, Compute, GradientReading, LossScaler, ScalerState, Unscaling};
+use crate::precision::{self, Compute, GradientReading, LossScaler, ScalerState};
 
 /// The summed gradients of a step, ready for the optimizer.
 pub(super) struct StepGradients {
@@ -44,7 +44,7 @@ impl<T: Task> Pass<'_, T> {
     /// working copy of `model` (half precision or the f32 master itself): the summed gradients,
     /// checked for overflow under a loss scale, and left to the optimizer to unscale (and,
     /// emulated, round) as it reads them: every optimizer is a fused update
-    /// ([`Unscaling::ByOptimizer`]).
+    /// ([`GradientReading`]).
     ///
     /// Each piece's loss is its samples' summed loss over the whole step's loss units (samples,
     /// or target tokens), so the summed gradient is exactly that of the step's mean loss, the
@@ -59,12 +59,9 @@ impl<T: Task> Pass<'_, T> {
         if let [piece] = &pieces[..] {
             // One piece: its gradients are the step's, made ready for the optimizer in one pass.
             let (grads, loss) = self.piece_gradients(&working, piece, divisor);
-            let (grads, finite, reading) = self.compute.gradients_for_optimizer(
-                grads,
-                model,
-                self.loss_scale,
-                Unscaling::ByOptimizer,
-            );
+            let (grads, finite, reading) =
+                self.compute
+                    .gradients_for_optimizer(grads, model, self.loss_scale);
             return StepGradients {
                 grads,
                 finite,
@@ -76,10 +73,10 @@ impl<T: Task> Pass<'_, T> {
         let mut loss_sum = 0.0f32;
         let mut add = |(piece_grads, loss): (GradientsParams, f32)| {
             // Each piece's gradients rounded as its own would be, and in f32 to be summed.
-            let (piece_grads, _, _) =
-                self.compute
-                    .gradients_for_optimizer(piece_grads, model, None, Unscaling::Before);
-            grads.accumulate(model, piece_grads);
+            grads.accumulate(
+                model,
+                self.compute.piece_gradients_in_f32(piece_grads, model),
+            );
             loss_sum += loss;
         };
         if self.concurrent && pieces.len() > 1 {
@@ -106,13 +103,8 @@ impl<T: Task> Pass<'_, T> {
         }
         // Scaling and the overflow check apply to the step's summed gradients.
         let mut grads = grads.grads();
-        let (finite, reading) = precision::unscale(
-            &mut grads,
-            model,
-            self.loss_scale,
-            Unscaling::ByOptimizer,
-            None,
-        );
+        let (finite, reading) =
+            precision::check_for_optimizer(&mut grads, model, self.loss_scale, None);
         StepGradients {
             grads,
             finite,
