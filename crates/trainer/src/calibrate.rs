@@ -68,8 +68,8 @@ impl Calibration {
 /// How many of a step's `all` micro-batches (each cut into `shards` pieces) the calibration
 /// times: enough pieces for two on each of `threads` threads, never more than the step has.
 /// The pieces of a step cost the same whether it has few or many, so a part of the step ranks
-/// the candidates as the whole does; timing whole steps of heavy accumulation took a CNN run
-/// (500 micro-batches of 32) 7.2 s to calibrate, where the budget is 2.
+/// the candidates as the whole does; timing whole steps of heavy accumulation overran the
+/// calibration's budget several times over.
 pub fn micro_batches_to_time(all: usize, shards: usize, threads: usize) -> usize {
     (2 * threads).div_ceil(shards.max(1)).clamp(1, all.max(1))
 }
@@ -98,10 +98,9 @@ pub fn candidates(available: usize, pieces_per_step: usize) -> Vec<Candidate> {
 }
 
 /// How long each candidate runs untimed first. A fresh pool's other cores can take a few
-/// milliseconds to come up to speed on a VM: after one warm-up step, the MLP's 2-thread steps
-/// (batch 128, 2-core development VM) were timed at 3.0 to 3.7 ms in 14 calibrations of 20,
-/// where the run's steps take 2.3, and 1 thread was chosen in 4 of them; after 50 ms, at 1.9 to
-/// 2.7 ms (2.3 or less in 18) in 20 of 20, and 2 threads chosen every time.
+/// milliseconds to come up to speed on a VM: after a single warm-up step, the MLP's 2-thread
+/// steps were timed well above the run's own and 1 thread was sometimes chosen; after this
+/// long, 2 threads were chosen every time (`docs/performance.md`).
 const WARM_UP: Duration = Duration::from_millis(50);
 
 /// Runs `step` under each candidate (in a pool of its thread count): warm-up calls for

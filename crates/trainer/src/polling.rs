@@ -4,10 +4,10 @@
 //! A training step is some twenty parallel regions (the matrix products, the optimizer's pass)
 //! with a little serial work between them (burn's autodiff bookkeeping, the loss). rayon puts a
 //! thread that has found no work for a few dozen rounds (some tens of microseconds) to sleep,
-//! and the next region then waits for it to wake. On the 2-core development VM a region of two
-//! 100 us halves took 101 us right after another one, and 150 to 170 us (median) after a serial
-//! gap of 50 us or more; with the host busy, a sleeping core came back milliseconds late, and the
-//! MLP's 2-thread step took longer than its 1-thread one. OpenMP (PyTorch's threads) polls for a
+//! and the next region then waits for it to wake: a region that follows a serial gap takes
+//! markedly longer than one that follows another region, and on a busy host a sleeping core can
+//! come back so late that a 2-thread step is slower than a 1-thread one (the figures are in
+//! `docs/performance.md`, "Figures moved from the source"). OpenMP (PyTorch's threads) polls for a
 //! while before it sleeps; this gives rayon's threads the same habit for the length of a run's
 //! steps: at the start of each step (or calibration step) [`Poller::arm`] sends every thread
 //! but the one driving the step a job that takes whatever work the pool has, one job after the
@@ -136,7 +136,7 @@ fn poll() {
 /// giving up). Its time is counted by the clock until the thread first yields its core, and by
 /// the thread's own CPU clock after that: while it has yielded, the core may run another
 /// process, and counting that time as this one's polling made a run beside a busy compiler
-/// report its threads 4% to 8% busy while they trained at a third of their quiet speed.
+/// report its threads as nearly idle while they trained far below their quiet speed.
 #[derive(Debug, Clone, Copy)]
 struct Spell {
     since: Instant,

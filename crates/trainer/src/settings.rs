@@ -603,8 +603,8 @@ impl fmt::Display for Backend {
 }
 
 /// The largest `training.threads`: a pool that size is a typo, not a machine. Each thread is an
-/// OS thread with its own stack, and a run with a thousand of them on 2 cores already took 5 s
-/// for two steps; larger counts made a run look hung while it spawned them.
+/// OS thread with its own stack, and a run with a thousand of them on 2 cores already took
+/// seconds a step; larger counts made a run look hung while it spawned them.
 pub const MAX_THREADS: usize = 1024;
 
 /// `training.threads`: a positive count, or `"auto"` for what the process may use.

@@ -3,7 +3,7 @@
 //!
 //! The `half` crate's slice conversions call a non-inlined function per 8 values and write into
 //! initialised slices only (so buffers get zeroed first): in an f16 training step on burn-flex
-//! they took 16% of the time. Here f16 uses AVX-512F's 16-lane conversion (or F16C's 8-lane one)
+//! they took a large share of the time. Here f16 uses AVX-512F's 16-lane conversion (or F16C's 8-lane one)
 //! chosen at run time, and bf16, which is the top half of an f32, plain loops that vectorise.
 //! Rounding is to nearest, ties to even, as in `half` (the same bits: a test checks).
 //!

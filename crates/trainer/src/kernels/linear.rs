@@ -20,8 +20,7 @@ use super::values::{Buffer, Held, Values};
 
 /// Tile of the `[batch, features]` products (the output and the input gradient): samples x
 /// features. A batch of 128 through a 512-wide layer is 4 equal tasks. Smaller tiles made the
-/// MLP's products slower (each tile packs its share of both factors again): 64 x 128 tiles
-/// cost 7% at one thread (`time_mlp_layers`, batch 128).
+/// MLP's products slower (each tile packs its share of both factors again; `time_mlp_layers`).
 pub const TILE: (usize, usize) = (128, 128);
 
 /// Tile of the weight gradient `[inputs, outputs]`, whose sums run over the batch. More than 128
@@ -184,10 +183,10 @@ fn gradients(
     };
     // dx = g · Wᵀ. Each tile copies out the part of Wᵀ it multiplies by, row-major and in f32,
     // while it is in cache: GEMM packs a transposed operand slowly (reading Wᵀ in place made
-    // this product 1.6x slower than the forward one), and transposing the whole of W first was
-    // a pass over memory of its own (0.4 ms of an MLP step at one thread). With several rows of
-    // tiles (batches over 128) each tile still copies its own: sharing one block per column of
-    // tiles was no faster at one thread and 1.02x to 1.06x slower at two (MLP, batch 256).
+    // this product much slower than the forward one), and transposing the whole of W first was
+    // a pass over memory of its own. With several rows of tiles (batches over 128) each tile
+    // still copies its own: sharing one block per column of tiles was no faster at one thread
+    // and slower at two.
     let x_grad = || {
         input_grad.then(|| {
             // No depth: cut as the ReLU mask below this layer, which rewrites it in place.
@@ -233,8 +232,7 @@ fn relu_mask(dy: Values<'_>, y: Values<'_>, s: LinearShape) -> Buffer {
 /// [`relu_mask`] in place, for an f32 `dy` that the caller owns: its elements where `y` is not
 /// positive become zero, the same bits as [`relu_mask`]'s. Writing where it reads, in the tiles
 /// the product above wrote `dy` in, rather than into a fresh matrix (whose memory, at two
-/// threads, was often last written by the other core) took the MLP's two masks from 54 to 30 us
-/// a step at one thread and from 62 to 72 down to 42 to 45 us at two (batch 128).
+/// threads, was often last written by the other core), nearly halved the masks' time.
 pub fn relu_mask_in_place(dy: &mut [f32], y: Values<'_>, s: LinearShape) {
     assert_eq!(y.len(), dy.len(), "linear backward: output size");
     for_each_tile_in_place(dy, (s.batch, s.outputs), TILE, |tile| {

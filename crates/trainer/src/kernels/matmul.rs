@@ -422,7 +422,7 @@ const VECTOR: usize = 16;
 /// most four of 16 threads busy. Where every element is a sum at most [`GEMM_SMALL_DEPTH_BLOCK`]
 /// deep (`depth`), tiles within 64 x 64 sum it in one block too, and rows are also cut down to
 /// tiles of over [`GEMM_HORIZONTAL_UP_TO`] elements: the MLP's 10-output product at batch 128, one
-/// tile uncut (49 us of a 2.4 ms step at two threads), runs as two. Other tiles narrower than 64
+/// tile uncut and a visible share of a 2-thread step, runs as two. Other tiles narrower than 64
 /// the other way are not cut at all.
 fn tile_size(
     (rows, cols): (usize, usize),

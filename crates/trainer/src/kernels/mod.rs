@@ -87,7 +87,7 @@ where
 
 /// [`build_in_parallel_with`] for a `fill` that writes every element of its chunk: the chunks are
 /// handed over uninitialised, without the zeroing pass (a memory pass as long as the writing
-/// one: 6% of an emulated half-precision MLP step went to it).
+/// one, a measurable part of an emulated half-precision MLP step).
 ///
 /// # Safety
 /// `fill(i, part)` must initialise every element of `part`.

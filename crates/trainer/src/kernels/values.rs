@@ -152,9 +152,9 @@ impl<'a> Values<'a> {
 /// Half-precision operands up to this many elements (1 MiB as f32) are widened whole, once per
 /// product, rather than block by block in every tile that reads them: a tile widens its rows of
 /// one factor and its columns of the other, so a factor read by several tiles is widened
-/// several times (the MLP's activations at batch 128 up to 7 times). Widening them once made an
-/// f16 MLP step on burn-flex about 4% faster. Larger operands (a large batch's activations)
-/// stay half and are widened tile by tile, so the memory saving stays.
+/// several times (the MLP's activations at batch 128 up to 7 times), and widening them once made
+/// an f16 MLP step on burn-flex faster. Larger operands (a large batch's activations) stay half
+/// and are widened tile by tile, so the memory saving stays.
 pub const WIDEN_WHOLE_MAX: usize = 1 << 18;
 
 /// Values that are either borrowed or owned: a tensor's elements as a backend hands them out

@@ -121,8 +121,8 @@ impl FusedAdam {
 /// names and values) but from a copy of each moment that no other handle shares. burn-ndarray
 /// turns a shared tensor into data one element at a time over dynamic-rank indices (ndarray's
 /// slow `IxDyn` iteration), and the optimizer's own state is always shared while a checkpoint
-/// reads it: that was about 40% of the time of an MLP checkpoint (0.75 against 0.45 s for the
-/// default MLP run's ten). An unshared copy hands its buffer over whole.
+/// reads it: that was a large part of the time of a checkpoint. An unshared copy hands its
+/// buffer over whole.
 #[derive(Clone)]
 pub struct FusedAdamState<const D: usize>(AdamState<D>);
 
