@@ -1,8 +1,12 @@
 //! f32 matrix products on strided slices: one product, always single-threaded ([`matmul`]), and
 //! a product spread over rayon in fixed output tiles ([`for_each_tile`], [`Tile::matmul`]).
 //!
-//! The kernels parallelise over samples or output tiles themselves; a GEMM that split its own
-//! work across threads would make the summation order depend on the thread count.
+//! The kernels parallelise over samples or output tiles themselves, and call gemm one tile at a
+//! time: the tiles are where the fused epilogues (bias, ReLU masks) and the widening of
+//! half-precision blocks happen. gemm's own threading would not change a sum either: it takes
+//! its depth block from the shapes alone and runs the depth loop outermost, and
+//! `gemm_threads` below checks its products bit for bit at 1 to 8 threads. That holds for gemm
+//! 0.19.0, which the workspace pins exactly.
 
 use std::borrow::Cow;
 use std::marker::PhantomData;
@@ -637,5 +641,82 @@ mod tests {
             true,
         );
         assert_eq!(dst, [116.0, 128.0, 278.0, 308.0]);
+    }
+}
+
+/// The premise of this module, tested: does gemm's own threading change a product's bits?
+/// gemm 0.19 takes its depth block from the shapes alone and runs the depth loop outermost,
+/// in order, so splitting the output among threads should not change any sum. This checks it
+/// at 1, 2, 3 and 8 threads against the single-threaded product, bit for bit, on the shapes
+/// the built-in models multiply (batch 128; the GPT's 768 rows), depths above and below gemm's
+/// small-product block included.
+#[cfg(test)]
+mod gemm_threads {
+    use rand::{Rng, SeedableRng};
+
+    fn product(a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize), threads: usize) -> Vec<f32> {
+        let mut c = vec![0.0f32; m * n];
+        let parallelism = match threads {
+            1 => ::gemm::Parallelism::None,
+            n => ::gemm::Parallelism::Rayon(n),
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        // SAFETY: `a` is m x k, `b` k x n and `c` m x n, all row-major and as long as that.
+        pool.install(|| unsafe {
+            ::gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        });
+        c
+    }
+
+    #[test]
+    fn gemm_gives_the_same_bits_at_any_thread_count() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let shapes = [
+            (128, 784, 512), // MLP: first layer forward
+            (784, 128, 512), // its weight gradient
+            (128, 512, 512),
+            (128, 512, 10),
+            (128, 10, 512),
+            (768, 128, 384), // GPT: attention's input projection
+            (768, 512, 128), // the MLP's down projection
+            (128, 768, 512), // a weight gradient summed over 768 rows
+            (64, 1600, 128), // CNN: the dense layer
+        ];
+        for (m, k, n) in shapes {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let one = product(&a, &b, (m, k, n), 1);
+            for threads in [2, 3, 8] {
+                let many = product(&a, &b, (m, k, n), threads);
+                let same = one
+                    .iter()
+                    .zip(&many)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "({m}, {k}, {n}) at {threads} threads");
+            }
+        }
     }
 }
