@@ -76,6 +76,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on as it came.
         let pointer = unsafe { System.alloc_zeroed(layout) };
         if !pointer.is_null() {
             count(layout.size() as isize);
@@ -84,11 +85,13 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, passed on as it came.
         unsafe { System.dealloc(pointer, layout) };
         count(-(layout.size() as isize));
     }
 
     unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on as it came.
         let moved = unsafe { System.realloc(pointer, layout, new_size) };
         if !moved.is_null() {
             count(new_size as isize - layout.size() as isize);

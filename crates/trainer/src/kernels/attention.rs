@@ -287,12 +287,14 @@ fn pair_backward(
     for (r0, r1) in blocks(time) {
         let dst = (at.q + r0 * row, row);
         let dims = (r1 - r0, r1, head_dim);
+        // SAFETY: this pair's rows of q, as above.
         unsafe { product(d_qkv, dst, d_scores.at(r0, 0), k, dims, scale) };
     }
     // dK = dSᵀ · Q / sqrt(head_dim): key `j` from the queries from `j` on.
     for (c0, c1) in blocks(time) {
         let dst = (at.k + c0 * row, row);
         let dims = (c1 - c0, time - c0, head_dim);
+        // SAFETY: this pair's rows of k, as above.
         unsafe {
             product(
                 d_qkv,

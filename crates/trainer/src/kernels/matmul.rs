@@ -77,7 +77,10 @@ impl<'a> Mat<'a> {
         }
         // Views are made by `Mat::rows` or `Mat::transposed`: one of the strides is 1.
         let row_major = self.col_stride == 1;
-        debug_assert!(row_major || self.row_stride == 1, "a strided view");
+        assert!(
+            row_major || self.row_stride == 1,
+            "gemm: a strided half-precision view"
+        );
         let (row_stride, col_stride) = if row_major { (cols, 1) } else { (1, rows) };
         let mut data = Vec::with_capacity(rows * cols);
         let out = &mut data.spare_capacity_mut()[..rows * cols];
@@ -205,9 +208,10 @@ impl<T> Clone for SharedDst<T> {
 
 impl<T> Copy for SharedDst<T> {}
 
-// SAFETY: tasks reach the matrix only through disjoint tiles.
-unsafe impl<T> Send for SharedDst<T> {}
-unsafe impl<T> Sync for SharedDst<T> {}
+// SAFETY: tasks reach the matrix only through disjoint tiles, each writing its own elements
+// from its own thread: the elements must be safe to hand to another thread.
+unsafe impl<T: Send> Send for SharedDst<T> {}
+unsafe impl<T: Send> Sync for SharedDst<T> {}
 
 /// One tile of a matrix being computed by [`for_each_tile`]: rows `row..row + rows`, columns
 /// `col..col + cols`, owned by one task and written in f32 on its canvas (the matrix itself, or a
@@ -232,8 +236,12 @@ impl Tile<'_> {
         self.col..self.col + self.cols
     }
 
-    fn ptr(&self, i: usize) -> *mut f32 {
-        // SAFETY (of the offset): `i < rows`, so the element lies inside the canvas.
+    /// The first element of the tile's row `i`.
+    ///
+    /// # Safety
+    /// `i < self.rows` (the row then lies inside the canvas), or `i == 0` (no offset at all).
+    unsafe fn ptr(&self, i: usize) -> *mut f32 {
+        // SAFETY: the caller's contract.
         unsafe { self.canvas.add(i * self.stride) }
     }
 

@@ -161,6 +161,11 @@ fn chunks<const N: usize>(arrays: [&mut [f32]; N]) -> Vec<[&mut [f32]; N]> {
 /// flush-to-zero and denormals-are-zero flags, set for the chunk on the thread that runs it and
 /// restored after, so no other computation sees them; the module's doc says why). Which thread
 /// runs a chunk changes nothing: the flags are the same on every one.
+///
+/// No other task can run under the flags: a rayon thread takes another task only inside a
+/// rayon call (`join`, `scope`, a parallel iterator), and [`dispatch`] makes none, down to the
+/// rules' `update_chunk` loops. Keep it so: a rayon call in there would let a stolen task (a
+/// matrix product, a loss) run with subnormals flushed, and round differently on that thread.
 #[cfg(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))]
 pub(super) fn flushed<const N: usize>(
     rule: &impl ElementUpdate<N>,
