@@ -2,7 +2,7 @@
 //! optional fused ReLU. Weights are `[c_out, c_in, k, k]`, as in burn's `Conv2d`.
 //!
 //! Each sample is one im2col and one packed GEMM, run single-threaded; rayon spreads whole chunks
-//! of [`CHUNK`] samples over the threads. The weight and bias gradients are sums over the batch:
+//! of [`SAMPLES_PER_TASK`] samples over the threads. The weight and bias gradients are sums over the batch:
 //! each chunk sums its own samples in order, and the chunk partials are added in chunk order, so
 //! every sum is taken in the same order at any thread count.
 
@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::matmul::{Mat, matmul};
 use super::values::{Buffer, Values, build_as, build_as_with};
-use super::{CHUNK, relu_in_place};
+use super::{SAMPLES_PER_TASK, relu_in_place};
 
 /// The sizes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,12 +136,12 @@ pub fn forward<'a>(
     build_as(
         x.format(),
         s.batch * out_len,
-        CHUNK * out_len,
+        SAMPLES_PER_TASK * out_len,
         |chunk, y| {
             let mut cols = vec![0.0f32; kk * p];
             let mut sample = Vec::new();
             for (i, y) in y.chunks_mut(out_len).enumerate() {
-                let n = chunk * CHUNK + i;
+                let n = chunk * SAMPLES_PER_TASK + i;
                 let x = x.read(n * in_len..(n + 1) * in_len, &mut sample);
                 sample_forward(x, &weight, &bias, &s, &mut cols, y);
                 if relu {
@@ -240,8 +240,8 @@ where
         let mut dcols = vec![0.0f32; if dx.is_some() { kk * p } else { 0 }];
         let mut g = vec![0.0f32; out_len];
         let mut sample = Vec::new();
-        let first = chunk * CHUNK;
-        for (i, n) in (first..s.batch.min(first + CHUNK)).enumerate() {
+        let first = chunk * SAMPLES_PER_TASK;
+        for (i, n) in (first..s.batch.min(first + SAMPLES_PER_TASK)).enumerate() {
             output_grad(n, &mut g);
             for (b, row) in db.iter_mut().zip(g.chunks(p)) {
                 *b += lane_sum(row);
@@ -274,13 +274,15 @@ where
         (dw, db)
     };
     let (dx, partials): (_, Vec<(Vec<f32>, Vec<f32>)>) = if input_grad {
-        let (dx, partials) =
-            build_as_with(x.format(), s.batch * in_len, CHUNK * in_len, |chunk, dx| {
-                chunk_grads(chunk, Some(dx))
-            });
+        let (dx, partials) = build_as_with(
+            x.format(),
+            s.batch * in_len,
+            SAMPLES_PER_TASK * in_len,
+            |chunk, dx| chunk_grads(chunk, Some(dx)),
+        );
         (Some(dx), partials)
     } else {
-        let chunks = s.batch.div_ceil(CHUNK);
+        let chunks = s.batch.div_ceil(SAMPLES_PER_TASK);
         let partials = (0..chunks)
             .into_par_iter()
             .map(|chunk| chunk_grads(chunk, None))

@@ -24,7 +24,7 @@ use half::{bf16, f16};
 use super::conv::{self, ConvGrads, ConvShape};
 use super::linear::{self, LinearGrads, LinearShape};
 use super::values::{Buffer, Format, Held, Values};
-use super::{fused, loss, pool};
+use super::{conv_pool, loss, pool};
 
 /// Convolution and max-pool kernels for the CNN. Shapes are checked by the wrappers in
 /// [`super`]; the operations panic on dtypes that [`HostSlices`] cannot read.
@@ -460,7 +460,7 @@ fn fused_forward<B: HostSlices>(
 ) -> (FloatTensor<B>, Vec<u8>) {
     let s = conv_shape::<B>(x, weight);
     let (x, weight, bias) = (B::read(x), B::read(weight), B::read(bias));
-    let pooled = fused::forward(x.values(), weight.values(), bias.values(), s);
+    let pooled = conv_pool::forward(x.values(), weight.values(), bias.values(), s);
     let shape = vec![s.batch, s.c_out, s.out_height() / 2, s.out_width() / 2];
     (B::write(pooled.y, shape), pooled.argmax)
 }
@@ -609,7 +609,7 @@ impl<B: HostSlices> Backward<B, 3> for ConvReluPoolBackward {
         let s = conv_shape::<B>(&x, &weight);
         let (x_held, weight_held) = (B::read(&x), B::read(&weight));
         let (y, grad) = (B::read(&y), B::read(&grad));
-        let g = fused::backward(
+        let g = conv_pool::backward(
             x_held.values(),
             weight_held.values(),
             y.values(),

@@ -11,7 +11,7 @@
 //! tail the error stays small relative to `Φ` itself, not only to 1 (where `1 + erf` in f32, as
 //! burn's GELU computes it, has no correct digit left).
 //!
-//! Every element is computed on its own (no sum): rayon runs fixed chunks of [`CHUNK`] elements,
+//! Every element is computed on its own (no sum): rayon runs fixed chunks of [`ELEMENTS_PER_TASK`] elements,
 //! and the result does not depend on the thread count. Nor on the CPU's vector width: the
 //! polynomials use fused multiply-adds (`mul_add`, rounded once, so the same bits with the
 //! instruction or without it; AVX2 CPUs have it, older x86 ones take a slow software path).
@@ -20,19 +20,20 @@ use std::f32::consts::FRAC_1_SQRT_2;
 
 use rayon::prelude::*;
 
+use super::ELEMENTS_PER_TASK;
 use super::values::{Buffer, Values, build_as};
-
-/// Elements per rayon task.
-const CHUNK: usize = 1 << 14;
 
 /// `1 / √(2π)`: the normal density at 0.
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// `gelu(x)` for every element of `x`, in the format of `x`.
 pub fn forward(x: Values<'_>) -> Buffer {
-    build_as(x.format(), x.len(), CHUNK, |i, y| {
+    build_as(x.format(), x.len(), ELEMENTS_PER_TASK, |i, y| {
         let mut scratch = Vec::new();
-        let x = x.read(i * CHUNK..i * CHUNK + y.len(), &mut scratch);
+        let x = x.read(
+            i * ELEMENTS_PER_TASK..i * ELEMENTS_PER_TASK + y.len(),
+            &mut scratch,
+        );
         gelu_slice(x, y);
     })
 }
@@ -44,8 +45,8 @@ pub fn forward(x: Values<'_>) -> Buffer {
 /// When `x` and `dy` differ in length.
 pub fn backward(x: Values<'_>, dy: Values<'_>) -> Buffer {
     assert_eq!(x.len(), dy.len(), "gelu backward: gradient size");
-    build_as(dy.format(), dy.len(), CHUNK, |i, g| {
-        let range = i * CHUNK..i * CHUNK + g.len();
+    build_as(dy.format(), dy.len(), ELEMENTS_PER_TASK, |i, g| {
+        let range = i * ELEMENTS_PER_TASK..i * ELEMENTS_PER_TASK + g.len();
         dy.widen_into(range.start, g);
         let mut scratch = Vec::new();
         let x = x.read(range, &mut scratch);
@@ -59,11 +60,16 @@ pub fn backward(x: Values<'_>, dy: Values<'_>) -> Buffer {
 /// When `x` and `dy` differ in length.
 pub fn backward_in_place(x: Values<'_>, dy: &mut [f32]) {
     assert_eq!(x.len(), dy.len(), "gelu backward: gradient size");
-    dy.par_chunks_mut(CHUNK).enumerate().for_each(|(i, g)| {
-        let mut scratch = Vec::new();
-        let x = x.read(i * CHUNK..i * CHUNK + g.len(), &mut scratch);
-        scale_by_derivative_slice(x, g);
-    });
+    dy.par_chunks_mut(ELEMENTS_PER_TASK)
+        .enumerate()
+        .for_each(|(i, g)| {
+            let mut scratch = Vec::new();
+            let x = x.read(
+                i * ELEMENTS_PER_TASK..i * ELEMENTS_PER_TASK + g.len(),
+                &mut scratch,
+            );
+            scale_by_derivative_slice(x, g);
+        });
 }
 
 /// Defines `fn $name(arguments) -> output` that calls the `#[inline(always)]` function `$kernel`
@@ -287,7 +293,7 @@ mod tests {
     /// path (in place or not); half formats round the f32 result once.
     #[test]
     fn kernels_give_the_scalar_bits_at_any_thread_count() {
-        let n = 3 * CHUNK + 77;
+        let n = 3 * ELEMENTS_PER_TASK + 77;
         let x: Vec<f32> = crate::kernels::test_values(n, 1)
             .iter()
             .map(|v| v * 6.0)

@@ -12,16 +12,16 @@
 //!
 //! Results do not depend on the thread count. Convolutions: the forward pass and the input
 //! gradient are computed sample by sample, and the reductions over the batch (weight and bias
-//! gradients) are summed over fixed chunks of [`CHUNK`] samples, then chunk by chunk in order.
+//! gradients) are summed over fixed chunks of [`SAMPLES_PER_TASK`] samples, then chunk by chunk in order.
 //! Dense layers: every output element's whole sum lies inside one tile's GEMM, and the tile sizes
 //! follow from the shapes alone. The rounding still depends on the GEMM kernel that `gemm` picks
 //! for the CPU (AVX2, AVX-512...).
 
 mod conv;
+mod conv_pool;
 pub(crate) mod convert;
 mod embedding;
 pub mod extension;
-mod fused;
 mod gelu;
 pub mod gpt_ops;
 mod layer_norm;
@@ -41,7 +41,11 @@ use extension::{CnnBackend, DenseBackend, LossBackend};
 
 /// Samples per rayon task, and per partial sum of the weight and bias gradients. A constant: the
 /// order of every sum must not depend on the thread count.
-pub const CHUNK: usize = 4;
+pub const SAMPLES_PER_TASK: usize = 4;
+
+/// Elements per rayon task of an element-wise pass (GELU, rounding to a half format, the
+/// optimizers' update): each element is computed on its own, so the split changes no result.
+pub const ELEMENTS_PER_TASK: usize = 1 << 14;
 
 /// Large outputs are allocated uninitialised and each rayon task initialises its own chunk
 /// ([`init`]) right before writing it: zeroing them first on the calling thread would be serial
@@ -425,12 +429,12 @@ mod tests {
     }
 
     /// Forward output and the gradients for input, weight and bias against burn's `Conv2d`, with
-    /// a batch that is not a multiple of `CHUNK`.
+    /// a batch that is not a multiple of `SAMPLES_PER_TASK`.
     #[test]
     fn conv2d_matches_burn_on_both_backends() {
         for device in devices() {
             device.seed(7);
-            for (fused_relu, batch) in [(false, 7), (true, 2 * CHUNK + 3)] {
+            for (fused_relu, batch) in [(false, 7), (true, 2 * SAMPLES_PER_TASK + 3)] {
                 let conv = Conv2dConfig::new([3, 5], [3, 3]).init(&device);
                 let x = Tensor::<4>::random([batch, 3, 9, 8], Distribution::Default, &device)
                     .require_grad();
@@ -677,7 +681,7 @@ mod tests {
             device.seed(5);
             let conv = Conv2dConfig::new([3, 4], [3, 3]).init(&device);
             let pool = MaxPool2dConfig::new([2, 2]).init();
-            let batch = 2 * CHUNK + 1;
+            let batch = 2 * SAMPLES_PER_TASK + 1;
             let x = Tensor::<4>::random([batch, 3, 13, 12], Distribution::Default, &device)
                 .require_grad();
             let probe = Tensor::<4>::random([batch, 4, 5, 5], Distribution::Default, &device);
@@ -806,7 +810,7 @@ mod tests {
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
         let run = |device: &Device| {
-            let x = tensor([2 * CHUNK + 1, 2, 16, 15], 1, device).require_grad();
+            let x = tensor([2 * SAMPLES_PER_TASK + 1, 2, 16, 15], 1, device).require_grad();
             let w1 = tensor([6, 2, 3, 3], 2, device).require_grad();
             let b1 = tensor([6], 3, device).require_grad();
             let w2 = tensor([8, 6, 3, 3], 4, device).require_grad();

@@ -18,6 +18,7 @@
 //! differ from burn's (docs/guide.md, "The optimizer step", has the figures).
 #![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
 
+use crate::kernels::ELEMENTS_PER_TASK;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -36,9 +37,6 @@ use super::sgd::SgdCoefficients;
 use crate::kernels::convert::RoundsInF32;
 use crate::kernels::extension::HostSlices;
 use crate::precision::{GradientReading, HalfFormat};
-
-/// Elements per rayon task.
-const CHUNK: usize = 1 << 14;
 
 /// How a fused optimizer reads the gradients of the next step ([`GradientReading`]), set before
 /// each step: multiplied by `1 / loss scale` when it is handed the gradients of a scaled loss,
@@ -141,18 +139,21 @@ fn update_tensors<B: HostSlices, const N: usize>(
         .enumerate()
         .for_each(|(i, arrays)| {
             let mut scratch = Vec::new();
-            let g = g.read(i * CHUNK..i * CHUNK + arrays[0].len(), &mut scratch);
+            let g = g.read(
+                i * ELEMENTS_PER_TASK..i * ELEMENTS_PER_TASK + arrays[0].len(),
+                &mut scratch,
+            );
             flushed(rule, arrays, g)
         });
     tensors
 }
 
-/// The arrays (of one length: the caller checks) cut into chunks of [`CHUNK`] elements, the `N`
+/// The arrays (of one length: the caller checks) cut into chunks of [`ELEMENTS_PER_TASK`] elements, the `N`
 /// chunks of each range together.
 fn chunks<const N: usize>(arrays: [&mut [f32]; N]) -> Vec<[&mut [f32]; N]> {
     let len = arrays.first().map_or(0, |a| a.len());
-    let mut pieces = arrays.map(|a| a.chunks_mut(CHUNK));
-    (0..len.div_ceil(CHUNK))
+    let mut pieces = arrays.map(|a| a.chunks_mut(ELEMENTS_PER_TASK));
+    (0..len.div_ceil(ELEMENTS_PER_TASK))
         .map(|_| std::array::from_fn(|k| pieces[k].next().expect("arrays of one length")))
         .collect()
 }
@@ -449,16 +450,26 @@ mod tests {
 
     #[test]
     fn chunks_cover_every_element_once_in_order() {
-        let n = 2 * CHUNK + 5;
+        let n = 2 * ELEMENTS_PER_TASK + 5;
         let (mut a, mut b) = (vec![0.0f32; n], vec![0.0f32; n]);
         let pieces = chunks([&mut a[..], &mut b[..]]);
         let lengths: Vec<_> = pieces.iter().map(|[a, b]| (a.len(), b.len())).collect();
-        assert_eq!(lengths, [(CHUNK, CHUNK), (CHUNK, CHUNK), (5, 5)]);
+        assert_eq!(
+            lengths,
+            [
+                (ELEMENTS_PER_TASK, ELEMENTS_PER_TASK),
+                (ELEMENTS_PER_TASK, ELEMENTS_PER_TASK),
+                (5, 5)
+            ]
+        );
         for (i, [a, b]) in pieces.into_iter().enumerate() {
             a.fill(i as f32);
             b.fill(-(i as f32));
         }
-        assert_eq!((a[CHUNK - 1], a[CHUNK], a[n - 1]), (0.0, 1.0, 2.0));
+        assert_eq!(
+            (a[ELEMENTS_PER_TASK - 1], a[ELEMENTS_PER_TASK], a[n - 1]),
+            (0.0, 1.0, 2.0)
+        );
         assert_eq!(b[n - 1], -2.0);
         assert!(chunks::<1>([&mut []]).is_empty());
     }

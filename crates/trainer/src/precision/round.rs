@@ -7,6 +7,7 @@
 //! would round only the forward value.
 #![allow(deprecated)] // burn-ndarray is deprecated upstream but still a backend here
 
+use crate::kernels::ELEMENTS_PER_TASK;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -29,9 +30,6 @@ use super::HalfFormat;
 use crate::kernels::build_in_parallel_uninit;
 use crate::kernels::convert::{HalfFloat, round_in_f32, round_in_f32_in_place};
 use crate::kernels::extension::HostSlices;
-
-/// Elements per rayon task: rounding is element-wise, so the split changes no result.
-const CHUNK: usize = 1 << 14;
 
 /// Values the overflow check rounds at a time, into a buffer that stays in the L1 cache.
 const ROUND_BLOCK: usize = 1024;
@@ -91,7 +89,10 @@ fn scale_and_check_tensor<B: HostSlices>(x: FloatTensor<B>, factor: f32) -> (Flo
     let finite = std::sync::atomic::AtomicBool::new(true);
     let scale_chunk = |i: usize, out: &mut [MaybeUninit<f32>]| {
         let mut scratch = Vec::new();
-        let values = values.read(i * CHUNK..i * CHUNK + out.len(), &mut scratch);
+        let values = values.read(
+            i * ELEMENTS_PER_TASK..i * ELEMENTS_PER_TASK + out.len(),
+            &mut scratch,
+        );
         let mut all = true;
         for (o, &v) in out.iter_mut().zip(values) {
             all &= o.write(v * factor).is_finite();
@@ -101,7 +102,7 @@ fn scale_and_check_tensor<B: HostSlices>(x: FloatTensor<B>, factor: f32) -> (Flo
         }
     };
     // SAFETY: `values.read` gives as many values as `out` has elements, and each is written.
-    let out = unsafe { build_in_parallel_uninit(values.len(), CHUNK, scale_chunk) };
+    let out = unsafe { build_in_parallel_uninit(values.len(), ELEMENTS_PER_TASK, scale_chunk) };
     let finite = finite.into_inner();
     (B::write_f32(out, shape), finite)
 }
@@ -134,28 +135,31 @@ fn all_finite_tensor<B: HostSlices>(
         .filter(|format| (format.max() * factor).is_finite())
         .map(HalfFormat::overflow);
     // A logical "and": the same answer whatever the split.
-    (0..values.len().div_ceil(CHUNK)).into_par_iter().all(|i| {
-        let mut scratch = Vec::new();
-        let range = i * CHUNK..(i * CHUNK + CHUNK).min(values.len());
-        let values = values.read(range, &mut scratch);
-        match (round_to, overflow) {
-            (None, _) => finite(values),
-            (Some(_), Some(overflow)) => values
-                .iter()
-                .fold(true, |all, &v| all & (v.abs() < overflow)),
-            // Rounded a block at a time in a buffer that stays in the L1 cache.
-            (Some(format), None) => values.chunks(ROUND_BLOCK).all(|block| {
-                let mut rounded = [0.0; ROUND_BLOCK];
-                let rounded = &mut rounded[..block.len()];
-                rounded.copy_from_slice(block);
-                match format {
-                    HalfFormat::F16 => round_in_f32_in_place::<f16>(rounded),
-                    HalfFormat::Bf16 => round_in_f32_in_place::<bf16>(rounded),
-                }
-                finite(rounded)
-            }),
-        }
-    })
+    (0..values.len().div_ceil(ELEMENTS_PER_TASK))
+        .into_par_iter()
+        .all(|i| {
+            let mut scratch = Vec::new();
+            let range = i * ELEMENTS_PER_TASK
+                ..(i * ELEMENTS_PER_TASK + ELEMENTS_PER_TASK).min(values.len());
+            let values = values.read(range, &mut scratch);
+            match (round_to, overflow) {
+                (None, _) => finite(values),
+                (Some(_), Some(overflow)) => values
+                    .iter()
+                    .fold(true, |all, &v| all & (v.abs() < overflow)),
+                // Rounded a block at a time in a buffer that stays in the L1 cache.
+                (Some(format), None) => values.chunks(ROUND_BLOCK).all(|block| {
+                    let mut rounded = [0.0; ROUND_BLOCK];
+                    let rounded = &mut rounded[..block.len()];
+                    rounded.copy_from_slice(block);
+                    match format {
+                        HalfFormat::F16 => round_in_f32_in_place::<f16>(rounded),
+                        HalfFormat::Bf16 => round_in_f32_in_place::<bf16>(rounded),
+                    }
+                    finite(rounded)
+                }),
+            }
+        })
 }
 
 /// `x` with every element rounded to `format` (to nearest, ties to even), still f32.
@@ -169,17 +173,17 @@ pub fn round_to_half<const D: usize>(x: Tensor<D>, format: HalfFormat) -> Tensor
 /// `values` rounded to `T` and back, in a new buffer.
 fn round_slice<T: HalfFloat>(values: &[f32]) -> Vec<f32> {
     let round_chunk = |i: usize, out: &mut [MaybeUninit<f32>]| {
-        round_in_f32::<T>(&values[i * CHUNK..][..out.len()], out)
+        round_in_f32::<T>(&values[i * ELEMENTS_PER_TASK..][..out.len()], out)
     };
     // SAFETY: `round_in_f32` writes every element of each chunk's `out`.
-    unsafe { build_in_parallel_uninit(values.len(), CHUNK, round_chunk) }
+    unsafe { build_in_parallel_uninit(values.len(), ELEMENTS_PER_TASK, round_chunk) }
 }
 
 /// `values` rounded to `T` and back where they lie: no new buffer to write, for a tensor no one
 /// else holds.
 fn round_in_place<T: HalfFloat>(values: &mut [f32]) {
     values
-        .par_chunks_mut(CHUNK)
+        .par_chunks_mut(ELEMENTS_PER_TASK)
         .for_each(round_in_f32_in_place::<T>);
 }
 
@@ -385,7 +389,7 @@ mod tests {
     /// other holder's values alone; both give the values of `round_slice`.
     #[test]
     fn rounds_in_place_only_what_no_one_else_holds() {
-        let values: Vec<f32> = (0..3 * CHUNK + 7)
+        let values: Vec<f32> = (0..3 * ELEMENTS_PER_TASK + 7)
             .map(|i| (i as f32 * 0.37).sin() * 1e3)
             .collect();
         for format in [HalfFormat::F16, HalfFormat::Bf16] {

@@ -6,7 +6,7 @@
 //! convolution's backward ([`conv::backward_with`]). Same determinism as the convolution: work
 //! per sample, batch sums over fixed chunks in order.
 
-use super::CHUNK;
+use super::SAMPLES_PER_TASK;
 use super::conv::{self, ConvGrads, ConvShape};
 use super::pool;
 use super::values::{Buffer, Values, build_as_with};
@@ -48,7 +48,7 @@ pub fn forward<'a>(
     let (y, argmax) = build_as_with(
         x.format(),
         s.batch * out_len,
-        CHUNK * out_len,
+        SAMPLES_PER_TASK * out_len,
         |chunk, y| {
             let mut argmax = vec![0u8; y.len()];
             let mut cols = vec![0.0f32; s.patch() * s.positions()];
@@ -56,7 +56,7 @@ pub fn forward<'a>(
             let mut sample = Vec::new();
             let samples = y.chunks_mut(out_len).zip(argmax.chunks_mut(out_len));
             for (i, (y, argmax)) in samples.enumerate() {
-                let n = chunk * CHUNK + i;
+                let n = chunk * SAMPLES_PER_TASK + i;
                 let x = x.read(n * in_len..(n + 1) * in_len, &mut sample);
                 conv::sample_forward(x, &weight, &bias, &s, &mut cols, &mut conv_out);
                 let planes = y.chunks_mut(plane).zip(argmax.chunks_mut(plane));
@@ -120,7 +120,7 @@ mod tests {
     #[test]
     fn fused_equals_convolution_then_pool() {
         let s = ConvShape {
-            batch: CHUNK + 3,
+            batch: SAMPLES_PER_TASK + 3,
             c_in: 2,
             height: 10,
             width: 9,
