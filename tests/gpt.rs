@@ -16,7 +16,7 @@ use common::*;
 fn the_same_weights_at_one_and_two_threads_on_every_path() {
     let dir = tempfile::tempdir().unwrap();
     let config = gpt_config(dir.path());
-    let paths: [&[&str]; 7] = [
+    let paths: [&[&str]; 9] = [
         &[],
         &["training.accumulation_steps=4", "training.batch_size=1"],
         &["training.shards=2"],
@@ -25,6 +25,13 @@ fn the_same_weights_at_one_and_two_threads_on_every_path() {
         // f16 with dynamic loss scaling, on both backends.
         &["training.precision=f16"],
         &["training.precision=f16", "training.backend=flex"],
+        // Dropout, drawn by window and step: the same at any thread count, in bf16 too.
+        &["model.dropout=0.2"],
+        &[
+            "model.dropout=0.2",
+            "training.precision=bf16",
+            "training.backend=flex",
+        ],
     ];
     let mut hashes = Vec::new();
     for (i, sets) in paths.iter().enumerate() {
@@ -164,7 +171,15 @@ fn bad_input_is_refused_with_one_line_and_no_run_folder() {
             "model.kind",
         ),
         (vec!["model.hidden=[8]".into()], "model.hidden"),
-        (vec!["model.dropout=0.1".into()], "model.dropout"),
+        (
+            vec!["model.dropout=1".into()],
+            "model.dropout: must be at least 0 and below 1",
+        ),
+        (vec!["model.dropout=-0.1".into()], "model.dropout"),
+        (
+            vec!["model.kind=mlp".into(), "model.dropout=0.1".into()],
+            "model.",
+        ),
     ];
     for (i, (sets, expected)) in cases.iter().enumerate() {
         let out = dir.path().join(format!("bad-{i}"));
@@ -217,4 +232,37 @@ fn bad_input_is_refused_with_one_line_and_no_run_folder() {
     std::fs::create_dir(&unfinished).unwrap();
     let output = allcores(&["sample", unfinished.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+}
+
+/// Dropout's draws are keyed by step: a run with dropout stopped at step 5 and resumed on 2
+/// threads ends with the weights of the run that never stopped. (A constant rate: a cosine
+/// schedule's length is the run's, which the stop at 5 steps would change.)
+#[test]
+fn a_run_with_dropout_resumes_to_the_uninterrupted_runs_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = gpt_config(dir.path());
+    let sets = [
+        "model.dropout=0.2",
+        "checkpoint.every_steps=1",
+        "optimizer.schedule=constant",
+        "optimizer.warmup_steps=0",
+        "optimizer.min_lr=0",
+    ];
+    let whole = train_json(&config, &dir.path().join("whole"), &sets);
+    let run = dir.path().join("resumed");
+    let first = train_json(
+        &config,
+        &run,
+        &[&sets[..], &["training.max_steps=5"]].concat(),
+    );
+    assert_eq!(first["steps"], 5);
+    let more = [&sets[..], &["training.threads=2"]].concat();
+    let mut args = train_args(&config, &run, &more);
+    args.push("--resume");
+    let output = allcores(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let resumed = last_json(&output);
+    assert_eq!(resumed["steps"], 12);
+    assert_eq!(resumed["weights_sha256"], whole["weights_sha256"]);
+    assert_eq!(resumed["val_loss"], whole["val_loss"]);
 }

@@ -387,7 +387,7 @@ pub struct ModelSettings {
     /// GPT: tokens a window holds, the longest prompt the model sees.
     #[serde(default = "defaults::context", deserialize_with = "whole::number")]
     pub context: usize,
-    /// GPT: dropout probability (only 0 for now).
+    /// GPT: the probability of dropping an element of the residual stream in training.
     #[serde(default)]
     pub dropout: f64,
 }
@@ -1085,7 +1085,7 @@ impl Settings {
             ),
         };
         let precision = &self.precision;
-        let checks: [(&str, bool, &Scope); 25] = [
+        let checks: [(&str, bool, &Scope); 26] = [
             ("model.layers", model.layers != default_model.layers, &gpt),
             ("model.heads", model.heads != default_model.heads, &gpt),
             ("model.width", model.width != default_model.width, &gpt),
@@ -1094,6 +1094,7 @@ impl Settings {
                 model.context != default_model.context,
                 &gpt,
             ),
+            ("model.dropout", model.dropout != 0.0, &gpt),
             (
                 "optimizer.beta1",
                 optimizer.beta1 != default_optimizer.beta1,
@@ -1375,10 +1376,13 @@ impl ModelSettings {
                 ),
             ));
         }
-        if self.dropout != 0.0 {
+        if !(self.dropout >= 0.0 && self.dropout < 1.0) {
             return Err(Error::setting(
                 "model.dropout",
-                format!("only 0 is supported for now, got {}", number(self.dropout)),
+                format!(
+                    "must be at least 0 and below 1, got {}",
+                    number(self.dropout)
+                ),
             ));
         }
         Ok(())

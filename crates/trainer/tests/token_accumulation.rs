@@ -83,6 +83,7 @@ impl Task for Masked {
         compute: &Compute,
         piece: &[usize],
         divisor: f32,
+        _step: u64,
         device: &Device,
     ) -> Tensor<1> {
         let (x, y) = self.inner.text.train.batch(piece, CONTEXT, device);
@@ -97,7 +98,7 @@ impl Task for Masked {
             Mean::OfTokens => divisor,
             Mean::OfMicroBatchMeans => (self.loss_units(piece) * 4) as f32,
         };
-        compute.forward_with(|| model.loss(x, y, divisor))
+        compute.forward_with(|| model.loss(x, y, divisor, None))
     }
 
     fn evaluate(&self, model: &Gpt, device: &Device, batch_size: usize) -> Score {
@@ -122,9 +123,22 @@ fn one_step(settings: Settings, task: &impl Task<Model = Gpt>) -> Vec<Vec<f32>> 
     parameters(&outcome.model)
 }
 
+/// `settings` with `model.dropout = dropout`.
+fn with_dropout(mut settings: Settings, dropout: f64) -> Settings {
+    settings.model.dropout = dropout;
+    settings
+}
+
 fn update_difference(mask: bool, mean: Mean) -> f32 {
+    update_difference_with(mask, mean, 0.0).0
+}
+
+/// The largest relative difference between the updates of (12, 1) and (3, 4), and the large
+/// step's weights.
+fn update_difference_with(mask: bool, mean: Mean, dropout: f64) -> (f32, Vec<Vec<f32>>) {
+    let settings = |batch, k, lr| with_dropout(settings(batch, k, lr), dropout);
     let task = |batch| {
-        let inner = NextToken::new(text(), &settings(batch, 1, 0.5).model);
+        let inner = NextToken::new(text(), &settings(batch, 1, 0.5).model, 3);
         Masked {
             inner,
             mean: if mask { mean } else { Mean::OfTokens },
@@ -144,7 +158,9 @@ fn update_difference(mask: bool, mean: Mean) -> f32 {
     let before = step(12, 1, 1e-30);
     let moved = largest_relative_difference(&large, &before);
     assert!(moved > 1e-3, "the step moved the weights by {moved} only");
-    largest_relative_difference(&updates(&large, &before), &updates(&accumulated, &before))
+    let difference =
+        largest_relative_difference(&updates(&large, &before), &updates(&accumulated, &before));
+    (difference, large)
 }
 
 #[test]
@@ -159,4 +175,15 @@ fn the_same_with_masked_targets_and_not_with_a_mean_of_means() {
     assert!(difference <= 1e-5, "{difference}");
     let wrong = update_difference(true, Mean::OfMicroBatchMeans);
     assert!(wrong > 1e-3, "the mean of means went unnoticed: {wrong}");
+}
+
+/// Dropout is drawn by window and step, so the micro-batches of a step drop what the large
+/// batch drops: the same update. And it does drop: the step differs from one without.
+#[test]
+fn with_dropout_the_micro_batches_drop_what_the_large_batch_drops() {
+    let (difference, dropped) = update_difference_with(false, Mean::OfTokens, 0.3);
+    assert!(difference <= 1e-5, "{difference}");
+    let (_, kept) = update_difference_with(false, Mean::OfTokens, 0.0);
+    let apart = largest_relative_difference(&dropped, &kept);
+    assert!(apart > 1e-4, "dropout changed the step by {apart} only");
 }

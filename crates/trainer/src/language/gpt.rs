@@ -11,6 +11,7 @@ use burn::module::{Initializer, Param};
 use burn::prelude::*;
 use burn::tensor::DType;
 
+use super::dropout::{self, Dropout};
 use crate::kernels;
 use crate::precision::{convert, round_activations};
 use crate::settings::ModelSettings;
@@ -92,12 +93,21 @@ impl Gpt {
     /// The next-token logits at every position of `tokens: [B, T]` (T at most the context):
     /// `[B*T, V]`, in the parameters' precision.
     pub fn logits(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
+        self.forward(tokens, None)
+    }
+
+    /// [`Gpt::logits`], with `dropout` in training.
+    fn forward(&self, tokens: Tensor<2, Int>, dropout: Option<&Dropout>) -> Tensor<2> {
         let [batch, time] = tokens.dims();
         let width = self.wte.dims()[1];
         let mut x: Tensor<2> =
             kernels::embed(tokens, self.wte.val(), self.wpe.val()).reshape([batch * time, width]);
-        for block in &self.blocks {
-            x = round_activations(block.forward(x, batch, self.heads));
+        if let Some(d) = dropout {
+            x = d.apply(x, dropout::EMBEDDINGS);
+        }
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let sites = dropout.map(|d| (d, 1 + 2 * layer as u64));
+            x = round_activations(block.forward(x, batch, self.heads, sites));
         }
         let h = kernels::layer_norm(x, self.ln_f.val());
         kernels::matmul(round_activations(h), self.wte.val().transpose())
@@ -106,25 +116,49 @@ impl Gpt {
     /// The summed cross-entropy of the next-token predictions for `tokens: [B, T]` against
     /// `targets: [B, T]` (negative targets are ignored), divided by `divisor`: a `[1]` tensor.
     /// The softmax and the loss run in f32, whatever the parameters' precision.
-    pub fn loss(&self, tokens: Tensor<2, Int>, targets: Tensor<2, Int>, divisor: f32) -> Tensor<1> {
+    /// With `dropout`, as in training.
+    pub fn loss(
+        &self,
+        tokens: Tensor<2, Int>,
+        targets: Tensor<2, Int>,
+        divisor: f32,
+        dropout: Option<&Dropout>,
+    ) -> Tensor<1> {
         let [batch, time] = targets.dims();
-        let logits = convert(self.logits(tokens), DType::F32);
+        let logits = convert(self.forward(tokens, dropout), DType::F32);
         kernels::cross_entropy(logits, targets.reshape([batch * time]), divisor)
     }
 }
 
 impl Block {
-    /// `x + attention(ln1(x))`, then `+ mlp(ln2(...))`, on the residual stream `x: [B*T, C]`.
-    fn forward(&self, x: Tensor<2>, batch: usize, heads: usize) -> Tensor<2> {
+    /// `x + attention(ln1(x))`, then `+ mlp(ln2(...))`, on the residual stream `x: [B*T, C]`;
+    /// with `dropout`, the two branches' outputs dropped at its sites `first` and `first + 1`.
+    fn forward(
+        &self,
+        x: Tensor<2>,
+        batch: usize,
+        heads: usize,
+        dropout: Option<(&Dropout, u64)>,
+    ) -> Tensor<2> {
         let [rows, width] = x.dims();
         let time = rows / batch;
+        let drop = |y: Tensor<2>, offset: u64| match dropout {
+            Some((d, first)) => d.apply(y, first + offset),
+            None => y,
+        };
         let h = kernels::layer_norm(x.clone(), self.ln1.val());
         let qkv = kernels::matmul(h, self.qkv.val()).reshape([batch, time, 3 * width]);
         let attended = kernels::causal_attention(qkv, heads).reshape([rows, width]);
-        let x = x + kernels::matmul(round_activations(attended), self.proj.val());
+        let x = x + drop(
+            kernels::matmul(round_activations(attended), self.proj.val()),
+            0,
+        );
         let h = kernels::layer_norm(x.clone(), self.ln2.val());
         let hidden = kernels::gelu(kernels::matmul(h, self.fc.val()));
-        x + kernels::matmul(round_activations(hidden), self.fc_proj.val())
+        x + drop(
+            kernels::matmul(round_activations(hidden), self.fc_proj.val()),
+            1,
+        )
     }
 }
 

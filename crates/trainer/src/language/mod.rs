@@ -8,9 +8,11 @@
 //! fixed set of windows spread evenly over the validation text: the same number at every thread
 //! count, after a resume, and in `eval`.
 
+pub mod dropout;
 mod gpt;
 pub mod sample;
 
+use dropout::Dropout;
 use std::path::Path;
 
 use burn::prelude::*;
@@ -43,6 +45,8 @@ pub struct NextToken {
     model: ModelSettings,
     /// Start positions of the validation windows.
     evaluation: Vec<usize>,
+    /// `training.seed`, which dropout's draws are keyed by.
+    seed: u64,
 }
 
 impl NextToken {
@@ -65,10 +69,11 @@ impl NextToken {
             }
         };
         let text = text::load_text(train, val, context)?;
-        Ok(Self::new(text, &settings.model))
+        Ok(Self::new(text, &settings.model, settings.training.seed))
     }
 
-    pub fn new(text: TextSplits, model: &ModelSettings) -> Self {
+    /// The task of training `model` on `text`, dropout (if any) keyed by `seed`.
+    pub fn new(text: TextSplits, model: &ModelSettings, seed: u64) -> Self {
         let evaluation = text
             .val
             .evaluation_positions(model.context, EVALUATION_WINDOWS);
@@ -76,6 +81,7 @@ impl NextToken {
             text,
             model: model.clone(),
             evaluation,
+            seed,
         }
     }
 
@@ -139,10 +145,17 @@ impl Task for NextToken {
         compute: &Compute,
         piece: &[usize],
         divisor: f32,
+        step: u64,
         device: &Device,
     ) -> Tensor<1> {
         let (x, y) = self.text.train.batch(piece, self.model.context, device);
-        compute.forward_with(|| model.loss(x, y, divisor))
+        let dropout = (self.model.dropout > 0.0).then(|| Dropout {
+            rate: self.model.dropout,
+            seed: self.seed,
+            step,
+            windows: piece.iter().map(|&p| p as u64).collect(),
+        });
+        compute.forward_with(|| model.loss(x, y, divisor, dropout.as_ref()))
     }
 
     fn evaluate(&self, model: &Gpt, device: &Device, batch_size: usize) -> Score {

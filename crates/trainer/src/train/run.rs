@@ -78,6 +78,7 @@ impl<T: Task> Run<'_, T> {
                 loss_scale: None,
                 concurrent: candidate.concurrent,
                 poller: Poller::new(training.idle_threads, candidate.threads, available.threads),
+                step: 0,
             };
             drop(pass.accumulate_gradients(&model, group));
         })?;
@@ -128,7 +129,7 @@ impl<T: Task> Run<'_, T> {
 
             // One optimizer step: the summed gradients of the group's pieces, then the update.
             let clock = StepClock::start(self.options.record_steps);
-            let pass = setup.pass(self.task, &device, &updater);
+            let pass = setup.pass(self.task, &device, &updater, state.step);
             let gradients = pass.accumulate_gradients(&model, group);
             let loss = gradients.loss;
             if !loss.is_finite() {
@@ -645,7 +646,13 @@ struct Setup {
 
 impl Setup {
     /// The forward and backward passes of the next step, with the updater's loss scale.
-    fn pass<'a, T>(&'a self, task: &'a T, device: &'a Device, updater: &Updater) -> Pass<'a, T> {
+    fn pass<'a, T>(
+        &'a self,
+        task: &'a T,
+        device: &'a Device,
+        updater: &Updater,
+        step: u64,
+    ) -> Pass<'a, T> {
         Pass {
             task,
             plan: &self.plan,
@@ -654,6 +661,7 @@ impl Setup {
             loss_scale: updater.loss_scale(),
             concurrent: self.concurrent,
             poller: self.poller,
+            step,
         }
     }
 }

@@ -37,6 +37,8 @@ pub(super) struct Pass<'a, T> {
     pub concurrent: bool,
     /// Keeps the pool's other threads polling for work through the step.
     pub poller: Poller,
+    /// Optimizer steps taken before this one.
+    pub step: u64,
 }
 
 impl<T: Task> Pass<'_, T> {
@@ -121,9 +123,14 @@ impl<T: Task> Pass<'_, T> {
         piece: &[usize],
         divisor: f32,
     ) -> (GradientsParams, f32) {
-        let loss = self
-            .task
-            .piece_loss(working, &self.compute, piece, divisor, self.device);
+        let loss = self.task.piece_loss(
+            working,
+            &self.compute,
+            piece,
+            divisor,
+            self.step,
+            self.device,
+        );
         let value = loss.clone().into_scalar::<f32>();
         let loss = match self.loss_scale {
             Some(scale) => loss.mul_scalar(scale),

@@ -30,13 +30,15 @@ pub trait Task: Sync {
     /// The summed loss of the samples of `piece` divided by `divisor` (the step's
     /// [`loss_units`](Task::loss_units)), as a `[1]` tensor to run backward from: the pieces'
     /// losses then add up to the step's mean. `model` is the step's working copy, in `compute`'s
-    /// precision.
+    /// precision; `step` counts the optimizer steps before this one (what a draw that must be
+    /// the same however the step is cut, such as dropout, is keyed by).
     fn piece_loss(
         &self,
         model: &Self::Model,
         compute: &Compute,
         piece: &[usize],
         divisor: f32,
+        step: u64,
         device: &Device,
     ) -> Tensor<1>;
 
@@ -108,6 +110,7 @@ impl<M: Classifier + ModuleSnapshot> Task for Classification<'_, M> {
         compute: &Compute,
         piece: &[usize],
         divisor: f32,
+        _step: u64,
         device: &Device,
     ) -> Tensor<1> {
         let (x, y) = self.data.train.batch(piece, device);
