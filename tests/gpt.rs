@@ -249,19 +249,8 @@ fn a_run_with_dropout_resumes_to_the_uninterrupted_runs_weights() {
         "optimizer.min_lr=0",
     ];
     let whole = train_json(&config, &dir.path().join("whole"), &sets);
-    let run = dir.path().join("resumed");
-    let first = train_json(
-        &config,
-        &run,
-        &[&sets[..], &["training.max_steps=5"]].concat(),
-    );
+    let (first, resumed) = stopped_then_resumed(&config, &dir.path().join("resumed"), &sets, 5);
     assert_eq!(first["steps"], 5);
-    let more = [&sets[..], &["training.threads=2"]].concat();
-    let mut args = train_args(&config, &run, &more);
-    args.push("--resume");
-    let output = allcores(&args);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let resumed = last_json(&output);
     assert_eq!(resumed["steps"], 12);
     assert_eq!(resumed["weights_sha256"], whole["weights_sha256"]);
     assert_eq!(resumed["val_loss"], whole["val_loss"]);

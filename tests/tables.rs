@@ -416,21 +416,8 @@ fn a_table_run_resumes_as_the_uninterrupted_run() {
     let whole = dir.path().join("whole");
     let reference = train_json(&config, &whole, &sets);
     let run = dir.path().join("resumed");
-    let first = train_json(
-        &config,
-        &run,
-        &[&sets[..], &["training.max_steps=13"]].concat(),
-    );
+    let (first, resumed) = stopped_then_resumed(&config, &run, &sets, 13);
     assert_eq!(first["steps"], 13);
-    let mut args = train_args(
-        &config,
-        &run,
-        &[&sets[..], &["training.threads=2"]].concat(),
-    );
-    args.push("--resume");
-    let output = allcores(&args);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let resumed = last_json(&output);
     assert_eq!(resumed["steps"], 40);
     assert_eq!(resumed["weights_sha256"], reference["weights_sha256"]);
     assert_eq!(

@@ -271,3 +271,24 @@ pub fn gpt_config(dir: &Path) -> PathBuf {
         ),
     )
 }
+
+/// Trains `config` into `run` with `sets`, stopped after `stop` optimizer steps, then resumes it
+/// with `sets` on 2 threads: the two runs' summaries.
+pub fn stopped_then_resumed(
+    config: &Path,
+    run: &Path,
+    sets: &[&str],
+    stop: u64,
+) -> (serde_json::Value, serde_json::Value) {
+    let stop = format!("training.max_steps={stop}");
+    let first = train_json(config, run, &[sets, &[stop.as_str()]].concat());
+    let mut args = train_args(config, run, &[sets, &["training.threads=2"]].concat());
+    args.push("--resume");
+    let output = allcores(&args);
+    assert!(
+        output.status.success(),
+        "resume failed: {}",
+        stderr(&output)
+    );
+    (first, last_json(&output))
+}
