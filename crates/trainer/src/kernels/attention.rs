@@ -104,12 +104,23 @@ struct PairAt {
 
 /// `[batch, time, width]`: the attention of every query over the keys up to its own position,
 /// and, when `keep_probs`, the softmax probabilities `[batch, heads, time, time]` (zero above
-/// each row's diagonal) that [`backward`] needs.
+/// each row's diagonal) that [`backward`] needs. With a dropout `mask` (`[batch, heads, time,
+/// time]`: 0, or the factor that keeps an element), the probabilities are multiplied by it
+/// before they weigh the values; the kept probabilities are the unmasked ones.
 ///
 /// # Panics
-/// When `qkv` does not hold `s.qkv_len()` values.
-pub fn forward(qkv: &[f32], s: AttentionShape, keep_probs: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+/// When `qkv` or `mask` does not have the size of `s`.
+pub fn forward(
+    qkv: &[f32],
+    s: AttentionShape,
+    keep_probs: bool,
+    mask: Option<&[f32]>,
+) -> (Vec<f32>, Option<Vec<f32>>) {
     assert_eq!(qkv.len(), s.qkv_len(), "causal attention: qkv size");
+    assert!(
+        mask.is_none_or(|m| m.len() == s.probs_len()),
+        "causal attention: mask size"
+    );
     let mut output = vec![0.0f32; s.output_len()];
     let mut probs = keep_probs.then(|| vec![0.0f32; s.probs_len()]);
     if output.is_empty() {
@@ -122,13 +133,22 @@ pub fn forward(qkv: &[f32], s: AttentionShape, keep_probs: bool) -> (Vec<f32>, O
             .par_chunks_mut(s.time * s.time)
             .enumerate()
             .for_each_init(scratch, |scratch, (pair, probs)| {
-                pair_forward(qkv, s, pair, probs, &mut scratch.transposed, dst)
+                let Scratch {
+                    transposed, masked, ..
+                } = scratch;
+                let mask = pair_mask(mask, s, pair).map(|m| (m, masked.as_mut_slice()));
+                pair_forward(qkv, s, pair, probs, transposed, mask, dst)
             }),
         None => (0..s.pairs())
             .into_par_iter()
             .for_each_init(scratch, |scratch, pair| {
-                let Scratch { square, transposed } = scratch;
-                pair_forward(qkv, s, pair, square, transposed, dst)
+                let Scratch {
+                    square,
+                    transposed,
+                    masked,
+                } = scratch;
+                let mask = pair_mask(mask, s, pair).map(|m| (m, masked.as_mut_slice()));
+                pair_forward(qkv, s, pair, square, transposed, mask, dst)
             }),
     }
     (output, probs)
@@ -139,7 +159,13 @@ pub fn forward(qkv: &[f32], s: AttentionShape, keep_probs: bool) -> (Vec<f32>, O
 ///
 /// # Panics
 /// When a slice does not have the size of `s`.
-pub fn backward(qkv: &[f32], probs: &[f32], d_output: &[f32], s: AttentionShape) -> Vec<f32> {
+pub fn backward(
+    qkv: &[f32],
+    probs: &[f32],
+    d_output: &[f32],
+    s: AttentionShape,
+    mask: Option<&[f32]>,
+) -> Vec<f32> {
     assert_eq!(qkv.len(), s.qkv_len(), "causal attention: qkv size");
     assert_eq!(
         probs.len(),
@@ -161,7 +187,8 @@ pub fn backward(qkv: &[f32], probs: &[f32], d_output: &[f32], s: AttentionShape)
         || Scratch::new(s),
         |scratch, pair| {
             let probs = &probs[pair * square..][..square];
-            pair_backward(qkv, probs, d_output, s, pair, scratch, dst);
+            let mask = pair_mask(mask, s, pair);
+            pair_backward(qkv, probs, mask, d_output, s, pair, scratch, dst);
         },
     );
     d_qkv
@@ -173,6 +200,8 @@ struct Scratch {
     square: Vec<f32>,
     /// `head_dim x time`: a head's keys or values, transposed.
     transposed: Vec<f32>,
+    /// `time x time`, with dropout: the probabilities times the mask.
+    masked: Vec<f32>,
 }
 
 impl Scratch {
@@ -180,7 +209,21 @@ impl Scratch {
         Self {
             square: vec![0.0; s.time * s.time],
             transposed: vec![0.0; s.head_dim() * s.time],
+            masked: vec![0.0; s.time * s.time],
         }
+    }
+}
+
+/// Pair `pair`'s `time x time` part of a dropout mask.
+fn pair_mask(mask: Option<&[f32]>, s: AttentionShape, pair: usize) -> Option<&[f32]> {
+    let square = s.time * s.time;
+    mask.map(|m| &m[pair * square..][..square])
+}
+
+/// `probs` times `mask`, element by element, into `out`.
+fn apply_mask(probs: &[f32], mask: &[f32], out: &mut [f32]) {
+    for ((o, p), m) in out.iter_mut().zip(probs).zip(mask) {
+        *o = p * m;
     }
 }
 
@@ -204,6 +247,7 @@ fn pair_forward(
     pair: usize,
     probs: &mut [f32],
     transposed: &mut [f32],
+    mask: Option<(&[f32], &mut [f32])>,
     output: SharedRows<'_>,
 ) {
     let (time, head_dim, row) = (s.time, s.head_dim(), 3 * s.width);
@@ -222,7 +266,16 @@ fn pair_forward(
     for (query, row) in probs.chunks_exact_mut(time).enumerate() {
         causal_softmax(row, query);
     }
-    let p = View::rows(probs, 0, time);
+    // With dropout the values are weighed by the masked probabilities; `probs` keeps the
+    // softmax's own for the backward pass.
+    let weights: &[f32] = match mask {
+        Some((mask, masked)) => {
+            apply_mask(probs, mask, masked);
+            masked
+        }
+        None => probs,
+    };
+    let p = View::rows(weights, 0, time);
     for (r0, r1) in blocks(time) {
         let dst = (at.output + r0 * s.width, s.width);
         // SAFETY: rows `r0..r1` of this pair's head columns of its sample's output: written by
@@ -233,9 +286,11 @@ fn pair_forward(
 
 /// One pair's backward pass: its columns of q's, k's and v's gradients in `d_qkv`. The
 /// scratch's square holds the probabilities' gradient, then the scores'.
+#[allow(clippy::too_many_arguments)]
 fn pair_backward(
     qkv: &[f32],
     probs: &[f32],
+    mask: Option<&[f32]>,
     d_output: &[f32],
     s: AttentionShape,
     pair: usize,
@@ -251,7 +306,15 @@ fn pair_backward(
         View::rows(&scratch.transposed, 0, time),
     );
     let d_out = View::rows(d_output, at.output, s.width);
-    let p = View::rows(probs, 0, time);
+    // The values were weighed by the masked probabilities, with dropout.
+    let weights: &[f32] = match mask {
+        Some(mask) => {
+            apply_mask(probs, mask, &mut scratch.masked);
+            &scratch.masked
+        }
+        None => probs,
+    };
+    let p = View::rows(weights, 0, time);
     let scale = 1.0 / (head_dim as f32).sqrt();
     // SAFETY (of every `product` into `d_qkv` below): the rows written lie in this pair's head
     // columns of q, k or v of its own sample, which no other task writes.
@@ -274,6 +337,10 @@ fn pair_backward(
             dims,
             1.0,
         );
+    }
+    // dP' = dO · Vᵀ is the masked probabilities' gradient: the softmax's is dP' times the mask.
+    if let Some(mask) = mask {
+        d_scores.iter_mut().zip(mask).for_each(|(d, m)| *d *= m);
     }
     for (query, (d_row, p_row)) in d_scores
         .chunks_exact_mut(time)
@@ -856,7 +923,7 @@ mod tests {
                 heads,
             };
             let qkv = super::super::test_values(s.qkv_len(), 5);
-            let (out, probs) = forward(&qkv, s, true);
+            let (out, probs) = forward(&qkv, s, true, None);
             let want = reference_output(&qkv, s);
             for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
                 assert!(
@@ -961,9 +1028,9 @@ mod tests {
     #[test]
     fn empty_shapes_give_empty_results() {
         let s = AttentionShape::of_qkv([3, 0, 12], 2);
-        let (out, probs) = forward(&[], s, true);
+        let (out, probs) = forward(&[], s, true, None);
         assert!(out.is_empty() && probs.is_some_and(|p| p.is_empty()));
-        assert!(backward(&[], &[], &[], s).is_empty());
+        assert!(backward(&[], &[], &[], s, None).is_empty());
     }
 
     /// This thread's CPU time: on a machine shared with other work, the time of the
@@ -999,9 +1066,9 @@ mod tests {
         pool.install(|| {
             for rep in 0..reps + warmup {
                 let (start, wall) = (cpu_now(), Instant::now());
-                let (out, probs) = forward(&qkv, s, true);
+                let (out, probs) = forward(&qkv, s, true, None);
                 let middle = cpu_now();
-                let d_qkv = backward(&qkv, &probs.unwrap_or_default(), &d_output, s);
+                let d_qkv = backward(&qkv, &probs.unwrap_or_default(), &d_output, s, None);
                 let (end, wall) = (cpu_now(), wall.elapsed());
                 std::hint::black_box((out, d_qkv));
                 if rep >= warmup {

@@ -29,6 +29,15 @@ pub trait AttentionBackend: Backend {
     /// every head's `softmax(q kᵀ / sqrt(width / heads))` over the keys up to the query's
     /// position, times its values, heads side by side: `[batch, time, width]`.
     fn causal_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self>;
+
+    /// [`AttentionBackend::causal_attention`] with dropout: the probabilities multiplied by
+    /// `mask: [batch, heads, time, time]` (0, or the factor that keeps an element, f32) before
+    /// they weigh the values. The mask is a constant: it gets no gradient.
+    fn causal_attention_masked(
+        qkv: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
 }
 
 fn attention_shape<T: TensorMetadata>(qkv: &T, heads: usize) -> AttentionShape {
@@ -42,22 +51,35 @@ fn attention_forward<B: HostSlices>(
     qkv: &FloatTensor<B>,
     heads: usize,
     keep_probs: bool,
+    mask: Option<&[f32]>,
 ) -> (FloatTensor<B>, Option<Vec<f32>>) {
     let s = attention_shape(qkv, heads);
-    let (output, probs) = attention::forward(&B::read_f32(qkv), s, keep_probs);
+    let (output, probs) = attention::forward(&B::read_f32(qkv), s, keep_probs, mask);
     let shape = vec![s.batch, s.time, s.width];
     (B::write_as(output, shape, qkv.dtype()), probs)
 }
 
 impl AttentionBackend for NdArray {
     fn causal_attention(qkv: NdArrayTensor, heads: usize) -> NdArrayTensor {
-        attention_forward::<Self>(&qkv, heads, false).0
+        attention_forward::<Self>(&qkv, heads, false, None).0
+    }
+
+    fn causal_attention_masked(
+        qkv: NdArrayTensor,
+        mask: NdArrayTensor,
+        heads: usize,
+    ) -> NdArrayTensor {
+        attention_forward::<Self>(&qkv, heads, false, Some(&Self::read_f32(&mask))).0
     }
 }
 
 impl AttentionBackend for Flex {
     fn causal_attention(qkv: FlexTensor, heads: usize) -> FlexTensor {
-        attention_forward::<Self>(&qkv, heads, false).0
+        attention_forward::<Self>(&qkv, heads, false, None).0
+    }
+
+    fn causal_attention_masked(qkv: FlexTensor, mask: FlexTensor, heads: usize) -> FlexTensor {
+        attention_forward::<Self>(&qkv, heads, false, Some(&Self::read_f32(&mask))).0
     }
 }
 
@@ -65,8 +87,8 @@ impl AttentionBackend for Flex {
 #[derive(Debug)]
 struct AttentionBackward;
 
-/// The forward pass's input, its probabilities and the head count.
-type AttentionState<B> = (FloatTensor<B>, Arc<Vec<f32>>, usize);
+/// The forward pass's input, its probabilities, the head count and the dropout mask (if any).
+type AttentionState<B> = (FloatTensor<B>, Arc<Vec<f32>>, usize, Option<Arc<Vec<f32>>>);
 
 impl<B: HostSlices> Backward<B, 1> for AttentionBackward {
     type State = AttentionState<B>;
@@ -75,9 +97,15 @@ impl<B: HostSlices> Backward<B, 1> for AttentionBackward {
         let [node_qkv] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let Some(node) = node_qkv else { return };
-        let (qkv, probs, heads) = ops.state;
+        let (qkv, probs, heads, mask) = ops.state;
         let s = attention_shape(&qkv, heads);
-        let d_qkv = attention::backward(&B::read_f32(&qkv), &probs, &B::read_f32(&grad), s);
+        let d_qkv = attention::backward(
+            &B::read_f32(&qkv),
+            &probs,
+            &B::read_f32(&grad),
+            s,
+            mask.as_deref().map(Vec::as_slice),
+        );
         let shape = vec![s.batch, s.time, 3 * s.width];
         grads.register::<B>(node.id, B::write_as(d_qkv, shape, qkv.dtype()));
     }
@@ -92,11 +120,33 @@ impl<B: AttentionBackend + HostSlices, C: CheckpointStrategy> AttentionBackend f
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (output, probs) = attention_forward::<B>(&qkv, heads, true);
+                let (output, probs) = attention_forward::<B>(&qkv, heads, true, None);
                 let probs = Arc::new(probs.expect("the probabilities were kept"));
-                prep.finish((qkv, probs, heads), output)
+                prep.finish((qkv, probs, heads, None), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::causal_attention(qkv, heads)),
+        }
+    }
+
+    fn causal_attention_masked(
+        qkv: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        let (qkv, node) = qkv.into_parts();
+        let (mask, _) = mask.into_parts();
+        match AttentionBackward
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let mask = Arc::new(B::read_f32(&mask).into_owned());
+                let (output, probs) = attention_forward::<B>(&qkv, heads, true, Some(&mask));
+                let probs = Arc::new(probs.expect("the probabilities were kept"));
+                prep.finish((qkv, probs, heads, Some(mask)), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::causal_attention_masked(qkv, mask, heads)),
         }
     }
 }
@@ -127,6 +177,11 @@ mod tests {
 
     /// The attention in burn's tensor operations, as nanoGPT writes it without flash attention.
     fn with_burn_ops(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
+        with_burn_ops_masked(qkv, heads, None)
+    }
+
+    /// [`with_burn_ops`], the probabilities multiplied by `mask` (nanoGPT's `attn_dropout`).
+    fn with_burn_ops_masked(qkv: Tensor<3>, heads: usize, mask: Option<Tensor<4>>) -> Tensor<3> {
         let [batch, time, columns] = qkv.dims();
         let (width, device) = (columns / 3, qkv.device());
         let head_dim = width / heads;
@@ -144,6 +199,10 @@ mod tests {
             .unsqueeze::<4>()
             .expand([batch, heads, time, time]);
         let probs = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3);
+        let probs = match mask {
+            Some(mask) => probs * mask,
+            None => probs,
+        };
         probs
             .matmul(v)
             .swap_dims(1, 2)
@@ -186,6 +245,54 @@ mod tests {
                     1e-5,
                     &format!("{what}: dqkv"),
                 );
+            }
+        }
+    }
+
+    /// With dropout on the probabilities: the values and the gradient of burn's operations on
+    /// the masked probabilities (a mask of 0s and 1 / 0.75s, a quarter dropped).
+    #[test]
+    fn masked_attention_and_its_gradient_match_burn_ops_on_both_backends() {
+        use super::super::causal_attention_masked;
+        for device in devices() {
+            for (seed, (shape, heads)) in SHAPES.into_iter().enumerate() {
+                let what = format!("{device:?} {shape:?} / {heads} heads, masked");
+                let qkv = random(shape, seed as u64, &device).require_grad();
+                let [batch, time, columns] = shape;
+                let mut rng = ChaCha8Rng::seed_from_u64(50 + seed as u64);
+                let mask: Vec<f32> = (0..batch * heads * time * time)
+                    .map(|_| {
+                        if rng.random_range(0..4) == 0 {
+                            0.0
+                        } else {
+                            1.0 / 0.75
+                        }
+                    })
+                    .collect();
+                let mask = Tensor::<4>::from_data(
+                    TensorData::new(mask, [batch, heads, time, time]),
+                    &device,
+                );
+                let probe = random([batch, time, columns / 3], 100 + seed as u64, &device);
+                let ours = causal_attention_masked(qkv.clone(), mask.clone(), heads);
+                let reference = with_burn_ops_masked(qkv.clone(), heads, Some(mask.clone()));
+                assert_close(ours.clone(), reference.clone(), 1e-5, &what);
+                let grads = (ours * probe.clone()).sum().backward();
+                let ref_grads = (reference * probe).sum().backward();
+                assert_close(
+                    qkv.grad(&grads).expect("a gradient"),
+                    qkv.grad(&ref_grads).expect("a gradient"),
+                    1e-5,
+                    &format!("{what}: dqkv"),
+                );
+                // The mask changes the result (past the first query, which has one key): a
+                // kernel that ignored it would be seen.
+                if time > 1 {
+                    let unmasked = causal_attention(qkv.clone().detach(), heads);
+                    let masked = causal_attention_masked(qkv.clone().detach(), mask, heads);
+                    let apart = (masked - unmasked).abs().max().into_scalar::<f32>();
+                    assert!(apart > 1e-3, "{what}: the mask changed nothing ({apart})");
+                }
             }
         }
     }

@@ -336,6 +336,24 @@ pub fn causal_attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
     )
 }
 
+/// [`causal_attention`] with dropout on the attention probabilities: `mask: [batch, heads,
+/// time, time]` holds 0 or the factor that keeps each (an f32 constant, without gradient).
+pub fn causal_attention_masked(qkv: Tensor<3>, mask: Tensor<4>, heads: usize) -> Tensor<3> {
+    let s = attention::AttentionShape::of_qkv(qkv.dims(), heads);
+    assert_eq!(
+        mask.dims(),
+        [s.batch, heads, s.time, s.time],
+        "causal attention: mask shape"
+    );
+    Tensor::from_dispatch(
+        <Dispatch as attention_ops::AttentionBackend>::causal_attention_masked(
+            qkv.into_dispatch(),
+            mask.into_dispatch(),
+            heads,
+        ),
+    )
+}
+
 /// The rows [`cross_entropy`] counts among these targets: the non-negative ones.
 pub fn counted_targets(targets: &[i64]) -> usize {
     targets.iter().filter(|&&t| t >= 0).count()

@@ -4,9 +4,8 @@
 //! micro-batches and shards, at any thread count, and after a resume; nanoGPT's
 //! `torch.nn.Dropout` draws from one generator in the order the pieces happen to run.
 //!
-//! Applied where nanoGPT applies it to the residual stream: the embeddings, and the outputs of
-//! each block's attention and MLP. (nanoGPT also drops attention probabilities; the attention
-//! kernel here does not.)
+//! Applied where nanoGPT applies it: the embeddings, each block's attention probabilities, and
+//! the outputs of each block's attention and MLP.
 
 use burn::prelude::*;
 use rayon::prelude::*;
@@ -23,8 +22,10 @@ pub struct Dropout {
 }
 
 /// The place of the embeddings' dropout; block `l`'s attention output is `1 + 2l`, its MLP
-/// output `2 + 2l`.
+/// output `2 + 2l`, its attention probabilities `ATTENTION_PROBABILITIES + l`.
 pub const EMBEDDINGS: u64 = 0;
+/// The first place of the attention probabilities' dropout, far above the others'.
+pub const ATTENTION_PROBABILITIES: u64 = 1 << 32;
 
 impl Dropout {
     /// `x: [B*T, C]` (row `b * T + t` of window `b`) with each element dropped with probability
@@ -37,6 +38,20 @@ impl Dropout {
         x * mask.cast(dtype)
     }
 
+    /// The mask of the attention probabilities at `site` for `heads` heads over windows of
+    /// `time` tokens: `[batch, heads, time, time]` on `device`, in f32.
+    pub fn attention_mask(
+        &self,
+        heads: usize,
+        time: usize,
+        site: u64,
+        device: &Device,
+    ) -> Tensor<4> {
+        let batch = self.windows.len();
+        let mask = self.mask(batch * heads * time, time, site);
+        Tensor::from_data(TensorData::new(mask, [batch, heads, time, time]), device)
+    }
+
     /// The mask of `site`: `0` or `1 / (1 - rate)` for each element of a `[rows, width]` stream.
     fn mask(&self, rows: usize, width: usize, site: u64) -> Vec<f32> {
         let windows = self.windows.len().max(1);
@@ -45,15 +60,17 @@ impl Dropout {
         // An element is dropped when the top 53 bits of its hash, as a fraction, fall below it.
         let threshold = (self.rate * (1u64 << 53) as f64) as u64;
         let mut mask = vec![0.0f32; rows * width];
-        mask.par_chunks_mut(width.max(1))
-            .enumerate()
-            .for_each(|(row, out)| {
-                let (window, position) = (row / time.max(1), row % time.max(1));
-                let base = mix(mix(mix(self.seed ^ mix(self.step)) ^ self.windows[window]) ^ site);
-                let row_key = mix(base ^ position as u64);
-                for (column, value) in out.iter_mut().enumerate() {
-                    let draw = mix(row_key ^ (column as u64).wrapping_mul(GOLDEN)) >> 11;
-                    *value = if draw < threshold { 0.0 } else { keep };
+        // A task per window: large enough that rayon's splitting costs nothing beside it.
+        mask.par_chunks_mut((time * width).max(1))
+            .zip(&self.windows)
+            .for_each(|(out, &window)| {
+                let base = mix(mix(mix(self.seed ^ mix(self.step)) ^ window) ^ site);
+                for (position, out) in out.chunks_mut(width.max(1)).enumerate() {
+                    let row_key = mix(base ^ position as u64);
+                    for (column, value) in out.iter_mut().enumerate() {
+                        let draw = mix(row_key ^ (column as u64).wrapping_mul(GOLDEN)) >> 11;
+                        *value = if draw < threshold { 0.0 } else { keep };
+                    }
                 }
             });
         mask

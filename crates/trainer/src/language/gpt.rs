@@ -106,7 +106,7 @@ impl Gpt {
             x = d.apply(x, dropout::EMBEDDINGS);
         }
         for (layer, block) in self.blocks.iter().enumerate() {
-            let sites = dropout.map(|d| (d, 1 + 2 * layer as u64));
+            let sites = dropout.map(|d| (d, layer as u64));
             x = round_activations(block.forward(x, batch, self.heads, sites));
         }
         let h = kernels::layer_norm(x, self.ln_f.val());
@@ -132,7 +132,8 @@ impl Gpt {
 
 impl Block {
     /// `x + attention(ln1(x))`, then `+ mlp(ln2(...))`, on the residual stream `x: [B*T, C]`;
-    /// with `dropout`, the two branches' outputs dropped at its sites `first` and `first + 1`.
+    /// with `dropout` for block `layer`, its attention probabilities and its two branches'
+    /// outputs dropped, each at a site of its own.
     fn forward(
         &self,
         x: Tensor<2>,
@@ -143,12 +144,20 @@ impl Block {
         let [rows, width] = x.dims();
         let time = rows / batch;
         let drop = |y: Tensor<2>, offset: u64| match dropout {
-            Some((d, first)) => d.apply(y, first + offset),
+            Some((d, layer)) => d.apply(y, 1 + 2 * layer + offset),
             None => y,
         };
         let h = kernels::layer_norm(x.clone(), self.ln1.val());
         let qkv = kernels::matmul(h, self.qkv.val()).reshape([batch, time, 3 * width]);
-        let attended = kernels::causal_attention(qkv, heads).reshape([rows, width]);
+        let attended = match dropout {
+            Some((d, layer)) => {
+                let site = dropout::ATTENTION_PROBABILITIES + layer;
+                let mask = d.attention_mask(heads, time, site, &qkv.device());
+                kernels::causal_attention_masked(qkv, mask, heads)
+            }
+            None => kernels::causal_attention(qkv, heads),
+        }
+        .reshape([rows, width]);
         let x = x + drop(
             kernels::matmul(round_activations(attended), self.proj.val()),
             0,
