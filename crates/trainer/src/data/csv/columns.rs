@@ -2,6 +2,8 @@
 //! from the training file's first row and the `data.*` keys, then mapped, by name, onto the
 //! columns of every file read later (a test file, rows to predict).
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::reader::Rows;
@@ -52,7 +54,7 @@ impl Layout {
         let header = is_header(first, data, rows)?;
         let names: Option<Vec<String>> = header.then(|| first.iter().map(String::from).collect());
         if let Some(names) = &names {
-            check_unique(names, rows)?;
+            index_names(names, rows)?;
         }
         let find = |key: &str, column: &Column| resolve(key, column, names.as_deref(), cells, rows);
         let label = match &data.label {
@@ -154,15 +156,19 @@ impl Layout {
             )));
         }
         let header: Vec<String> = first.iter().map(String::from).collect();
-        check_unique(&header, rows)?;
+        index_names(&header, rows)?;
+        let trained_cells = index_names(names, rows)?;
         let features = self.feature_cells();
+        // The model's feature number of each training cell.
+        let feature_of: HashMap<usize, usize> =
+            features.iter().enumerate().map(|(k, &c)| (c, k)).collect();
         let mut found = vec![None; features.len()];
         let mut label_cell = None;
         for (cell, name) in header.iter().enumerate() {
-            let trained = names.iter().position(|n| n == name);
+            let trained = trained_cells.get(name.as_str()).copied();
             if trained == Some(self.label) {
                 label_cell = Some(cell);
-            } else if let Some(k) = trained.and_then(|t| features.iter().position(|&f| f == t)) {
+            } else if let Some(&k) = trained.and_then(|t| feature_of.get(&t)) {
                 found[k] = Some(cell);
             } else if trained.is_none() {
                 return Err(rows.error(format!(
@@ -293,10 +299,12 @@ fn resolve(
     }
 }
 
-/// Refuses a header that names two columns alike: neither could be found by its name.
-fn check_unique(names: &[String], rows: &Rows) -> Result<()> {
+/// Refuses a header that names two columns alike: neither could be found by its name. Returns
+/// each name's column, for finding columns by name (a row of 8 MiB may hold a million).
+fn index_names<'a>(names: &'a [String], rows: &Rows) -> Result<HashMap<&'a str, usize>> {
+    let mut index = HashMap::with_capacity(names.len());
     for (cell, name) in names.iter().enumerate() {
-        if let Some(earlier) = names[..cell].iter().position(|n| n == name) {
+        if let Some(earlier) = index.insert(name.as_str(), cell) {
             return Err(rows.error(format!(
                 "columns {} and {} are both named '{name}'",
                 earlier + 1,
@@ -304,7 +312,7 @@ fn check_unique(names: &[String], rows: &Rows) -> Result<()> {
             )));
         }
     }
-    Ok(())
+    Ok(index)
 }
 
 /// A cell as an error message names it: `column 3 (mean_area)`, or `column 3`.
