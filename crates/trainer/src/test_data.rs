@@ -1,7 +1,8 @@
-//! Seeded test tensors. Tests run in parallel and burn's generator is shared by all of them,
-//! so `Tensor::random` after `device.seed(n)` gives a test other values from run to run; a
-//! test that compares exactly then fails only on some draws. These come from a generator of
-//! the test's own.
+//! Seeded test tensors, and pools of a chosen size.
+//!
+//! Tests run in parallel and burn's generator is shared by all of them, so `Tensor::random`
+//! after `device.seed(n)` gives a test other values from run to run; a test that compares
+//! exactly then fails only on some draws. These come from a generator of the test's own.
 
 use burn::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -31,6 +32,16 @@ pub fn normal<const D: usize>(
         })
         .collect();
     Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// `f`'s result, run in a rayon pool of `threads` threads of its own: what a test compares
+/// across thread counts.
+pub fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a rayon pool")
+        .install(f)
 }
 
 #[test]

@@ -337,13 +337,8 @@ mod tests {
         };
         for device in devices() {
             for (shape, heads) in [([12, 64, 384], 4), SHAPES[0]] {
-                let in_pool = |threads| {
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap()
-                        .install(|| run(&device, shape, heads))
-                };
+                let in_pool =
+                    |threads| crate::test_data::in_pool(threads, || run(&device, shape, heads));
                 assert!(
                     in_pool(1) == in_pool(3),
                     "{device:?} {shape:?}: 1 and 3 threads"

@@ -217,13 +217,7 @@ mod tests {
                 backward(&tokens, Values::from(&dy), s),
             )
         };
-        let in_pool = |threads| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(run)
-        };
+        let in_pool = |threads| crate::test_data::in_pool(threads, run);
         let bits = |(y, (dwte, dwpe)): (Buffer, (Vec<f32>, Vec<f32>))| {
             [y.into_f32(), dwte, dwpe].map(|v| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
         };

@@ -374,13 +374,7 @@ mod tests {
             );
             (out, g)
         };
-        let in_pool = |threads| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(run)
-        };
+        let in_pool = |threads| crate::test_data::in_pool(threads, run);
         let (one, three) = (in_pool(1), in_pool(3));
         let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&one.0.y.into_f32()), bits(&three.0.y.into_f32()));

@@ -346,13 +346,7 @@ mod tests {
             bits
         };
         for device in devices() {
-            let in_pool = |threads| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap()
-                    .install(|| run(&device))
-            };
+            let in_pool = |threads| crate::test_data::in_pool(threads, || run(&device));
             assert!(in_pool(1) == in_pool(3), "{device:?}");
         }
     }

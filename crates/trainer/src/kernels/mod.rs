@@ -806,13 +806,7 @@ mod tests {
             ]
         };
         for device in devices() {
-            let in_pool = |threads| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap()
-                    .install(|| run(&device))
-            };
+            let in_pool = |threads| crate::test_data::in_pool(threads, || run(&device));
             let one = in_pool(1);
             for threads in [2, 3, 8, 32] {
                 assert!(
@@ -854,13 +848,7 @@ mod tests {
         for device in devices() {
             let results: Vec<_> = [1, 2]
                 .into_iter()
-                .map(|threads| {
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap()
-                        .install(|| run(&device))
-                })
+                .map(|threads| crate::test_data::in_pool(threads, || run(&device)))
                 .collect();
             assert_eq!(results[0], results[1], "{device:?}");
         }
