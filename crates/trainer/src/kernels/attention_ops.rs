@@ -159,7 +159,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    use super::super::causal_attention;
+    use super::super::{causal_attention, causal_attention_masked};
 
     #[allow(deprecated)]
     fn devices() -> [Device; 2] {
@@ -226,6 +226,31 @@ mod tests {
     /// Odd sizes, a single time step, and a context of several causal blocks.
     const SHAPES: [([usize; 3], usize); 3] = [([3, 7, 36], 3), ([2, 1, 12], 2), ([2, 37, 48], 2)];
 
+    /// Our attention of `qkv` (with `mask`, if any) and its gradient against burn's operations
+    /// on the same input, the output's gradient `probe`.
+    fn assert_matches_burn_ops(
+        qkv: Tensor<3>,
+        heads: usize,
+        mask: Option<Tensor<4>>,
+        probe: Tensor<3>,
+        what: &str,
+    ) {
+        let ours = match &mask {
+            Some(mask) => causal_attention_masked(qkv.clone(), mask.clone(), heads),
+            None => causal_attention(qkv.clone(), heads),
+        };
+        let reference = with_burn_ops_masked(qkv.clone(), heads, mask);
+        assert_close(ours.clone(), reference.clone(), 1e-5, what);
+        let grads = (ours * probe.clone()).sum().backward();
+        let ref_grads = (reference * probe).sum().backward();
+        assert_close(
+            qkv.grad(&grads).expect("a gradient"),
+            qkv.grad(&ref_grads).expect("a gradient"),
+            1e-5,
+            &format!("{what}: dqkv"),
+        );
+    }
+
     #[test]
     fn attention_and_its_gradient_match_burn_ops_on_both_backends() {
         for device in devices() {
@@ -234,17 +259,7 @@ mod tests {
                 let qkv = random(shape, seed as u64, &device).require_grad();
                 let [batch, time, columns] = shape;
                 let probe = random([batch, time, columns / 3], 100 + seed as u64, &device);
-                let ours = causal_attention(qkv.clone(), heads);
-                let reference = with_burn_ops(qkv.clone(), heads);
-                assert_close(ours.clone(), reference.clone(), 1e-5, &what);
-                let grads = (ours * probe.clone()).sum().backward();
-                let ref_grads = (reference * probe).sum().backward();
-                assert_close(
-                    qkv.grad(&grads).expect("a gradient"),
-                    qkv.grad(&ref_grads).expect("a gradient"),
-                    1e-5,
-                    &format!("{what}: dqkv"),
-                );
+                assert_matches_burn_ops(qkv, heads, None, probe, &what);
             }
         }
     }
@@ -253,7 +268,6 @@ mod tests {
     /// the masked probabilities (a mask of 0s and 1 / 0.75s, a quarter dropped).
     #[test]
     fn masked_attention_and_its_gradient_match_burn_ops_on_both_backends() {
-        use super::super::causal_attention_masked;
         for device in devices() {
             for (seed, (shape, heads)) in SHAPES.into_iter().enumerate() {
                 let what = format!("{device:?} {shape:?} / {heads} heads, masked");
@@ -274,22 +288,12 @@ mod tests {
                     &device,
                 );
                 let probe = random([batch, time, columns / 3], 100 + seed as u64, &device);
-                let ours = causal_attention_masked(qkv.clone(), mask.clone(), heads);
-                let reference = with_burn_ops_masked(qkv.clone(), heads, Some(mask.clone()));
-                assert_close(ours.clone(), reference.clone(), 1e-5, &what);
-                let grads = (ours * probe.clone()).sum().backward();
-                let ref_grads = (reference * probe).sum().backward();
-                assert_close(
-                    qkv.grad(&grads).expect("a gradient"),
-                    qkv.grad(&ref_grads).expect("a gradient"),
-                    1e-5,
-                    &format!("{what}: dqkv"),
-                );
+                assert_matches_burn_ops(qkv.clone(), heads, Some(mask.clone()), probe, &what);
                 // The mask changes the result (past the first query, which has one key): a
                 // kernel that ignored it would be seen.
                 if time > 1 {
                     let unmasked = causal_attention(qkv.clone().detach(), heads);
-                    let masked = causal_attention_masked(qkv.clone().detach(), mask, heads);
+                    let masked = causal_attention_masked(qkv.detach(), mask, heads);
                     let apart = (masked - unmasked).abs().max().into_scalar::<f32>();
                     assert!(apart > 1e-3, "{what}: the mask changed nothing ({apart})");
                 }
