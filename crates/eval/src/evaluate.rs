@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use allcores_trainer::data::csv::Classes;
 use allcores_trainer::data::text::{self, ValSource};
 use allcores_trainer::files::{ReadError, read_regular};
 use allcores_trainer::language::{self, Gpt};
@@ -172,9 +173,7 @@ fn evaluate_classifier_run(run: &RunDir, settings: &Settings) -> Result<Evaluati
         ),
         None => (
             Splits::load_test(&settings.data)?,
-            (0..settings.data.numeric_classes())
-                .map(|c| c.to_string())
-                .collect(),
+            Classes::Numbers(settings.data.numeric_classes()).names(),
         ),
     };
     let plan = ThreadPlan::new(settings.training.threads);

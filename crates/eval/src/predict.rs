@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use allcores_trainer::data::csv::Classes;
 use allcores_trainer::data::{ModelInput, load_to_predict, trained_image_shape};
 use allcores_trainer::settings::DataFormat;
 use allcores_trainer::weights::{self, weights_sha256};
@@ -63,9 +64,7 @@ pub fn predict(run_dir: &Path, input: &Path) -> Result<Predictions, EvalError> {
         }
         (DataFormat::Idx, _) => (
             ModelInput::Images(trained_image_shape(&settings.data)?),
-            (0..settings.data.numeric_classes())
-                .map(|c| c.to_string())
-                .collect(),
+            Classes::Numbers(settings.data.numeric_classes()).names(),
         ),
         (DataFormat::Text, _) => {
             return Err(refuse(
@@ -99,13 +98,7 @@ pub fn predict(run_dir: &Path, input: &Path) -> Result<Predictions, EvalError> {
                 }
             })
             .collect();
-        let accuracy = labelled.then(|| {
-            let right = predictions
-                .iter()
-                .filter(|p| p.label.as_ref() == Some(&p.predicted))
-                .count();
-            right as f64 / predictions.len() as f64
-        });
+        let accuracy = labelled.then(|| right(&predictions) as f64 / predictions.len() as f64);
         Ok(Predictions {
             run_dir: run.path().display().to_string(),
             input: input.display().to_string(),
@@ -148,6 +141,14 @@ fn softmax(logits: &[f32]) -> Vec<f64> {
     exps.iter().map(|e| e / sum).collect()
 }
 
+/// How many of `predictions` name their sample's label.
+fn right(predictions: &[Prediction]) -> usize {
+    predictions
+        .iter()
+        .filter(|p| p.label.as_ref() == Some(&p.predicted))
+        .count()
+}
+
 /// The first class of the largest probability.
 fn most_likely(probabilities: &[f64]) -> usize {
     let mut best = 0;
@@ -186,11 +187,7 @@ impl Predictions {
     /// The summary line: how many samples, and the accuracy where they hold labels.
     pub fn summary(&self) -> String {
         let samples = self.predictions.len();
-        let right = self
-            .predictions
-            .iter()
-            .filter(|p| p.label.as_ref() == Some(&p.predicted))
-            .count();
+        let right = right(&self.predictions);
         match self.accuracy {
             Some(accuracy) => format!(
                 "{} predictions · accuracy {:.2}% ({} of {} right)",
