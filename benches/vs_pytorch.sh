@@ -16,19 +16,5 @@
 # cargo build --release -p allcores
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=target/release/allcores
-if [[ ! -x $bin ]]; then
-  echo "no $bin: build it first (cargo build --release -p allcores)" >&2
-  exit 1
-fi
-if [[ -n ${TORCH_PYTHON:-} ]]; then
-  python=$TORCH_PYTHON
-else
-  python=.venv-torch/bin/python
-  if ! "$python" -c "import torch" 2>/dev/null; then
-    echo "creating .venv-torch and installing torch (several GB)..." >&2
-    python3 -m venv .venv-torch
-    .venv-torch/bin/pip install --quiet torch numpy
-  fi
-fi
+source benches/torch_env.sh
 exec "$python" benches/vs_pytorch.py --bin "$bin" "$@"

@@ -10,19 +10,5 @@
 # when missing. Needs the release binary: cargo build --release -p allcores. Not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=target/release/allcores
-if [[ ! -x $bin ]]; then
-  echo "no $bin: build it first (cargo build --release -p allcores)" >&2
-  exit 1
-fi
-if [[ -n ${TORCH_PYTHON:-} ]]; then
-  python=$TORCH_PYTHON
-else
-  python=.venv-torch/bin/python
-  if ! "$python" -c "import torch" 2>/dev/null; then
-    echo "creating .venv-torch and installing torch (several GB)..." >&2
-    python3 -m venv .venv-torch
-    .venv-torch/bin/pip install --quiet torch numpy
-  fi
-fi
+source benches/torch_env.sh
 exec "$python" benches/vs_pytorch_gpt.py --bin "$bin" --python "$python" "$@"
